@@ -1,0 +1,3 @@
+from openelm_mlx.apps.cli import main
+
+main()

@@ -1,0 +1,50 @@
+"""load(): any checkpoint form -> (Model, Tokenizer), with the dtype policy."""
+
+from pathlib import Path
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from .checkpoint import build_model, read_weights, resolve_source
+from .config import OpenELMConfig
+from .errors import OpenELMError
+from .model import Model
+from .tokenizer import Tokenizer, find_tokenizer
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# The small model trained and shipped with the package (see apps/train.py): the offline default.
+DEMO_MODEL = Path(__file__).parent / "demo_model"
+
+
+def resolve_dtype(name: str, config: OpenELMConfig) -> mx.Dtype:
+    """'auto': float32 on a CPU (16-bit matmuls are scalar fallbacks on x86), else float16,
+    or bfloat16 for OpenELM-3B, whose activations overflow float16."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise OpenELMError(f"unknown dtype '{name}': choose auto, {', '.join(DTYPES)}")
+        return DTYPES[name]
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    return mx.bfloat16 if config.wants_bfloat16 else mx.float16
+
+
+def load_model(source, dtype: str = "auto") -> Tuple[Model, Path]:
+    """The model of a local folder or Hub repo id, and the folder it was read from."""
+    folder = resolve_source(source)
+    config = OpenELMConfig.from_pretrained(folder)
+    model = build_model(config, read_weights(folder))
+    # Quantized weights stay packed; scales, biases and norms follow the activation dtype.
+    model.set_dtype(resolve_dtype(dtype, config))
+    mx.eval(model.parameters())
+    return model, folder
+
+
+def load(path_or_repo=None, tokenizer: Optional[str] = None, dtype: str = "auto") -> Tuple[Model, Tokenizer]:
+    """Load a Hugging Face folder or repo id, a corenet MLX export, or a converted MLX folder
+    (quantized or not). Without a path, the small demo model shipped with the package."""
+    if path_or_repo is None:
+        if not (DEMO_MODEL / "config.json").is_file():
+            raise OpenELMError("no model given and no demo model installed: pass --model PATH_OR_REPO")
+        path_or_repo = DEMO_MODEL
+    model, folder = load_model(path_or_repo, dtype)
+    return model, find_tokenizer(folder, tokenizer)
