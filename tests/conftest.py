@@ -84,3 +84,24 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_file) -> Path:
     config = tiny_config()
     return write_hf_checkpoint(tmp_path_factory.mktemp("hf") / "OpenELM-tiny", config,
                                random_weights(config), tokenizer_file)
+
+
+def run_cli(*args, env=None, input=None, timeout=120):
+    """`openelm ARGS` in a subprocess, offline; returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPENELM_TOKENIZER": "", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "openelm_mlx", *map(str, args)], capture_output=True,
+                          text=True, env=full_env, input=input or "", timeout=timeout)
+
+
+def assert_clean_error(result, *fragments):
+    """Non-zero exit, one line on stderr naming the problem, no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("openelm "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

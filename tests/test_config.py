@@ -1,0 +1,73 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from openelm_mlx import OpenELMConfig, OpenELMError
+from openelm_mlx.config import make_divisible
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "configs"
+FILES = {"270M": "OpenELM-270M", "450M": "OpenELM-450M", "1.1B": "OpenELM-1_1B", "3B": "OpenELM-3B"}
+PARAMS = {"270M": 271_527_168, "450M": 457_179_136, "1.1B": 1_079_891_456, "3B": 3_036_647_424}
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_preset_equals_released_config(name):
+    path = SHARED / f"{FILES[name]}.config.json"
+    if not path.is_file():
+        pytest.skip(f"{path} not present (shared/ is beside the checkout in CI)")
+    released = OpenELMConfig.from_pretrained(path)
+    preset = OpenELMConfig.preset(name)
+    raw = json.loads(path.read_text())
+    for field in ("num_query_heads", "num_kv_heads", "ffn_multipliers", "model_dim", "head_dim",
+                  "num_transformer_layers", "vocab_size", "rope_freq_constant", "max_context_length"):
+        assert getattr(preset, field) == raw[field] == getattr(released, field), field
+    assert preset.ffn_dims == released.ffn_dims
+
+
+@pytest.mark.parametrize("name", PARAMS)
+def test_published_parameter_counts(name):
+    from mlx.utils import tree_flatten
+
+    from openelm_mlx import Model
+
+    config = OpenELMConfig.preset(name)
+    assert config.num_parameters() == PARAMS[name]
+    # Count the model's own (lazy, never evaluated) parameters too, not only the formula.
+    model = Model(config)
+    assert sum(v.size for _, v in tree_flatten(model.parameters())) == PARAMS[name]
+
+
+def test_ffn_dims_from_rule():
+    c = OpenELMConfig.preset("1.1B")
+    assert c.ffn_dims[0] == 1024 and c.ffn_dims[-1] == 8192
+    assert c.ffn_dims.count(4608) == 2
+    assert make_divisible(0.5 * 1280, 256) == 768
+
+
+def test_from_pretrained_folder_and_file(tmp_path):
+    c = OpenELMConfig.preset("270M")
+    (tmp_path / "config.json").write_text(json.dumps(c.to_dict()))
+    assert OpenELMConfig.from_pretrained(tmp_path) == OpenELMConfig.from_pretrained(tmp_path / "config.json") == c
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"num_query_heads": [12] * 15}, "'num_query_heads' must list one value per layer (16), got 15"),
+    ({"num_kv_heads": [5] * 16}, "layer 0: 12 query heads are not divisible by 5 kv heads"),
+    ({"model_dim": -1}, "'model_dim' must be a positive integer"),
+    ({"ffn_multipliers": [0.0] * 16}, "'ffn_multipliers' must hold positive numbers"),
+    ({"model_type": "llama"}, "model_type is 'llama'"),
+])
+def test_inconsistent_config_is_named(tmp_path, change, message):
+    raw = OpenELMConfig.preset("270M").to_dict() | change
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(OpenELMError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        OpenELMConfig.from_pretrained(tmp_path)
+
+
+def test_missing_field_is_named(tmp_path):
+    raw = OpenELMConfig.preset("270M").to_dict()
+    del raw["head_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(OpenELMError, match="required field 'head_dim' is missing"):
+        OpenELMConfig.from_pretrained(tmp_path)

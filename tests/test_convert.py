@@ -1,0 +1,115 @@
+"""`openelm convert`: every source form, 4/8-bit, and loading the output in both toolkits."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import random_weights, run_cli, tiny_config, write_hf_checkpoint
+from mlx_lm.utils import load_model as mlx_lm_load_model
+
+from openelm_mlx import load
+from openelm_mlx.convert.hf_to_mlx import convert
+from openelm_mlx.loader import load_model
+
+TOKENS = mx.array(np.random.default_rng(3).integers(0, 384, (1, 20)))
+
+
+def logits(model):
+    return model(TOKENS).astype(mx.float32)
+
+
+def diff(a, b):
+    return mx.abs(a - b).max().item()
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_checkpoint):
+    return logits(load_model(tiny_checkpoint, "float32")[0])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_output_loads_in_both_with_equal_logits(tiny_checkpoint, tmp_path, reference_logits, bits):
+    out = convert(tiny_checkpoint, tmp_path / f"q{bits}", dtype="float32", bits=bits)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": bits, "mode": "affine"}
+    assert (out / "tokenizer.model").read_bytes() == (tiny_checkpoint / "tokenizer.model").read_bytes()
+    ours, _ = load_model(out, "float32")
+    theirs, _ = mlx_lm_load_model(out)
+    assert diff(logits(ours), logits(theirs)) <= 1e-4
+    # Error relative to the logits' range on random weights (measured: 0.036 at 8 bits, 0.50 at 4).
+    rel = diff(logits(ours), reference_logits) / mx.abs(reference_logits).max().item()
+    assert 0 < rel < (0.08 if bits == 8 else 1.0), rel
+    weights = mx.load(str(out / "model.safetensors"))
+    assert weights["transformer.layers.0.attn.qkv_proj.weight"].dtype == mx.uint32
+    assert weights["transformer.token_embeddings.weight"].dtype == mx.uint32
+
+
+def test_no_quantize_embedding_and_group_size(tiny_checkpoint, tmp_path):
+    out = convert(tiny_checkpoint, tmp_path / "q4", dtype="float32", bits=4, group_size=32, quantize_embedding=False)
+    weights = mx.load(str(out / "model.safetensors"))
+    assert weights["transformer.token_embeddings.weight"].dtype == mx.float32
+    assert "transformer.token_embeddings.scales" not in weights
+    assert weights["transformer.layers.1.ffn.proj_1.scales"].shape[-1] == 128 // 32
+    ours, _ = load_model(out, "float32")
+    theirs, _ = mlx_lm_load_model(out)
+    assert diff(logits(ours), logits(theirs)) <= 1e-4
+
+
+def test_float_conversion_is_exact_and_auto_dtype_is_16_bit(tiny_checkpoint, tmp_path, reference_logits):
+    out = convert(tiny_checkpoint, tmp_path / "f32", dtype="float32")
+    assert diff(logits(load_model(out, "float32")[0]), reference_logits) == 0
+    out16 = convert(tiny_checkpoint, tmp_path / "auto")
+    assert mx.load(str(out16 / "model.safetensors"))["transformer.norm.weight"].dtype == mx.float16
+    model, _ = load_model(out16)  # auto on a CPU: float32 activations
+    assert model.transformer.norm.weight.dtype == mx.float32
+    assert diff(logits(model), reference_logits) < 0.05
+
+
+def test_sharded_source_and_output_index(tmp_path, tokenizer_file, monkeypatch):
+    config = tiny_config()
+    src = write_hf_checkpoint(tmp_path / "sharded", config, random_weights(config, seed=5), tokenizer_file, shards=3)
+    assert len(list(src.glob("model-*.safetensors"))) == 3
+    monkeypatch.setattr("openelm_mlx.convert.hf_to_mlx.MAX_SHARD_BYTES", 400_000)
+    out = convert(src, tmp_path / "out", dtype="float32")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    a, b = load_model(src, "float32")[0], load_model(out, "float32")[0]
+    assert diff(logits(a), logits(b)) == 0
+    assert diff(logits(b), logits(mlx_lm_load_model(out)[0])) <= 1e-4
+
+
+def test_corenet_mlx_export(tmp_path, tiny_checkpoint, reference_logits):
+    """Apple's corenet export: no `transformer.` prefix, a 32128-row embedding, weights.safetensors."""
+    config = tiny_config(vocab_size=32000, layers=2)
+    weights = random_weights(config, seed=6)
+    hf = write_hf_checkpoint(tmp_path / "hf", config, weights)
+    corenet = tmp_path / "corenet"
+    corenet.mkdir()
+    (corenet / "config.json").write_text((hf / "config.json").read_text())
+    padded = {k.removeprefix("transformer."): mx.array(v) for k, v in weights.items()}
+    emb = padded["token_embeddings.weight"]
+    padded["token_embeddings.weight"] = mx.concatenate([emb, mx.ones((128, emb.shape[1]))])
+    mx.save_safetensors(str(corenet / "weights.safetensors"), padded)
+    tokens = mx.array([[1, 500, 31999, 7]])
+    a = load_model(hf, "float32")[0](tokens)
+    b = load_model(corenet, "float32")[0](tokens)
+    assert diff(a, b) == 0
+    out = convert(corenet, tmp_path / "mlx", dtype="float32")
+    assert diff(mlx_lm_load_model(out)[0](tokens), a) <= 1e-4
+
+
+def test_cli_convert_and_generate(tiny_checkpoint, tmp_path):
+    out = tmp_path / "q8"
+    result = run_cli("convert", tiny_checkpoint, "-o", out, "--bits", "8", "--dtype", "float32")
+    assert result.returncode == 0, result.stderr
+    assert "bits per weight" in result.stdout
+    gen = run_cli("generate", "--model", out, "--max-tokens", "12", "--prompt", "Once upon a time")
+    assert gen.returncode == 0, gen.stderr
+    model, tokenizer = load(out)
+    from openelm_mlx import generate
+
+    assert gen.stdout == generate(model, tokenizer, "Once upon a time", max_tokens=12) + "\n"
+    stats = gen.stderr.strip().splitlines()[-1]
+    assert stats.startswith("prompt: 5 tokens") or "prompt:" in stats
+    assert "generation:" in stats and "time to first token" in stats and "peak memory" in stats
