@@ -1,0 +1,71 @@
+"""Peak resident memory of `openelm convert --bits 4` on a synthetic checkpoint of a real shape.
+
+    python -m openelm_mlx.benchmarks.convert_memory --size 1.1B
+
+Writes a float32 Hugging Face-layout checkpoint (random weights) to a temporary folder, converts
+it in a child process, and reports the child's peak RSS against the input's size. Target: the
+peak stays below half of the input, since conversion streams tensor by tensor."""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.model import Model
+
+
+def write_synthetic_checkpoint(folder: Path, config: OpenELMConfig) -> int:
+    """float32 random weights in shards of ~1 GB (as a Hub repo would be); returns bytes written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    shapes = dict(tree_flatten(Model(config).parameters()))
+    shards, current, size = [], {}, 0
+    for name, param in shapes.items():
+        current[name] = param.shape
+        size += param.size * 4
+        if size > 1e9:
+            shards.append(current)
+            current, size = {}, 0
+    shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        arrays = {k: mx.random.normal(s) * 0.02 for k, s in shard.items()}
+        mx.save_safetensors(str(folder / file), arrays)
+        total += sum(a.nbytes for a in arrays.values())
+        weight_map.update({k: file for k in shard})
+        del arrays
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="1.1B", help="preset: 270M, 450M, 1.1B or 3B")
+    parser.add_argument("--bits", type=int, default=4)
+    args = parser.parse_args(argv)
+    config = OpenELMConfig.preset(args.size)
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        src, out = Path(tmp) / "hf", Path(tmp) / "mlx"
+        input_bytes = write_synthetic_checkpoint(src, config)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "openelm_mlx", "convert", str(src), "-o", str(out),
+                        "--bits", str(args.bits)], check=True)
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
+        output_bytes = sum(f.stat().st_size for f in out.iterdir())
+    print(f"{args.size} float32 -> {args.bits}-bit: input {input_bytes / 1e9:.2f} GB, output {output_bytes / 1e9:.2f} GB, "
+          f"{seconds:.0f} s, peak RSS {peak / 1e9:.2f} GB = {peak / input_bytes:.2f} of the input "
+          f"({'below' if peak < input_bytes / 2 else 'ABOVE'} the 0.5 target)")
+
+
+if __name__ == "__main__":
+    main()
