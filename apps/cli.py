@@ -2,6 +2,7 @@
 
 import argparse
 import importlib
+import logging
 import sys
 
 from openelm_mlx.errors import OpenELMError
@@ -30,6 +31,8 @@ def main(argv=None):
             module.add_arguments(sub)
             sub.set_defaults(run=module.main)
     args = parser.parse_args(argv)
+    # coremltools warns on import that Core ML's runtime is missing, which on Linux is expected.
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
     try:
         code = args.run(args)
     except OpenELMError as e:

@@ -1,11 +1,15 @@
 """`openelm generate`: stream a completion to stdout, then one line of statistics to stderr."""
 
 import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlx.core as mx
 
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.generate import stream_generate
 from openelm_mlx.loader import DTYPES, load
-from openelm_mlx.tokenizer import chat_prompt
+from openelm_mlx.tokenizer import chat_prompt, find_tokenizer
 
 DEFAULT_PROMPT = "Once upon a time"
 
@@ -33,7 +37,35 @@ def sampling_options(args) -> dict:
                 min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
+class PackageModel:
+    """An exported Core ML package behind the MLX model's call signature, so that sampling,
+    stop strings and statistics are the same code for every backend. The package keeps its
+    own KV cache (Core ML states), so generation passes no MLX cache."""
+
+    def __init__(self, package, backend: str):
+        from openelm_mlx.convert.coreml_runtime import CoreMLRunner
+
+        self.runner = CoreMLRunner(package, backend)
+        self.config = SimpleNamespace(max_context_length=self.runner.info.context)
+
+    def make_cache(self):
+        return []
+
+    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
+        ids = tokens[0].tolist()
+        logits = self.runner.prefill(ids) if len(ids) > 1 else self.runner.decode(ids[0])
+        return mx.array(logits)[None, None]  # [1, 1, vocab]: the last position is all that is used
+
+
 def load_for_cli(args):
+    if getattr(args, "backend", "mlx") != "mlx":
+        if args.model is None or not str(args.model).rstrip("/").endswith(".mlpackage"):
+            raise OpenELMError(f"--backend {args.backend} needs --model OUT.mlpackage from `openelm export-coreml`")
+        from openelm_mlx.convert.coreml_export import tokenizer_path
+
+        package = Path(args.model)
+        beside = tokenizer_path(package)
+        return PackageModel(package, args.backend), find_tokenizer(None, args.tokenizer or (str(beside) if beside.is_file() else None))
     if args.model is None:
         print("openelm: no --model given, using the small demo model shipped with openelm-mlx "
               "(a few million parameters, for trying the toolkit offline; pass --model for a real OpenELM)", file=sys.stderr)
@@ -48,6 +80,9 @@ def add_arguments(parser):
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the Instruct chat template")
     parser.add_argument("--system", help="system message for --chat")
     parser.add_argument("--truncate", action="store_true", help="cut the prompt's start to fit the context instead of failing")
+    parser.add_argument("--backend", default="mlx", choices=["mlx", "coreml", "mil-reference"],
+                        help="mlx; coreml runs an exported .mlpackage with Core ML (macOS 15+); "
+                             "mil-reference runs it with the numpy MIL executor anywhere (slow, for checking)")
 
 
 def read_prompt(args) -> str:
