@@ -21,6 +21,11 @@ from openelm_mlx.model import Model
 from openelm_mlx.tokenizer import find_tokenizer
 
 MAX_SHARD_BYTES = 5 * 1024**3
+# Lets mlx_lm.load (through transformers) build the same LLaMA tokenizer, BOS included.
+MLX_LM_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True,
+}
 SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
 
 
@@ -141,6 +146,7 @@ def convert(source, output, dtype: str = "auto", bits: Optional[int] = None, gro
             json.dumps({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, indent=2) + "\n")
         if tok is not None:
             shutil.copyfile(tok.path, tmp / "tokenizer.model")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(MLX_LM_TOKENIZER_CONFIG, indent=2) + "\n")
         if output.exists():
             shutil.rmtree(output) if output.is_dir() else output.unlink()
         tmp.rename(output)

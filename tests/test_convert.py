@@ -114,3 +114,15 @@ def test_cli_convert_and_generate(tiny_checkpoint, tmp_path):
     stats = gen.stderr.strip().splitlines()[-1]
     assert stats.startswith("prompt: 5 tokens") or "prompt:" in stats
     assert "generation:" in stats and "time to first token" in stats and "peak memory" in stats
+
+
+def test_mlx_lm_load_reads_the_output_with_the_same_tokenizer(tiny_checkpoint, tmp_path):
+    import mlx_lm
+
+    out = convert(tiny_checkpoint, tmp_path / "q4", dtype="float32", bits=4)
+    model, mlx_lm_tokenizer = mlx_lm.load(str(out))
+    ours, tokenizer = load(out)
+    text = "Once upon a time, café 🙂"
+    assert mlx_lm_tokenizer.encode(text) == tokenizer.encode(text)
+    tokens = mx.array([tokenizer.encode(text)])
+    assert diff(model(tokens), ours(tokens)) <= 1e-4
