@@ -92,3 +92,19 @@ def test_chat_session_cache_equals_recomputing_the_conversation(loaded):
     assert {c.offset for c in session.cache} <= {len(session.tokens) - 1, len(session.tokens)}
     session.reset()
     assert session.tokens == [] and session.cache[0].offset == 0
+
+
+def test_chat_reply_stopped_midway_keeps_a_consistent_conversation(loaded):
+    """Ctrl-C in `openelm chat` closes the reply generator; the next turn must still see exactly
+    the conversation so far."""
+    model, tok = loaded
+    session = ChatSession(model, tok)
+    reply = session.send("Tell me about the sea", max_tokens=40)
+    for _, chunk in zip(range(3), reply):
+        pass
+    reply.close()
+    assert session.tokens[-1] == tok.eos_id
+    second = [c.token for c in session.send("And the stars?", max_tokens=8) if c.token is not None]
+    conversation = session.tokens[: -len(second) - 1]
+    fresh = [c.token for c in stream_generate(model, tok, conversation, max_tokens=8) if c.token is not None]
+    assert second == fresh
