@@ -16,6 +16,10 @@ PRESETS = {
 }
 
 
+# Apple's corenet MLX export names a released size instead of listing the per-layer widths.
+CORENET_MODEL_NAMES = {"OpenELM-270M": "270M", "OpenELM-450M": "450M", "OpenELM-1_1B": "1.1B", "OpenELM-3B": "3B"}
+
+
 def make_divisible(v: float, divisor: int) -> int:
     """Round v to a multiple of divisor, never more than 10% below v (corenet's rule)."""
     new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
@@ -125,6 +129,8 @@ class OpenELMConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "OpenELMConfig":
         known = {f.name for f in fields(cls)}
+        if "model_name" in raw and "num_query_heads" not in raw:
+            return cls._from_corenet(raw)
         if raw.get("model_type", "openelm") != "openelm":
             raise OpenELMError(f"config.json: model_type is '{raw['model_type']}', expected 'openelm'")
         for name in ("num_transformer_layers", "model_dim", "head_dim", "num_query_heads",
@@ -132,6 +138,17 @@ class OpenELMConfig:
             if name not in raw:
                 raise OpenELMError(f"config.json: required field '{name}' is missing")
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+    @classmethod
+    def _from_corenet(cls, raw: dict) -> "OpenELMConfig":
+        name = raw["model_name"]
+        if name not in CORENET_MODEL_NAMES:
+            raise OpenELMError(f"config.json: unknown corenet model_name '{name}', expected one of {', '.join(CORENET_MODEL_NAMES)}")
+        # The checkpoint's 32128-row embedding is cut to the tokenizer's 32000 pieces on load.
+        config = cls.preset(CORENET_MODEL_NAMES[name])
+        config.max_context_length = raw.get("max_context_length", config.max_context_length)
+        config.quantization = raw.get("quantization")
+        return config
 
     @classmethod
     def from_pretrained(cls, path) -> "OpenELMConfig":

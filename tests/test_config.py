@@ -71,3 +71,15 @@ def test_missing_field_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(raw))
     with pytest.raises(OpenELMError, match="required field 'head_dim' is missing"):
         OpenELMConfig.from_pretrained(tmp_path)
+
+
+def test_corenet_mlx_config_names_a_released_size(tmp_path):
+    raw = {"model_name": "OpenELM-450M", "vocab_size": 32128, "max_context_length": 2048,
+           "quantization": {"group_size": 64, "bits": 4}}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = OpenELMConfig.from_pretrained(tmp_path)
+    preset = OpenELMConfig.preset("450M")
+    assert config.num_query_heads == preset.num_query_heads and config.ffn_dims == preset.ffn_dims
+    assert config.vocab_size == 32000 and config.quantization == {"group_size": 64, "bits": 4}
+    with pytest.raises(OpenELMError, match="unknown corenet model_name 'OpenELM-7B'"):
+        OpenELMConfig.from_dict({"model_name": "OpenELM-7B"})
