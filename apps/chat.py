@@ -67,6 +67,8 @@ def add_arguments(parser):
 
 def main(args):
     check_sampling(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty)
+    import readline  # noqa: F401  (arrow keys and history in input())
+
     model, tokenizer = load_for_cli(args)
     session = ChatSession(model, tokenizer, args.system)
     print(HELP, file=sys.stderr)
