@@ -13,6 +13,7 @@ import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
+from openelm_mlx import __version__
 from openelm_mlx.checkpoint import check_weights, quantized_paths, read_weights, resolve_source
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
@@ -139,6 +140,7 @@ def convert(source, output, dtype: str = "auto", bits: Optional[int] = None, gro
     try:
         _write_weights(tmp, plan, weights, out_dtype, bits, group_size)
         out_config = config.to_dict()
+        out_config["converted_by"] = {"tool": "openelm-mlx", "version": __version__, "source": str(source)}
         if config.quantization:
             out_config["quantization_config"] = config.quantization  # Hugging Face's name for it
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")

@@ -33,6 +33,7 @@ def test_quantized_output_loads_in_both_with_equal_logits(tiny_checkpoint, tmp_p
     out = convert(tiny_checkpoint, tmp_path / f"q{bits}", dtype="float32", bits=bits)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == {"group_size": 64, "bits": bits, "mode": "affine"}
+    assert config["converted_by"]["tool"] == "openelm-mlx" and config["converted_by"]["source"] == str(tiny_checkpoint)
     assert (out / "tokenizer.model").read_bytes() == (tiny_checkpoint / "tokenizer.model").read_bytes()
     ours, _ = load_model(out, "float32")
     theirs, _ = mlx_lm_load_model(out)
