@@ -1,7 +1,6 @@
 """`openelm generate`: stream a completion to stdout, then one line of statistics to stderr."""
 
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -61,11 +60,9 @@ def load_for_cli(args):
     if getattr(args, "backend", "mlx") != "mlx":
         if args.model is None or not str(args.model).rstrip("/").endswith(".mlpackage"):
             raise OpenELMError(f"--backend {args.backend} needs --model OUT.mlpackage from `openelm export-coreml`")
-        from openelm_mlx.convert.coreml_export import tokenizer_path
+        from openelm_mlx.convert.coreml_runtime import package_tokenizer
 
-        package = Path(args.model)
-        beside = tokenizer_path(package)
-        return PackageModel(package, args.backend), find_tokenizer(None, args.tokenizer or (str(beside) if beside.is_file() else None))
+        return PackageModel(args.model, args.backend), package_tokenizer(args.model, args.tokenizer)
     if args.model is None:
         print("openelm: no --model given, using the small demo model shipped with openelm-mlx "
               "(a few million parameters, for trying the toolkit offline; pass --model for a real OpenELM)", file=sys.stderr)

@@ -1,0 +1,104 @@
+"""Core ML export of the OpenELM-270M shape (random weights): export time, peak memory, package
+size and bytes per parameter, for a --compress choice (default int4, the iOS target).
+
+    python -m openelm_mlx.benchmarks.coreml_270m_export [--compress int4] [--context 2048]
+
+The export runs in a child process so its peak RSS is measured alone (without the checkpoint
+generation). Results go to benchmarks/results/coreml_270m_export.json.
+"""
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results" / "coreml_270m_export.json"
+TARGET_BYTES_PER_PARAMETER = {"int4": 0.6}
+CORPUS = "The quick brown fox jumps over the lazy dog. Once upon a time there was a little model.\n" * 50
+
+
+def write_checkpoint(folder: Path, seed: int = 0) -> int:
+    """A 270M-shaped Hugging Face checkpoint with fp16 random weights and a small tokenizer."""
+    import mlx.core as mx
+    import sentencepiece as spm
+    from mlx.utils import tree_flatten
+
+    from openelm_mlx.config import OpenELMConfig
+    from openelm_mlx.model import Model
+
+    config = OpenELMConfig.preset("270M")
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, value in tree_flatten(Model(config).parameters()):
+        shape = value.shape
+        if name.endswith("norm.weight"):
+            w = 1 + 0.1 * rng.standard_normal(shape, np.float32)
+        else:
+            w = rng.standard_normal(shape, np.float32) / np.sqrt(shape[-1])
+        weights[name] = mx.array(w.astype(np.float16))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    mx.save_safetensors(str(folder / "model.safetensors"), weights)
+    (folder / "corpus.txt").write_text(CORPUS)
+    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"),
+                                   vocab_size=384, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+    return config.num_parameters()
+
+
+def run(compress: str = "int4", context: int = 2048, prefill_length: int = 128) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        n_params = write_checkpoint(tmp / "OpenELM-270M-random")
+        out = tmp / f"OpenELM-270M-{compress}.mlpackage"
+        code = (
+            "import json, sys; from openelm_mlx.convert.coreml_export import export_coreml; "
+            f"print(json.dumps(export_coreml({str(tmp / 'OpenELM-270M-random')!r}, {str(out)!r}, "
+            f"context={context}, prefill_length={prefill_length}, compress={compress!r})))"
+        )
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if proc.returncode:
+            sys.exit(f"export failed:\n{proc.stderr[-4000:]}")
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB
+    result = {
+        "model": "OpenELM-270M shape, random weights", "parameters": n_params, "compression": compress,
+        "context": context, "prefill_length": prefill_length,
+        "package_bytes": summary["bytes"], "package_mib": round(summary["bytes"] / 2**20, 1),
+        "bytes_per_parameter": round(summary["bytes_per_parameter"], 4),
+        "export_seconds": round(summary["seconds"], 1), "process_seconds": round(wall, 1),
+        "peak_rss_gib": round(peak_kib / 2**20, 2),
+        "machine": f"{platform.system()} {platform.machine()}, {platform.processor() or 'cpu'}",
+        "python": platform.python_version(),
+    }
+    target = TARGET_BYTES_PER_PARAMETER.get(compress)
+    if target is not None:
+        result["target_bytes_per_parameter"] = target
+        result["meets_target"] = summary["bytes_per_parameter"] <= target
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compress", default="int4", choices=["none", "int8", "int4", "palettize4", "palettize6"])
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--prefill-length", type=int, default=128)
+    args = parser.parse_args(argv)
+    result = run(args.compress, args.context, args.prefill_length)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0 if result.get("meets_target", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
