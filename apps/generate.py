@@ -86,7 +86,10 @@ def read_prompt(args) -> str:
     prompt = args.prompt if args.prompt is not None else args.prompt_text
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
-    return prompt or DEFAULT_PROMPT
+    if not prompt:
+        print(f"openelm: no prompt given, continuing {DEFAULT_PROMPT!r}", file=sys.stderr)
+        prompt = DEFAULT_PROMPT
+    return prompt
 
 
 def main(args):
