@@ -1,0 +1,237 @@
+"""`openelm bench`: prompt and generation speed of OpenELM, per model size and precision,
+optionally against mlx-lm's OpenELM on the same weights in the same run."""
+
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import mlx.core as mx
+
+from openelm_mlx.errors import OpenELMError
+
+from . import timing
+from .machine import machine_info
+from .subjects import GROUP_SIZE, PRECISIONS, activation_dtype, build_subject, describe, load_source, mlx_lm_twin
+
+SCHEMA = "openelm-bench/1"
+OURS, MLX_LM = "openelm_mlx", "mlx_lm"
+# Like llama-bench's, a warm-up prefills the whole prompt (first-call allocations, compiled
+# kernels for that shape) but decodes only a few tokens: every decode step has the same shapes.
+WARMUP_DECODE_TOKENS = 4
+MLX_LM_DEFAULT = "fp16"  # mlx_lm.convert's default: float16 weights and activations
+
+
+def default_precisions() -> List[str]:
+    # float32 activations on a CPU, where 16-bit matmuls are scalar fallbacks (loader.resolve_dtype)
+    return ["fp32", "q8", "q4"] if mx.default_device() == mx.cpu else ["fp16", "q8", "q4"]
+
+
+def plan(models: Sequence[str], precisions: Sequence[str], compare: Optional[str]) -> List[dict]:
+    """The configurations to run, in order. With --compare mlx-lm each model also gets mlx-lm's
+    default conversion (if not asked for anyway), the speed an mlx-lm user actually gets."""
+    configs = []
+    for spec in models:
+        for precision in precisions:
+            configs.append({"spec": spec, "precision": precision,
+                            "implementations": [OURS, MLX_LM] if compare else [OURS]})
+        if compare and MLX_LM_DEFAULT not in precisions:
+            configs.append({"spec": spec, "precision": MLX_LM_DEFAULT, "implementations": [MLX_LM],
+                            "role": "mlx-lm default conversion"})
+    return configs
+
+
+def run_configuration(entry: dict, names: List[str], source: tuple, settings: dict, bandwidth_gbs: float):
+    """Time one configuration into `entry` (trials land there as they finish, so an interrupt
+    keeps them). Implementations alternate who goes first, trial by trial."""
+    config, make_weights = source
+    p, g = settings["prompt_tokens"], settings["generation_tokens"]
+    if p + g > config.max_context_length:
+        raise OpenELMError(f"-p {p} + -g {g} exceeds the model's context of {config.max_context_length}")
+    ours = build_subject(config, make_weights, entry["precision"])
+    subjects = {name: ours if name == OURS else mlx_lm_twin(ours) for name in names}
+    dtype = activation_dtype(entry["precision"], config)
+    kv = timing.kv_bytes_per_position(config, dtype)
+    entry.update(
+        parameters=config.num_parameters(),
+        activation_dtype=str(dtype).replace("mlx.core.", ""),
+        weight_bytes=timing.weight_bytes(ours),
+        kv_bytes_per_position=kv,
+        decode_bytes_per_token=timing.decode_bytes_per_token(timing.weight_bytes(ours), kv, p, g),
+    )
+    prompt = mx.random.randint(0, config.vocab_size, (1, p), key=mx.random.key(settings["seed"]))
+    for name in names:
+        entry["implementations"][name] = {"trials": []}
+    for i in range(settings["warmup"] + settings["trials"]):
+        warmup = i < settings["warmup"]
+        for name in names if i % 2 == 0 else names[::-1]:
+            trial = timing.time_generation(subjects[name], prompt, min(g, WARMUP_DECODE_TOKENS) if warmup else g)
+            if not warmup:
+                entry["implementations"][name]["trials"].append(trial)
+
+
+def summarize(entry: dict, bandwidth_gbs: float):
+    """Median and spread per implementation, roofline, and paired ratios ours / mlx-lm."""
+    impls = {name: r for name, r in entry["implementations"].items() if r.get("trials")}
+    for result in impls.values():
+        result["summary"] = timing.summarize(result["trials"])
+        decode = result["summary"]["decode_tps"]["median"]
+        result["achieved_gbs"] = decode * entry["decode_bytes_per_token"] / 1e9
+        result["roofline"] = timing.roofline(decode, entry["decode_bytes_per_token"], bandwidth_gbs)
+    if OURS in impls and MLX_LM in impls:
+        entry["ratios"] = timing.paired_ratios(impls[OURS]["trials"], impls[MLX_LM]["trials"])
+
+
+def best_vs_default(configurations: List[dict]) -> List[dict]:
+    """Per model: our fastest decode setting against mlx-lm's default conversion (medians)."""
+    out = []
+    for model in dict.fromkeys(c["model"] for c in configurations):
+        mine = [c for c in configurations if c["model"] == model and "summary" in c["implementations"].get(OURS, {})]
+        ref = [c for c in configurations if c["model"] == model and c["precision"] == MLX_LM_DEFAULT
+               and "summary" in c["implementations"].get(MLX_LM, {})]
+        if not mine or not ref:
+            continue
+        best = max(mine, key=lambda c: c["implementations"][OURS]["summary"]["decode_tps"]["median"])
+        a, b = best["implementations"][OURS]["summary"], ref[0]["implementations"][MLX_LM]["summary"]
+        out.append({
+            "model": model,
+            "openelm_mlx_precision": best["precision"],
+            "mlx_lm_precision": MLX_LM_DEFAULT,
+            "decode_tps_ratio": a["decode_tps"]["median"] / b["decode_tps"]["median"],
+            "prefill_tps_ratio": a["prefill_tps"]["median"] / b["prefill_tps"]["median"],
+        })
+    return out
+
+
+def run_benchmark(models: Sequence[str] = ("270M",), precisions: Optional[Sequence[str]] = None,
+                  prompt_tokens: int = 512, generation_tokens: int = 128, trials: int = 5, warmup: int = 1,
+                  compare: Optional[str] = None, backend: str = "mlx", seed: int = 0,
+                  progress: bool = True) -> dict:
+    """Benchmark every (model, precision) and return the results (see results.json). A failing
+    configuration is recorded with its error; Ctrl-C stops and returns what was gathered."""
+    if backend == "coreml" and precisions:
+        raise OpenELMError("a Core ML package's precision was fixed when it was exported: drop --precisions")
+    precisions = ["package"] if backend == "coreml" else list(precisions or default_precisions())
+    check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend)
+    settings = dict(models=list(models), precisions=precisions, prompt_tokens=prompt_tokens,
+                    generation_tokens=generation_tokens, trials=trials, warmup=warmup, compare=compare,
+                    backend=backend, seed=seed, group_size=GROUP_SIZE)
+    results = {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": settings,
+        "environment": machine_info(),
+        "configurations": [],
+        "interrupted": False,
+    }
+    if backend == "coreml":
+        from .coreml_bench import run_coreml
+        run_coreml(results, progress)
+    else:
+        run_mlx(results, progress)
+    if hasattr(os, "getloadavg"):  # other processes' load shows up in the spread: record it
+        results["environment"]["load_average_end"] = list(os.getloadavg())
+    results["best_vs_mlx_lm_default"] = best_vs_default(results["configurations"])
+    return results
+
+
+def run_mlx(results: dict, progress: bool):
+    settings = results["settings"]
+    sources: Dict[str, tuple] = {}  # each checkpoint resolved (or downloaded) once
+
+    def run_one(entry, config):
+        if config["spec"] not in sources:
+            sources[config["spec"]] = load_source(config["spec"], settings["seed"])
+        run_configuration(entry, config["implementations"], sources[config["spec"]], settings,
+                          results["environment"]["memory_bandwidth_gbs"])
+
+    run_plan(results, plan(settings["models"], settings["precisions"], settings["compare"]), run_one, progress)
+
+
+def run_plan(results: dict, configs: List[dict], run_one: Callable, progress: bool):
+    """run_one(entry, config) for each configuration, behind a progress bar. A failure is recorded
+    in its entry and the next configuration runs; Ctrl-C stops and keeps what was gathered."""
+    from tqdm import tqdm
+
+    bandwidth = results["environment"]["memory_bandwidth_gbs"]
+    bar = tqdm(configs, desc="openelm bench", unit="config", file=sys.stderr, disable=not progress)
+    try:
+        for config in bar:
+            label, origin = describe(config["spec"])
+            bar.set_postfix_str(f"{label} {config['precision']}")
+            entry = {"model": label, "source": origin, "precision": config["precision"],
+                     "role": config.get("role", "benchmark"), "implementations": {}, "error": None}
+            results["configurations"].append(entry)
+            try:
+                run_one(entry, config)
+            except KeyboardInterrupt:
+                entry["error"] = "interrupted"
+                raise
+            except Exception as e:  # a failed configuration is reported, the others still run
+                entry["error"] = str(e) if isinstance(e, OpenELMError) else f"{type(e).__name__}: {e}"
+            finally:
+                if "decode_bytes_per_token" in entry:
+                    summarize(entry, bandwidth)
+    except KeyboardInterrupt:
+        results["interrupted"] = True
+    finally:
+        bar.close()
+
+
+def check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend):
+    checks = [
+        (len(models) > 0, "--models is empty: name sizes (270M,450M,1.1B,3B) or checkpoint folders"),
+        (backend == "coreml" or all(p in PRECISIONS for p in precisions),
+         f"unknown precision in {','.join(precisions)}: choose from {','.join(PRECISIONS)}"),
+        (prompt_tokens >= 1 and generation_tokens >= 1, "-p and -g must be at least 1"),
+        (trials >= 1 and warmup >= 0, "--trials must be at least 1 and --warmup at least 0"),
+        (compare in (None, "mlx-lm"), f"--compare {compare}: only mlx-lm is supported"),
+        (backend in ("mlx", "coreml"), f"--backend {backend}: choose mlx or coreml"),
+        (not (compare and backend == "coreml"), "--compare mlx-lm times MLX models: drop it with --backend coreml"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise OpenELMError(message)
+
+
+def add_arguments(parser):
+    parser.add_argument("--models", default="270M", help="comma-separated sizes (270M,450M,1.1B,3B: random "
+                        "weights of the real shapes) or checkpoint folders / Hub repos; .mlpackage paths "
+                        "with --backend coreml (default: 270M)")
+    parser.add_argument("--precisions", default=None, help="comma-separated, from bf16,fp16,fp32,q8,q4 "
+                        "(default: fp32,q8,q4 on a CPU, fp16,q8,q4 on a GPU)")
+    parser.add_argument("-p", "--prompt-tokens", type=int, default=512, help="prompt length (default: 512)")
+    parser.add_argument("-g", "--generation-tokens", type=int, default=128, help="tokens generated (default: 128)")
+    parser.add_argument("--trials", type=int, default=5, help="timed trials per configuration (default: 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed trials first (default: 1)")
+    parser.add_argument("--compare", choices=["mlx-lm"], default=None,
+                        help="also time mlx-lm's OpenELM on the same weights, interleaved, and report ratios")
+    parser.add_argument("--backend", choices=["mlx", "coreml"], default="mlx",
+                        help="mlx, or coreml to time an exported package (macOS only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for results.json/.csv/.md and chart.png (default: openelm-bench-DATE-TIME)")
+    parser.add_argument("--force", action="store_true", help="overwrite results already in --out")
+
+
+def main(args) -> int:
+    from .report import check_out, markdown, write_results
+
+    out = args.out or Path(datetime.now().strftime("openelm-bench-%Y%m%d-%H%M%S"))
+    check_out(out, args.force)
+    results = run_benchmark(
+        models=[m for m in args.models.split(",") if m],
+        precisions=args.precisions.split(",") if args.precisions else None,
+        prompt_tokens=args.prompt_tokens, generation_tokens=args.generation_tokens, trials=args.trials,
+        warmup=args.warmup, compare=args.compare, backend=args.backend, seed=args.seed,
+    )
+    print(markdown(results))
+    written = write_results(results, out, force=True)
+    print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    if results["interrupted"]:
+        return 130
+    if all(c["error"] for c in results["configurations"]):
+        print("openelm bench: error: no configuration could be timed (see the errors above)", file=sys.stderr)
+        return 1
+    return 0

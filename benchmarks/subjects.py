@@ -1,0 +1,95 @@
+"""What a benchmark runs: a model size or checkpoint, at a precision, as our Model or mlx-lm's."""
+
+from pathlib import Path
+from typing import Callable, Dict, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from openelm_mlx.checkpoint import build_model, quantized_paths, read_weights, resolve_source
+from openelm_mlx.config import PRESETS, OpenELMConfig
+from openelm_mlx.errors import OpenELMError
+from openelm_mlx.loader import resolve_dtype
+from openelm_mlx.model import Model
+
+FLOATS = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
+QUANTIZED = {"q8": 8, "q4": 4}
+PRECISIONS = (*FLOATS, *QUANTIZED)
+GROUP_SIZE = 64  # mlx-lm's default, and `openelm convert`'s
+RANDOM_NOTE = ("random weights of the real shapes (uniform, variance 1/fan_in): speed does not "
+               "depend on the weight values, so this runs offline")
+
+
+def random_weights(config: OpenELMConfig, seed: int = 0) -> Dict[str, mx.array]:
+    """HF-named weights, lazily drawn, with variance 1/fan_in so activations stay realistic
+    (uniform rather than normal: three times faster to draw on a CPU, the same for timing)."""
+    shapes = [(name, p.shape) for name, p in tree_flatten(Model(config).parameters())]
+    keys = mx.random.split(mx.random.key(seed), len(shapes))
+    return {
+        name: mx.ones(shape) if name.endswith("norm.weight")
+        else mx.random.uniform(-1, 1, shape, key=key) * (3 / shape[-1]) ** 0.5
+        for (name, shape), key in zip(shapes, keys)
+    }
+
+
+def describe(spec: str) -> Tuple[str, str]:
+    """(label, source) of a --models entry: a released size (random weights) or a checkpoint."""
+    if spec in PRESETS:
+        return spec, RANDOM_NOTE
+    return Path(spec).name or spec, str(spec)
+
+
+def load_source(spec: str, seed: int = 0) -> Tuple[OpenELMConfig, Callable[[], Dict[str, mx.array]]]:
+    """Config of a --models entry and a function giving its weights, lazily: random ones for a
+    released size, the checkpoint's own for a folder or Hub repo. Each precision draws or reads
+    them afresh, so no float copy stays in memory beside the model being timed."""
+    if spec in PRESETS:
+        config = OpenELMConfig.preset(spec)
+        return config, lambda: random_weights(config, seed)
+    folder = resolve_source(spec)
+    return OpenELMConfig.from_pretrained(folder), lambda: read_weights(folder)
+
+
+def activation_dtype(precision: str, config: OpenELMConfig) -> mx.Dtype:
+    """Float precisions compute in their own dtype. Quantized weights compute in the toolkit's
+    'auto' dtype: float32 on a CPU (16-bit matmuls are scalar fallbacks there), else 16-bit."""
+    if precision in FLOATS:
+        return FLOATS[precision]
+    return resolve_dtype("auto", config)
+
+
+def build_subject(config: OpenELMConfig, make_weights: Callable, precision: str) -> Model:
+    """Our Model at a precision, evaluated and ready to time."""
+    if precision not in PRECISIONS:
+        raise OpenELMError(f"unknown precision '{precision}': choose from {', '.join(PRECISIONS)}")
+    weights = make_weights()
+    if quantized_paths(weights):
+        bits = config.quantization["bits"]
+        if QUANTIZED.get(precision) != bits:
+            raise OpenELMError(f"the checkpoint holds {bits}-bit weights: benchmark it as q{bits}, or pass a float checkpoint")
+        model = build_model(config, weights)
+    else:
+        model = Model(config)
+        model.load_weights(list(weights.items()))
+        if precision in QUANTIZED:
+            nn.quantize(model, group_size=GROUP_SIZE, bits=QUANTIZED[precision])
+    # Packed weights stay packed; scales, biases and norms follow the activation dtype.
+    model.set_dtype(activation_dtype(precision, config))
+    del weights  # nothing but the model may hold the float source once it is evaluated
+    mx.eval(model.parameters())
+    return model
+
+
+def mlx_lm_twin(model: Model) -> nn.Module:
+    """mlx-lm's OpenELM holding the very same arrays as `model` (quantized the same way)."""
+    from mlx_lm.models import openelm
+
+    twin = openelm.Model(openelm.ModelArgs.from_dict(model.config.to_dict()))
+    quantized = {path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+                 for path, m in model.named_modules() if hasattr(m, "bits")}
+    if quantized:
+        nn.quantize(twin, class_predicate=lambda path, _: quantized.get(path, False))
+    # twin's own random init is lazy and replaced here, so it is never computed
+    twin.load_weights(tree_flatten(model.parameters()))
+    return twin
