@@ -133,6 +133,7 @@ def convert(source, output, dtype: str = "auto", bits: Optional[int] = None, gro
     plan = plan_tensors(weights, out_dtype, bits, group_size, quantize_embedding)
     if bits is not None:
         config.quantization = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    config.torch_dtype = next(name for name, dt in DTYPES.items() if dt == out_dtype)  # what is stored
 
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

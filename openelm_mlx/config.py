@@ -55,6 +55,11 @@ class OpenELMConfig:
     normalize_qk_projections: bool = True
     share_input_output_layers: bool = True
     rms_norm_eps: float = 1e-6  # hard-coded in corenet; not a config.json field there
+    activation_fn_name: str = "swish"
+    normalization_layer_name: str = "rms_norm"
+    initializer_range: float = 0.02
+    use_cache: bool = True
+    torch_dtype: Optional[str] = None  # informational only: read the dtype from the weights
     model_type: str = "openelm"
     # mlx-lm's entry: {"group_size": 64, "bits": 4, "mode": "affine"} for quantized checkpoints
     quantization: Optional[dict] = None
@@ -93,6 +98,9 @@ class OpenELMConfig:
             fail("share_input_output_layers", "is false; every OpenELM release ties the output layer to the embedding")
         if not (self.ffn_with_glu and self.normalize_qk_projections):
             fail("ffn_with_glu", "and 'normalize_qk_projections' must be true, as in every OpenELM release")
+        if self.activation_fn_name != "swish" or self.normalization_layer_name != "rms_norm":
+            fail("activation_fn_name", f"and 'normalization_layer_name' must be 'swish' and 'rms_norm', "
+                 f"got '{self.activation_fn_name}' and '{self.normalization_layer_name}'")
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = 32000) -> "OpenELMConfig":
@@ -170,8 +178,9 @@ class OpenELMConfig:
         """The Hugging Face config.json fields (plus mlx-lm's quantization entry if any)."""
         out = asdict(self)
         out["architectures"] = ["OpenELMForCausalLM"]
-        if out["quantization"] is None:
-            del out["quantization"]
+        for optional in ("quantization", "torch_dtype"):
+            if out[optional] is None:
+                del out[optional]
         return out
 
     @property

@@ -23,6 +23,11 @@ def test_preset_equals_released_config(name):
                   "num_transformer_layers", "vocab_size", "rope_freq_constant", "max_context_length"):
         assert getattr(preset, field) == raw[field] == getattr(released, field), field
     assert preset.ffn_dims == released.ffn_dims
+    # Every field of the released file is read (the remote-code and version keys aside).
+    round_trip = released.to_dict()
+    for key, value in raw.items():
+        if key not in ("auto_map", "transformers_version"):
+            assert round_trip[key] == value, key
 
 
 @pytest.mark.parametrize("name", PARAMS)
@@ -57,6 +62,7 @@ def test_from_pretrained_folder_and_file(tmp_path):
     ({"model_dim": -1}, "'model_dim' must be a positive integer"),
     ({"ffn_multipliers": [0.0] * 16}, "'ffn_multipliers' must hold positive numbers"),
     ({"model_type": "llama"}, "model_type is 'llama'"),
+    ({"activation_fn_name": "gelu"}, "must be 'swish' and 'rms_norm', got 'gelu' and 'rms_norm'"),
 ])
 def test_inconsistent_config_is_named(tmp_path, change, message):
     raw = OpenELMConfig.preset("270M").to_dict() | change

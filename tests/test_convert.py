@@ -62,6 +62,7 @@ def test_float_conversion_is_exact_and_auto_dtype_is_16_bit(tiny_checkpoint, tmp
     out = convert(tiny_checkpoint, tmp_path / "f32", dtype="float32")
     assert diff(logits(load_model(out, "float32")[0]), reference_logits) == 0
     out16 = convert(tiny_checkpoint, tmp_path / "auto")
+    assert json.loads((out16 / "config.json").read_text())["torch_dtype"] == "float16"
     assert mx.load(str(out16 / "model.safetensors"))["transformer.norm.weight"].dtype == mx.float16
     model, _ = load_model(out16)  # auto on a CPU: float32 activations
     assert model.transformer.norm.weight.dtype == mx.float32
