@@ -16,33 +16,30 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 
+from openelm_mlx.benchmarks.subjects import random_weights
 from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.model import Model
 
 
 def write_synthetic_checkpoint(folder: Path, config: OpenELMConfig) -> int:
-    """float32 random weights in shards of ~1 GB (as a Hub repo would be); returns bytes written."""
+    """float32 random weights in shards of ~1 GB (as a Hub repo would be); returns bytes written.
+    The weights are lazy, so only the shard being written is ever in memory."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config.to_dict()))
-    shapes = dict(tree_flatten(Model(config).parameters()))
-    shards, current, size = [], {}, 0
-    for name, param in shapes.items():
-        current[name] = param.shape
-        size += param.size * 4
+    weights = random_weights(config)
+    shards, size = [[]], 0
+    for name, w in weights.items():
         if size > 1e9:
-            shards.append(current)
-            current, size = {}, 0
-    shards.append(current)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += w.nbytes
+    weight_map = {}
+    for i, names in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        arrays = {k: mx.random.normal(s) * 0.02 for k, s in shard.items()}
-        mx.save_safetensors(str(folder / file), arrays)
-        total += sum(a.nbytes for a in arrays.values())
-        weight_map.update({k: file for k in shard})
-        del arrays
+        mx.save_safetensors(str(folder / file), {k: weights.pop(k) for k in names})
+        weight_map.update({k: file for k in names})
+    total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     return total
 
