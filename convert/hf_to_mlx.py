@@ -9,16 +9,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from tqdm import tqdm
 
 from openelm_mlx import __version__
-from openelm_mlx.checkpoint import check_weights, quantized_paths, read_weights, resolve_source
+from openelm_mlx.checkpoint import build_model, quantized_paths, read_weights, resolve_source
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.loader import DTYPES
-from openelm_mlx.model import Model
+from openelm_mlx.loader import DTYPES, named_dtype
 from openelm_mlx.tokenizer import find_tokenizer
 
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -33,10 +31,9 @@ SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16",
 def storage_dtype(name: str, weights: Dict[str, mx.array], config: OpenELMConfig) -> mx.Dtype:
     """'auto' keeps a 16-bit checkpoint as it is and stores a float32 one in 16 bits
     (bfloat16 for 3B); loading upcasts to float32 where activations need it."""
-    if name != "auto":
-        if name not in DTYPES:
-            raise OpenELMError(f"unknown dtype '{name}': choose auto, {', '.join(DTYPES)}")
-        return DTYPES[name]
+    dtype = named_dtype(name)
+    if dtype is not None:
+        return dtype
     source = weights["transformer.token_embeddings.weight"].dtype
     if source in (mx.float16, mx.bfloat16):
         return source
@@ -113,15 +110,9 @@ def convert(source, output, dtype: str = "auto", bits: Optional[int] = None, gro
     folder = resolve_source(source)
     config = OpenELMConfig.from_pretrained(folder)
     weights = read_weights(folder)
-    expected = Model(config)
-    already = quantized_paths(weights)
-    if already:
-        if bits is not None:
-            raise OpenELMError(f"{source} is already quantized: convert from the float checkpoint to change --bits")
-        q = config.quantization or {}
-        nn.quantize(expected, group_size=q.get("group_size", 64), bits=q.get("bits", 4),
-                    class_predicate=lambda path, _: path in already)
-    check_weights(expected, weights)
+    if quantized_paths(weights) and bits is not None:
+        raise OpenELMError(f"{source} is already quantized: convert from the float checkpoint to change --bits")
+    build_model(config, weights)  # checks names and shapes; the weights stay lazy, nothing is read
     try:
         tok = find_tokenizer(folder, tokenizer)
     except OpenELMError:

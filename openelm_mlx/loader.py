@@ -16,13 +16,21 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 DEMO_MODEL = Path(__file__).parent / "demo_model"
 
 
+def named_dtype(name: str) -> Optional[mx.Dtype]:
+    """The dtype a --dtype value names, or None for 'auto' (each caller has its own rule)."""
+    if name == "auto":
+        return None
+    if name not in DTYPES:
+        raise OpenELMError(f"unknown dtype '{name}': choose auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def resolve_dtype(name: str, config: OpenELMConfig) -> mx.Dtype:
     """'auto': float32 on a CPU (16-bit matmuls are scalar fallbacks on x86), else float16,
     or bfloat16 for OpenELM-3B, whose activations overflow float16."""
-    if name != "auto":
-        if name not in DTYPES:
-            raise OpenELMError(f"unknown dtype '{name}': choose auto, {', '.join(DTYPES)}")
-        return DTYPES[name]
+    dtype = named_dtype(name)
+    if dtype is not None:
+        return dtype
     if mx.default_device() == mx.cpu:
         return mx.float32
     return mx.bfloat16 if config.wants_bfloat16 else mx.float16
