@@ -8,6 +8,7 @@ import time
 from typing import Dict, List, Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -15,12 +16,8 @@ METRICS = ("prefill_tps", "decode_tps", "ttft_s", "itl_median_s", "itl_p90_s", "
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    """The q-th percentile (0..100), linearly interpolated."""
+    return float(np.percentile(values, q))
 
 
 def spread(values: Sequence[float]) -> Dict[str, float]:
