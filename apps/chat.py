@@ -35,7 +35,7 @@ class ChatSession:
 
     def send(self, user: str, **sampling) -> Iterator[GenerationChunk]:
         new = self.turn_tokens(user)
-        pending = self.tokens[self._cached():] + new
+        pending = self.tokens[self._cached() :] + new
         fit_context(pending, sampling.get("max_tokens", 256), self.model.config.max_context_length, self._cached())
         self.tokens += new
         try:

@@ -48,8 +48,14 @@ def unigram_perplexity(targets: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def perplexity(model: Model, tokenizer: Tokenizer, text: str, context: Optional[int] = None,
-               batch_size: int = 8, max_tokens: Optional[int] = None) -> Perplexity:
+def perplexity(
+    model: Model,
+    tokenizer: Tokenizer,
+    text: str,
+    context: Optional[int] = None,
+    batch_size: int = 8,
+    max_tokens: Optional[int] = None,
+) -> Perplexity:
     """Perplexity of `model` on `text`; `max_tokens` scores only the first that many tokens."""
     context = context or model.config.max_context_length
     if context < 1 or batch_size < 1:
@@ -64,7 +70,7 @@ def perplexity(model: Model, tokenizer: Tokenizer, text: str, context: Optional[
     starts = list(range(0, len(tokens) - 1, context))
     full = [s for s in starts if s + context + 1 <= len(tokens)]
     batches = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
-    batches += [[s] for s in starts[len(full):]]  # the shorter last window
+    batches += [[s] for s in starts[len(full) :]]  # the shorter last window
 
     total, start = 0.0, time.perf_counter()
     for batch in batches:

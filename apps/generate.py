@@ -8,16 +8,25 @@ import mlx.core as mx
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.generate import stream_generate
 from openelm_mlx.loader import DTYPES, load
-from openelm_mlx.tokenizer import chat_prompt, find_tokenizer
+from openelm_mlx.tokenizer import chat_prompt
 
 DEFAULT_PROMPT = "Once upon a time"
 
 
 def add_model_arguments(parser):
-    parser.add_argument("--model", help="model folder or Hugging Face repo id (default: the demo model shipped with openelm-mlx)")
-    parser.add_argument("--tokenizer", help="tokenizer.model file, folder or repo id (default: the model folder, then $OPENELM_TOKENIZER)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                        help="activation dtype (auto: float32 on a CPU, float16 on a GPU, bfloat16 for 3B)")
+    parser.add_argument(
+        "--model", help="model folder or Hugging Face repo id (default: the demo model shipped with openelm-mlx)"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer.model file, folder or repo id (default: the model folder, then $OPENELM_TOKENIZER)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="activation dtype (auto: float32 on a CPU, float16 on a GPU, bfloat16 for 3B)",
+    )
 
 
 def add_sampling_arguments(parser, max_tokens=256):
@@ -32,8 +41,16 @@ def add_sampling_arguments(parser, max_tokens=256):
 
 
 def sampling_options(args) -> dict:
-    return dict(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
-                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+    return dict(
+        max_tokens=args.max_tokens,
+        temp=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
 
 
 class PackageModel:
@@ -64,8 +81,11 @@ def load_for_cli(args):
 
         return PackageModel(args.model, args.backend), package_tokenizer(args.model, args.tokenizer)
     if args.model is None:
-        print("openelm: no --model given, using the small demo model shipped with openelm-mlx "
-              "(a few million parameters, for trying the toolkit offline; pass --model for a real OpenELM)", file=sys.stderr)
+        print(
+            "openelm: no --model given, using the small demo model shipped with openelm-mlx "
+            "(a few million parameters, for trying the toolkit offline; pass --model for a real OpenELM)",
+            file=sys.stderr,
+        )
     return load(args.model, tokenizer=args.tokenizer, dtype=args.dtype)
 
 
@@ -76,10 +96,16 @@ def add_arguments(parser):
     add_sampling_arguments(parser)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the Instruct chat template")
     parser.add_argument("--system", help="system message for --chat")
-    parser.add_argument("--truncate", action="store_true", help="cut the prompt's start to fit the context instead of failing")
-    parser.add_argument("--backend", default="mlx", choices=["mlx", "coreml", "mil-reference"],
-                        help="mlx; coreml runs an exported .mlpackage with Core ML (macOS 15+); "
-                             "mil-reference runs it with the numpy MIL executor anywhere (slow, for checking)")
+    parser.add_argument(
+        "--truncate", action="store_true", help="cut the prompt's start to fit the context instead of failing"
+    )
+    parser.add_argument(
+        "--backend",
+        default="mlx",
+        choices=["mlx", "coreml", "mil-reference"],
+        help="mlx; coreml runs an exported .mlpackage with Core ML (macOS 15+); "
+        "mil-reference runs it with the numpy MIL executor anywhere (slow, for checking)",
+    )
 
 
 def read_prompt(args) -> str:
@@ -98,7 +124,7 @@ def main(args):
         raise OpenELMError("--system needs --chat")
     model, tokenizer = load_for_cli(args)
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = chat_prompt(messages + [{"role": "user", "content": prompt}])
     stats = None
     for chunk in stream_generate(model, tokenizer, prompt, truncate=args.truncate, **sampling_options(args)):

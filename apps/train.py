@@ -11,8 +11,8 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from functools import partial
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
@@ -53,9 +53,14 @@ class TrainConfig:
         # ffn widths in multiples of 64 (not corenet's 256) let small models keep their per-layer
         # scaling; every width stays divisible by 64, as 4/8-bit group quantization needs.
         return OpenELMConfig.layerwise(
-            self.layers, self.model_dim, self.head_dim, ffn_dim_divisor=64,
-            vocab_size=tokenizer.vocab_size, max_context_length=self.context,
-            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+            self.layers,
+            self.model_dim,
+            self.head_dim,
+            ffn_dim_divisor=64,
+            vocab_size=tokenizer.vocab_size,
+            max_context_length=self.context,
+            bos_token_id=tokenizer.bos_id,
+            eos_token_id=tokenizer.eos_id,
         )
 
 
@@ -66,10 +71,22 @@ def train_tokenizer(text_file: Path, output: Path, vocab_size: int) -> Tokenizer
     prefix = output / "tokenizer-tmp"
     try:
         spm.SentencePieceTrainer.train(
-            input=str(text_file), model_prefix=str(prefix), vocab_size=vocab_size, model_type="bpe",
-            byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            max_sentence_length=1 << 16, character_coverage=1.0, num_threads=2, minloglevel=2,
+            input=str(text_file),
+            model_prefix=str(prefix),
+            vocab_size=vocab_size,
+            model_type="bpe",
+            byte_fallback=True,
+            split_digits=True,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            max_sentence_length=1 << 16,
+            character_coverage=1.0,
+            num_threads=2,
+            minloglevel=2,
         )
     except RuntimeError as e:  # e.g. a --vocab-size the text is too small for
         why = str(e).splitlines()[-1].rsplit("] ", 1)[-1]  # drop sentencepiece's source location
@@ -169,11 +186,14 @@ def plot_losses(state: dict, path: Path) -> Optional[Path]:
     else:
         ax.plot(train[:, 0], train[:, 1], color="tab:blue", label="train")
     if len(val):
-        ax.plot(val[:, 0], val[:, 1], "o-", color="tab:orange",
-                label=f"validation (first {EVAL_WINDOWS} windows)")
+        ax.plot(val[:, 0], val[:, 1], "o-", color="tab:orange", label=f"validation (first {EVAL_WINDOWS} windows)")
     c = state["config"]
-    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", ylim=(None, min(8.5, train[:, 1].max() + 0.2)),
-           title=f"OpenELM {c['layers']}L d{c['model_dim']} on KJV: batch {c['batch_size']}x{c['context']} tokens")
+    ax.set(
+        xlabel="step",
+        ylabel="cross-entropy (nats/token)",
+        ylim=(None, min(8.5, train[:, 1].max() + 0.2)),
+        title=f"OpenELM {c['layers']}L d{c['model_dim']} on KJV: batch {c['batch_size']}x{c['context']} tokens",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -182,8 +202,16 @@ def plot_losses(state: dict, path: Path) -> Optional[Path]:
     return path
 
 
-def train(text: Path, output: Path, val_text: Optional[Path] = None, resume: bool = False,
-          checkpoint_every: int = 100, eval_every: int = 100, force: bool = False, **settings) -> Path:
+def train(
+    text: Path,
+    output: Path,
+    val_text: Optional[Path] = None,
+    resume: bool = False,
+    checkpoint_every: int = 100,
+    eval_every: int = 100,
+    force: bool = False,
+    **settings,
+) -> Path:
     """Train a model on `text` into `output`; returns the exported model folder."""
     from tqdm import tqdm
 
@@ -200,7 +228,9 @@ def train(text: Path, output: Path, val_text: Optional[Path] = None, resume: boo
             raise OpenELMError(f"--resume: no {STATE} in {output}: start without --resume")
         changed = [f"{k} {saved[k]} -> {v}" for k, v in asdict(cfg).items() if saved.get(k) != v]
         if changed:
-            raise OpenELMError(f"--resume with other settings than the run in {output} ({'; '.join(changed)}): use the same ones")
+            raise OpenELMError(
+                f"--resume with other settings than the run in {output} ({'; '.join(changed)}): use the same ones"
+            )
     elif output.exists() and any(output.iterdir()):
         if not force:
             raise OpenELMError(f"{output} is not empty: pass --resume to continue the run or --force to start over")
@@ -208,7 +238,9 @@ def train(text: Path, output: Path, val_text: Optional[Path] = None, resume: boo
     output.mkdir(parents=True, exist_ok=True)
 
     tokenizer_file = output / "tokenizer.model"
-    tokenizer = Tokenizer(tokenizer_file) if tokenizer_file.is_file() else train_tokenizer(Path(text), output, cfg.vocab_size)
+    tokenizer = (
+        Tokenizer(tokenizer_file) if tokenizer_file.is_file() else train_tokenizer(Path(text), output, cfg.vocab_size)
+    )
     train_tokens = encode_documents(tokenizer, Path(text).read_text())
     val_tokens = encode_documents(tokenizer, Path(val_text).read_text()) if val_text else None
     if len(train_tokens) <= cfg.context + 1:
@@ -222,8 +254,10 @@ def train(text: Path, output: Path, val_text: Optional[Path] = None, resume: boo
     if resume:
         state = load_checkpoint(output, model, optimizer)
     optimizer.init(model.trainable_parameters())  # keeps the moments a checkpoint restored
-    print(f"model: {config.num_parameters() / 1e6:.2f}M parameters, q heads {config.num_query_heads}, "
-          f"ffn {config.ffn_dims}; {len(train_tokens) / 1e6:.2f}M training tokens")
+    print(
+        f"model: {config.num_parameters() / 1e6:.2f}M parameters, q heads {config.num_query_heads}, "
+        f"ffn {config.ffn_dims}; {len(train_tokens) / 1e6:.2f}M training tokens"
+    )
 
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     compiled_state = [model.state, optimizer.state]
@@ -242,8 +276,11 @@ def train(text: Path, output: Path, val_text: Optional[Path] = None, resume: boo
         mx.eval(loss, compiled_state)
         state["step"], state["seconds"] = i + 1, time.perf_counter() - start
         state["train_loss"].append((i + 1, round(loss.item(), 4)))
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.learning_rate.item():.1e}",
-                        tok_s=f"{tokens_per_step * (bar.format_dict['rate'] or 0):.0f}")
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}",
+            lr=f"{optimizer.learning_rate.item():.1e}",
+            tok_s=f"{tokens_per_step * (bar.format_dict['rate'] or 0):.0f}",
+        )
         done = i + 1 == cfg.steps
         if val_tokens is not None and ((i + 1) % eval_every == 0 or done):
             state["val_loss"].append((i + 1, round(evaluate(model, val_tokens, cfg.context), 4)))
@@ -273,5 +310,13 @@ def add_arguments(parser):
 
 def main(args):
     settings = {k: getattr(args, k) for k in asdict(TrainConfig())}
-    train(args.text, args.output, val_text=args.val_text, resume=args.resume, force=args.force,
-          checkpoint_every=args.checkpoint_every, eval_every=args.eval_every, **settings)
+    train(
+        args.text,
+        args.output,
+        val_text=args.val_text,
+        resume=args.resume,
+        force=args.force,
+        checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every,
+        **settings,
+    )

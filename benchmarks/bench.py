@@ -34,11 +34,18 @@ def plan(models: Sequence[str], precisions: Sequence[str], compare: Optional[str
     configs = []
     for spec in models:
         for precision in precisions:
-            configs.append({"spec": spec, "precision": precision,
-                            "implementations": [OURS, MLX_LM] if compare else [OURS]})
+            configs.append(
+                {"spec": spec, "precision": precision, "implementations": [OURS, MLX_LM] if compare else [OURS]}
+            )
         if compare and MLX_LM_DEFAULT not in precisions:
-            configs.append({"spec": spec, "precision": MLX_LM_DEFAULT, "implementations": [MLX_LM],
-                            "role": "mlx-lm default conversion"})
+            configs.append(
+                {
+                    "spec": spec,
+                    "precision": MLX_LM_DEFAULT,
+                    "implementations": [MLX_LM],
+                    "role": "mlx-lm default conversion",
+                }
+            )
     return configs
 
 
@@ -88,35 +95,59 @@ def best_vs_default(configurations: List[dict]) -> List[dict]:
     out = []
     for model in dict.fromkeys(c["model"] for c in configurations):
         mine = [c for c in configurations if c["model"] == model and "summary" in c["implementations"].get(OURS, {})]
-        ref = [c for c in configurations if c["model"] == model and c["precision"] == MLX_LM_DEFAULT
-               and "summary" in c["implementations"].get(MLX_LM, {})]
+        ref = [
+            c
+            for c in configurations
+            if c["model"] == model
+            and c["precision"] == MLX_LM_DEFAULT
+            and "summary" in c["implementations"].get(MLX_LM, {})
+        ]
         if not mine or not ref:
             continue
         best = max(mine, key=lambda c: c["implementations"][OURS]["summary"]["decode_tps"]["median"])
         a, b = best["implementations"][OURS]["summary"], ref[0]["implementations"][MLX_LM]["summary"]
-        out.append({
-            "model": model,
-            "openelm_mlx_precision": best["precision"],
-            "mlx_lm_precision": MLX_LM_DEFAULT,
-            "decode_tps_ratio": a["decode_tps"]["median"] / b["decode_tps"]["median"],
-            "prefill_tps_ratio": a["prefill_tps"]["median"] / b["prefill_tps"]["median"],
-        })
+        out.append(
+            {
+                "model": model,
+                "openelm_mlx_precision": best["precision"],
+                "mlx_lm_precision": MLX_LM_DEFAULT,
+                "decode_tps_ratio": a["decode_tps"]["median"] / b["decode_tps"]["median"],
+                "prefill_tps_ratio": a["prefill_tps"]["median"] / b["prefill_tps"]["median"],
+            }
+        )
     return out
 
 
-def run_benchmark(models: Sequence[str] = ("270M",), precisions: Optional[Sequence[str]] = None,
-                  prompt_tokens: int = 512, generation_tokens: int = 128, trials: int = 5, warmup: int = 1,
-                  compare: Optional[str] = None, backend: str = "mlx", seed: int = 0,
-                  progress: bool = True) -> dict:
+def run_benchmark(
+    models: Sequence[str] = ("270M",),
+    precisions: Optional[Sequence[str]] = None,
+    prompt_tokens: int = 512,
+    generation_tokens: int = 128,
+    trials: int = 5,
+    warmup: int = 1,
+    compare: Optional[str] = None,
+    backend: str = "mlx",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Benchmark every (model, precision) and return the results (see results.json). A failing
     configuration is recorded with its error; Ctrl-C stops and returns what was gathered."""
     if backend == "coreml" and precisions:
         raise OpenELMError("a Core ML package's precision was fixed when it was exported: drop --precisions")
     precisions = ["package"] if backend == "coreml" else list(precisions or default_precisions())
     check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend)
-    settings = dict(models=list(models), precisions=precisions, prompt_tokens=prompt_tokens,
-                    generation_tokens=generation_tokens, trials=trials, warmup=warmup, compare=compare,
-                    backend=backend, seed=seed, group_size=GROUP_SIZE)
+    settings = dict(
+        models=list(models),
+        precisions=precisions,
+        prompt_tokens=prompt_tokens,
+        generation_tokens=generation_tokens,
+        trials=trials,
+        warmup=warmup,
+        compare=compare,
+        backend=backend,
+        seed=seed,
+        group_size=GROUP_SIZE,
+    )
     results = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -127,6 +158,7 @@ def run_benchmark(models: Sequence[str] = ("270M",), precisions: Optional[Sequen
     }
     if backend == "coreml":
         from .coreml_bench import run_coreml
+
         run_coreml(results, progress)
     else:
         run_mlx(results, progress)
@@ -143,8 +175,13 @@ def run_mlx(results: dict, progress: bool):
     def run_one(entry, config):
         if config["spec"] not in sources:
             sources[config["spec"]] = load_source(config["spec"], settings["seed"])
-        run_configuration(entry, config["implementations"], sources[config["spec"]], settings,
-                          results["environment"]["memory_bandwidth_gbs"])
+        run_configuration(
+            entry,
+            config["implementations"],
+            sources[config["spec"]],
+            settings,
+            results["environment"]["memory_bandwidth_gbs"],
+        )
 
     run_plan(results, plan(settings["models"], settings["precisions"], settings["compare"]), run_one, progress)
 
@@ -160,8 +197,14 @@ def run_plan(results: dict, configs: List[dict], run_one: Callable, progress: bo
         for config in bar:
             label, origin = describe(config["spec"])
             bar.set_postfix_str(f"{label} {config['precision']}")
-            entry = {"model": label, "source": origin, "precision": config["precision"],
-                     "role": config.get("role", "benchmark"), "implementations": {}, "error": None}
+            entry = {
+                "model": label,
+                "source": origin,
+                "precision": config["precision"],
+                "role": config.get("role", "benchmark"),
+                "implementations": {},
+                "error": None,
+            }
             results["configurations"].append(entry)
             try:
                 run_one(entry, config)
@@ -182,8 +225,10 @@ def run_plan(results: dict, configs: List[dict], run_one: Callable, progress: bo
 def check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend):
     checks = [
         (len(models) > 0, "--models is empty: name sizes (270M,450M,1.1B,3B) or checkpoint folders"),
-        (backend == "coreml" or all(p in PRECISIONS for p in precisions),
-         f"unknown precision in {','.join(precisions)}: choose from {','.join(PRECISIONS)}"),
+        (
+            backend == "coreml" or all(p in PRECISIONS for p in precisions),
+            f"unknown precision in {','.join(precisions)}: choose from {','.join(PRECISIONS)}",
+        ),
         (prompt_tokens >= 1 and generation_tokens >= 1, "-p and -g must be at least 1"),
         (trials >= 1 and warmup >= 0, "--trials must be at least 1 and --warmup at least 0"),
         (compare in (None, "mlx-lm"), f"--compare {compare}: only mlx-lm is supported"),
@@ -196,22 +241,41 @@ def check_settings(models, precisions, prompt_tokens, generation_tokens, trials,
 
 
 def add_arguments(parser):
-    parser.add_argument("--models", default="270M", help="comma-separated sizes (270M,450M,1.1B,3B: random "
-                        "weights of the real shapes) or checkpoint folders / Hub repos; .mlpackage paths "
-                        "with --backend coreml (default: 270M)")
-    parser.add_argument("--precisions", default=None, help="comma-separated, from bf16,fp16,fp32,q8,q4 "
-                        "(default: fp32,q8,q4 on a CPU, fp16,q8,q4 on a GPU)")
+    parser.add_argument(
+        "--models",
+        default="270M",
+        help="comma-separated sizes (270M,450M,1.1B,3B: random "
+        "weights of the real shapes) or checkpoint folders / Hub repos; .mlpackage paths "
+        "with --backend coreml (default: 270M)",
+    )
+    parser.add_argument(
+        "--precisions",
+        default=None,
+        help="comma-separated, from bf16,fp16,fp32,q8,q4 (default: fp32,q8,q4 on a CPU, fp16,q8,q4 on a GPU)",
+    )
     parser.add_argument("-p", "--prompt-tokens", type=int, default=512, help="prompt length (default: 512)")
     parser.add_argument("-g", "--generation-tokens", type=int, default=128, help="tokens generated (default: 128)")
     parser.add_argument("--trials", type=int, default=5, help="timed trials per configuration (default: 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed trials first (default: 1)")
-    parser.add_argument("--compare", choices=["mlx-lm"], default=None,
-                        help="also time mlx-lm's OpenELM on the same weights, interleaved, and report ratios")
-    parser.add_argument("--backend", choices=["mlx", "coreml"], default="mlx",
-                        help="mlx, or coreml to time an exported package (macOS only)")
+    parser.add_argument(
+        "--compare",
+        choices=["mlx-lm"],
+        default=None,
+        help="also time mlx-lm's OpenELM on the same weights, interleaved, and report ratios",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=["mlx", "coreml"],
+        default="mlx",
+        help="mlx, or coreml to time an exported package (macOS only)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder for results.json/.csv/.md and chart.png (default: openelm-bench-DATE-TIME)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for results.json/.csv/.md and chart.png (default: openelm-bench-DATE-TIME)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite results already in --out")
 
 
@@ -223,8 +287,13 @@ def main(args) -> int:
     results = run_benchmark(
         models=[m for m in args.models.split(",") if m],
         precisions=args.precisions.split(",") if args.precisions else None,
-        prompt_tokens=args.prompt_tokens, generation_tokens=args.generation_tokens, trials=args.trials,
-        warmup=args.warmup, compare=args.compare, backend=args.backend, seed=args.seed,
+        prompt_tokens=args.prompt_tokens,
+        generation_tokens=args.generation_tokens,
+        trials=args.trials,
+        warmup=args.warmup,
+        compare=args.compare,
+        backend=args.backend,
+        seed=args.seed,
     )
     print(markdown(results))
     written = write_results(results, out, force=True)

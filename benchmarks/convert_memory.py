@@ -40,7 +40,9 @@ def write_synthetic_checkpoint(folder: Path, config: OpenELMConfig) -> int:
         mx.save_safetensors(str(folder / file), {k: weights.pop(k) for k in names})
         weight_map.update({k: file for k in names})
     total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
     return total
 
 
@@ -54,14 +56,18 @@ def main(argv=None):
         src, out = Path(tmp) / "hf", Path(tmp) / "mlx"
         input_bytes = write_synthetic_checkpoint(src, config)
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "openelm_mlx", "convert", str(src), "-o", str(out),
-                        "--bits", str(args.bits)], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "openelm_mlx", "convert", str(src), "-o", str(out), "--bits", str(args.bits)],
+            check=True,
+        )
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
         output_bytes = sum(f.stat().st_size for f in out.iterdir())
-    print(f"{args.size} float32 -> {args.bits}-bit: input {input_bytes / 1e9:.2f} GB, output {output_bytes / 1e9:.2f} GB, "
-          f"{seconds:.0f} s, peak RSS {peak / 1e9:.2f} GB = {peak / input_bytes:.2f} of the input "
-          f"({'below' if peak < input_bytes / 2 else 'ABOVE'} the 0.5 target)")
+    print(
+        f"{args.size} float32 -> {args.bits}-bit: input {input_bytes / 1e9:.2f} GB, output {output_bytes / 1e9:.2f} GB, "
+        f"{seconds:.0f} s, peak RSS {peak / 1e9:.2f} GB = {peak / input_bytes:.2f} of the input "
+        f"({'below' if peak < input_bytes / 2 else 'ABOVE'} the 0.5 target)"
+    )
 
 
 if __name__ == "__main__":

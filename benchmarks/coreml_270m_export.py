@@ -47,9 +47,19 @@ def write_checkpoint(folder: Path, seed: int = 0) -> int:
     (folder / "config.json").write_text(json.dumps(config.to_dict()))
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     (folder / "corpus.txt").write_text(CORPUS)
-    spm.SentencePieceTrainer.train(input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"),
-                                   vocab_size=384, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
-                                   eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=384,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     return config.num_parameters()
 
 
@@ -71,11 +81,16 @@ def run(compress: str = "int4", context: int = 2048, prefill_length: int = 128) 
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB
     result = {
-        "model": "OpenELM-270M shape, random weights", "parameters": n_params, "compression": compress,
-        "context": context, "prefill_length": prefill_length,
-        "package_bytes": summary["bytes"], "package_mib": round(summary["bytes"] / 2**20, 1),
+        "model": "OpenELM-270M shape, random weights",
+        "parameters": n_params,
+        "compression": compress,
+        "context": context,
+        "prefill_length": prefill_length,
+        "package_bytes": summary["bytes"],
+        "package_mib": round(summary["bytes"] / 2**20, 1),
         "bytes_per_parameter": round(summary["bytes_per_parameter"], 4),
-        "export_seconds": round(summary["seconds"], 1), "process_seconds": round(wall, 1),
+        "export_seconds": round(summary["seconds"], 1),
+        "process_seconds": round(wall, 1),
         "peak_rss_gib": round(peak_kib / 2**20, 2),
         "machine": f"{platform.system()} {platform.machine()}, {platform.processor() or 'cpu'}",
         "python": platform.python_version(),

@@ -43,8 +43,10 @@ def time_package(runner, prompt: list, generation_tokens: int) -> dict:
 
 def run_coreml(results: dict, progress: bool):
     if sys.platform != "darwin":
-        raise OpenELMError("--backend coreml runs packages with Core ML, which exists only on macOS 15+: "
-                           "run it on a Mac (or benchmark the MLX model with --backend mlx)")
+        raise OpenELMError(
+            "--backend coreml runs packages with Core ML, which exists only on macOS 15+: "
+            "run it on a Mac (or benchmark the MLX model with --backend mlx)"
+        )
     from openelm_mlx.convert.coreml_runtime import CoreMLRunner
 
     from .bench import run_plan
@@ -56,12 +58,19 @@ def run_coreml(results: dict, progress: bool):
         runner = CoreMLRunner(config["spec"], backend="coreml")
         info = runner.info
         if p + g > info.context:
-            raise OpenELMError(f"-p {p} + -g {g} exceeds the package's context of {info.context}: re-export with a larger --context")
+            raise OpenELMError(
+                f"-p {p} + -g {g} exceeds the package's context of {info.context}: re-export with a larger --context"
+            )
         weights = package_weight_bytes(Path(config["spec"]))
         kv = 2 * sum(info.config["num_kv_heads"]) * info.config["head_dim"] * FP16_BYTES
-        entry.update(precision=f"{info.compression} (package)", parameters=None, activation_dtype="float16",
-                     weight_bytes=weights, kv_bytes_per_position=kv,
-                     decode_bytes_per_token=timing.decode_bytes_per_token(weights, kv, p, g))
+        entry.update(
+            precision=f"{info.compression} (package)",
+            parameters=None,
+            activation_dtype="float16",
+            weight_bytes=weights,
+            kv_bytes_per_position=kv,
+            decode_bytes_per_token=timing.decode_bytes_per_token(weights, kv, p, g),
+        )
         prompt = np.random.default_rng(settings["seed"]).integers(0, info.vocab_size, p).tolist()
         entry["implementations"]["coreml"] = {"trials": []}
         for i in range(settings["warmup"] + settings["trials"]):

@@ -16,10 +16,21 @@ import numpy as np
 # Memory bandwidth in GB/s (Apple's and press announcements, /work/shared/reference/performance.md).
 # The M3 Max comes in two bandwidths, told apart by its GPU core count.
 APPLE_BANDWIDTH_GBS = {
-    "M1": 68, "M1 Pro": 200, "M1 Max": 400, "M1 Ultra": 800,
-    "M2": 100, "M2 Pro": 200, "M2 Max": 400, "M2 Ultra": 800,
-    "M3": 100, "M3 Pro": 150, "M3 Max": 400, "M3 Ultra": 819,
-    "M4": 120, "M4 Pro": 273, "M4 Max": 546,
+    "M1": 68,
+    "M1 Pro": 200,
+    "M1 Max": 400,
+    "M1 Ultra": 800,
+    "M2": 100,
+    "M2 Pro": 200,
+    "M2 Max": 400,
+    "M2 Ultra": 800,
+    "M3": 100,
+    "M3 Pro": 150,
+    "M3 Max": 400,
+    "M3 Ultra": 819,
+    "M4": 120,
+    "M4 Pro": 273,
+    "M4 Max": 546,
     "M5": 153,
 }
 M3_MAX_30_CORE_GBS = 300
@@ -107,21 +118,29 @@ def blas() -> dict:
     if sys.platform == "darwin":
         return {"name": "Accelerate", "libraries": []}
     try:
-        mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-                  if line.split()[-1].startswith("/")}
+        mapped = {
+            line.split()[-1]
+            for line in Path("/proc/self/maps").read_text().splitlines()
+            if line.split()[-1].startswith("/")
+        }
     except OSError:
         mapped = set()
     libraries = sorted(p for p in mapped if re.search(r"blas|mkl", Path(p).name, re.I))
     real = {os.path.realpath(p) for p in mapped}
-    preloaded = [p for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
-                 if re.search(r"blas|mkl", p, re.I) and os.path.realpath(p) in real]
+    preloaded = [
+        p
+        for p in os.environ.get("LD_PRELOAD", "").replace(":", " ").split()
+        if re.search(r"blas|mkl", p, re.I) and os.path.realpath(p) in real
+    ]
     if preloaded:
         version = re.search(r"openblas\w*-r([\d.]+)\.so", " ".join(libraries))
         kind = "OpenBLAS" + (f" {version.group(1)}" if version else "") if "openblas" in preloaded[0] else "BLAS"
         return {"name": f"{kind} (LD_PRELOAD={preloaded[0]})", "libraries": libraries}
     if any("mlx_cpu.libs" in p for p in libraries):
-        return {"name": "reference BLAS bundled with the mlx-cpu wheel (slow; see LD_PRELOAD in the README)",
-                "libraries": libraries}
+        return {
+            "name": "reference BLAS bundled with the mlx-cpu wheel (slow; see LD_PRELOAD in the README)",
+            "libraries": libraries,
+        }
     return {"name": ", ".join(Path(p).name for p in libraries) or "unknown", "libraries": libraries}
 
 

@@ -45,17 +45,21 @@ def profile(model, config, ours: bool, prompt_tokens: int, repeats: int) -> dict
             layers = [m for name, m in model.named_modules() if name.endswith(f".{kind}")]
             inputs = [mx.random.normal((1, tokens, in_features(m))).astype(dtype) for m in layers]
             mx.eval(inputs)
-            parts[kind] = time_call(lambda: [apply(m, x) for m, x in zip(layers, inputs)], repeats)
+            parts[kind] = time_call(
+                lambda layers=layers, inputs=inputs: [apply(m, x) for m, x in zip(layers, inputs)], repeats
+            )
         h = mx.random.normal((1, 1, config.model_dim)).astype(dtype)  # the output layer: last position only
-        parts["lm_head"] = time_call(lambda: apply(model.transformer.token_embeddings, h), repeats)
+        parts["lm_head"] = time_call(lambda h=h: apply(model.transformer.token_embeddings, h), repeats)
         prompt = mx.random.randint(0, config.vocab_size, (1, prompt_tokens))
         if phase == "prefill":
-            total = time_call(lambda: model.transformer(prompt, make_prompt_cache(model)), repeats) + parts["lm_head"]
+            total = (
+                time_call(lambda p=prompt: model.transformer(p, make_prompt_cache(model)), repeats) + parts["lm_head"]
+            )
         else:
             cache = make_prompt_cache(model)
             mx.eval(model.transformer(prompt, cache))
             token = mx.array([[7]])
-            total = time_call(lambda: model(token, cache=cache), repeats)  # the cache grows by one per call
+            total = time_call(lambda t=token, c=cache: model(t, cache=c), repeats)  # the cache grows by one per call
         parts["everything else"] = total - sum(parts.values())
         out[phase] = {"total": total, **parts}
     return out
@@ -77,8 +81,11 @@ def main(argv=None):
             theirs = profile(mlx_lm_twin(model), config, False, args.prompt_tokens, args.repeats)
             for phase in ours:
                 for part in ours[phase]:
-                    print(f"| {spec} | {precision} | {phase} | {part} | {ours[phase][part] * 1e3:.1f} "
-                          f"| {theirs[phase][part] * 1e3:.1f} |", flush=True)
+                    print(
+                        f"| {spec} | {precision} | {phase} | {part} | {ours[phase][part] * 1e3:.1f} "
+                        f"| {theirs[phase][part] * 1e3:.1f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

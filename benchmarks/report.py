@@ -13,10 +13,28 @@ from openelm_mlx.errors import OpenELMError
 FILES = ("results.json", "results.csv", "results.md", "chart.png")
 NAMES = {"openelm_mlx": "openelm-mlx", "mlx_lm": "mlx-lm", "coreml": "Core ML"}
 CSV_FIELDS = [
-    "model", "precision", "role", "implementation", "activation_dtype", "parameters", "weight_bytes",
-    "decode_bytes_per_token", "trials", "prefill_tps_median", "prefill_tps_stdev", "decode_tps_median",
-    "decode_tps_stdev", "ttft_s_median", "itl_median_s_median", "itl_p90_s_median",
-    "peak_memory_bytes_median", "achieved_gbs", "roofline", "prefill_tps_ratio", "decode_tps_ratio", "error",
+    "model",
+    "precision",
+    "role",
+    "implementation",
+    "activation_dtype",
+    "parameters",
+    "weight_bytes",
+    "decode_bytes_per_token",
+    "trials",
+    "prefill_tps_median",
+    "prefill_tps_stdev",
+    "decode_tps_median",
+    "decode_tps_stdev",
+    "ttft_s_median",
+    "itl_median_s_median",
+    "itl_p90_s_median",
+    "peak_memory_bytes_median",
+    "achieved_gbs",
+    "roofline",
+    "prefill_tps_ratio",
+    "decode_tps_ratio",
+    "error",
 ]
 
 
@@ -33,15 +51,31 @@ def rows(results: dict) -> List[dict]:
     """One row per configuration and implementation (a failed configuration: one row, its error)."""
     out = []
     for c in results["configurations"]:
-        base = {k: c.get(k) for k in ("model", "precision", "role", "activation_dtype", "parameters",
-                                       "weight_bytes", "decode_bytes_per_token", "error")}
+        base = {
+            k: c.get(k)
+            for k in (
+                "model",
+                "precision",
+                "role",
+                "activation_dtype",
+                "parameters",
+                "weight_bytes",
+                "decode_bytes_per_token",
+                "error",
+            )
+        }
         impls = {n: r for n, r in c["implementations"].items() if "summary" in r}
         if not impls:
             out.append({**base, "implementation": None})
         for name, r in impls.items():
             s = r["summary"]
-            row = {**base, "implementation": name, "trials": s["decode_tps"]["n"],
-                   "achieved_gbs": r["achieved_gbs"], "roofline": r["roofline"]}
+            row = {
+                **base,
+                "implementation": name,
+                "trials": s["decode_tps"]["n"],
+                "achieved_gbs": r["achieved_gbs"],
+                "roofline": r["roofline"],
+            }
             for metric in ("prefill_tps", "decode_tps"):
                 row[f"{metric}_median"] = s[metric]["median"]
                 row[f"{metric}_stdev"] = s[metric]["stdev"]
@@ -112,29 +146,45 @@ def markdown(results: dict) -> str:
             )
     ratios = [c for c in results["configurations"] if "ratios" in c]
     if ratios:
-        lines += ["", "openelm-mlx / mlx-lm, same weights, interleaved trials (median of per-trial ratios, "
-                  "min–max; ≥ 1.0: openelm-mlx is faster):", "",
-                  "| model | precision | prompt tok/s ratio | generation tok/s ratio |", "|---|---|---:|---:|"]
+        lines += [
+            "",
+            "openelm-mlx / mlx-lm, same weights, interleaved trials (median of per-trial ratios, "
+            "min–max; ≥ 1.0: openelm-mlx is faster):",
+            "",
+            "| model | precision | prompt tok/s ratio | generation tok/s ratio |",
+            "|---|---|---:|---:|",
+        ]
         for c in ratios:
             p, d = c["ratios"]["prefill_tps_ratio"], c["ratios"]["decode_tps_ratio"]
-            lines.append(f"| {c['model']} | {c['precision']} | {p['median']:.3f} ({p['min']:.2f}–{p['max']:.2f}) "
-                         f"| {d['median']:.3f} ({d['min']:.2f}–{d['max']:.2f}) |")
+            lines.append(
+                f"| {c['model']} | {c['precision']} | {p['median']:.3f} ({p['min']:.2f}–{p['max']:.2f}) "
+                f"| {d['median']:.3f} ({d['min']:.2f}–{d['max']:.2f}) |"
+            )
     best = results.get("best_vs_mlx_lm_default") or []
     if best:
-        lines += ["", "openelm-mlx's fastest setting against mlx-lm's default conversion (float16 weights and "
-                  "activations), ratio of medians:", "",
-                  "| model | openelm-mlx setting | vs mlx-lm | prompt tok/s ratio | generation tok/s ratio |",
-                  "|---|---|---|---:|---:|"]
+        lines += [
+            "",
+            "openelm-mlx's fastest setting against mlx-lm's default conversion (float16 weights and "
+            "activations), ratio of medians:",
+            "",
+            "| model | openelm-mlx setting | vs mlx-lm | prompt tok/s ratio | generation tok/s ratio |",
+            "|---|---|---|---:|---:|",
+        ]
         for b in best:
-            lines.append(f"| {b['model']} | {b['openelm_mlx_precision']} | {b['mlx_lm_precision']} "
-                         f"| {b['prefill_tps_ratio']:.2f} | {b['decode_tps_ratio']:.2f} |")
+            lines.append(
+                f"| {b['model']} | {b['openelm_mlx_precision']} | {b['mlx_lm_precision']} "
+                f"| {b['prefill_tps_ratio']:.2f} | {b['decode_tps_ratio']:.2f} |"
+            )
     failed = [c for c in results["configurations"] if c.get("error")]
     if failed:
         lines += ["", "Failed or interrupted configurations:", ""]
         lines += [f"- {c['model']} {c['precision']}: {c['error']}" for c in failed]
-    lines += ["", "Roofline: generation tok/s ÷ (memory bandwidth ÷ bytes read per token), bytes per token = "
-              "weight bytes + KV cache at the mean decode length. Prompt tok/s: prefill alone (logits of the "
-              "last position); TTFT adds sampling the first token."]
+    lines += [
+        "",
+        "Roofline: generation tok/s ÷ (memory bandwidth ÷ bytes read per token), bytes per token = "
+        "weight bytes + KV cache at the mean decode length. Prompt tok/s: prefill alone (logits of the "
+        "last position); TTFT adds sampling the first token.",
+    ]
     return "\n".join(lines)
 
 
@@ -159,8 +209,11 @@ def chart(results: dict, path: Path) -> bool:
     data = [r for r in rows(results) if r["implementation"]]
     if not data:
         return False
+
     def label(r):
-        return f"{r['model']}\n{r['precision']}" + ("" if r["role"] == "benchmark" else "\n" + r["role"].replace(" conversion", ""))
+        return f"{r['model']}\n{r['precision']}" + (
+            "" if r["role"] == "benchmark" else "\n" + r["role"].replace(" conversion", "")
+        )
 
     labels = list(dict.fromkeys(label(r) for r in data))
     impls = list(dict.fromkeys(r["implementation"] for r in data))
@@ -171,14 +224,22 @@ def chart(results: dict, path: Path) -> bool:
             values = {label(r): r for r in data if r["implementation"] == impl}
             xs = [i + (j - (len(impls) - 1) / 2) * width for i, lab in enumerate(labels) if lab in values]
             rs = [values[lab] for lab in labels if lab in values]
-            ax.bar(xs, [r[f"{metric}_median"] for r in rs], width, yerr=[r[f"{metric}_stdev"] for r in rs],
-                   label=NAMES[impl], capsize=2)
+            ax.bar(
+                xs,
+                [r[f"{metric}_median"] for r in rs],
+                width,
+                yerr=[r[f"{metric}_stdev"] for r in rs],
+                label=NAMES[impl],
+                capsize=2,
+            )
         ax.set_xticks(range(len(labels)), labels)
         ax.set_title(title)
         ax.set_ylabel("tokens / s (median over trials)")
         ax.legend()
     env, s = results["environment"], results["settings"]
-    fig.suptitle(f"OpenELM, {env.get('gpu') or env['chip']} ({env['device']}), pp{s['prompt_tokens']} / tg{s['generation_tokens']}")
+    fig.suptitle(
+        f"OpenELM, {env.get('gpu') or env['chip']} ({env['device']}), pp{s['prompt_tokens']} / tg{s['generation_tokens']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
@@ -195,11 +256,14 @@ def write_results(results: dict, out: Path, force: bool = False) -> List[Path]:
     """results.json, results.csv, results.md and chart.png in `out`, each written whole or not at all."""
     check_out(out, force)
     out.mkdir(parents=True, exist_ok=True)
-    texts = {"results.json": json.dumps(results, indent=1), "results.csv": to_csv(results),
-             "results.md": markdown(results) + "\n"}
+    texts = {
+        "results.json": json.dumps(results, indent=1),
+        "results.csv": to_csv(results),
+        "results.md": markdown(results) + "\n",
+    }
     written = []
     for name, text in texts.items():
-        _replace(out / name, lambda tmp: tmp.write_text(text))
+        _replace(out / name, lambda tmp, text=text: tmp.write_text(text))
         written.append(out / name)
     png, tmp = out / "chart.png", out / ".chart.png.tmp"
     if chart(results, tmp):

@@ -17,8 +17,10 @@ FLOATS = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
 QUANTIZED = {"q8": 8, "q4": 4}
 PRECISIONS = (*FLOATS, *QUANTIZED)
 GROUP_SIZE = 64  # mlx-lm's default, and `openelm convert`'s
-RANDOM_NOTE = ("random weights of the real shapes (uniform, variance 1/fan_in): speed does not "
-               "depend on the weight values, so this runs offline")
+RANDOM_NOTE = (
+    "random weights of the real shapes (uniform, variance 1/fan_in): speed does not "
+    "depend on the weight values, so this runs offline"
+)
 
 
 def random_weights(config: OpenELMConfig, seed: int = 0) -> Dict[str, mx.array]:
@@ -27,7 +29,8 @@ def random_weights(config: OpenELMConfig, seed: int = 0) -> Dict[str, mx.array]:
     shapes = [(name, p.shape) for name, p in tree_flatten(Model(config).parameters())]
     keys = mx.random.split(mx.random.key(seed), len(shapes))
     return {
-        name: mx.ones(shape) if name.endswith("norm.weight")
+        name: mx.ones(shape)
+        if name.endswith("norm.weight")
         else mx.random.uniform(-1, 1, shape, key=key) * (3 / shape[-1]) ** 0.5
         for (name, shape), key in zip(shapes, keys)
     }
@@ -67,7 +70,9 @@ def build_subject(config: OpenELMConfig, make_weights: Callable, precision: str)
     if quantized_paths(weights):
         bits = config.quantization["bits"]
         if QUANTIZED.get(precision) != bits:
-            raise OpenELMError(f"the checkpoint holds {bits}-bit weights: benchmark it as q{bits}, or pass a float checkpoint")
+            raise OpenELMError(
+                f"the checkpoint holds {bits}-bit weights: benchmark it as q{bits}, or pass a float checkpoint"
+            )
         model = build_model(config, weights)
     else:
         model = Model(config)
@@ -86,8 +91,11 @@ def mlx_lm_twin(model: Model) -> nn.Module:
     from mlx_lm.models import openelm
 
     twin = openelm.Model(openelm.ModelArgs.from_dict(model.config.to_dict()))
-    quantized = {path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
-                 for path, m in model.named_modules() if hasattr(m, "bits")}
+    quantized = {
+        path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+        for path, m in model.named_modules()
+        if hasattr(m, "bits")
+    }
     if quantized:
         nn.quantize(twin, class_predicate=lambda path, _: quantized.get(path, False))
     # twin's own random init is lazy and replaced here, so it is never computed

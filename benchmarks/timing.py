@@ -53,8 +53,9 @@ def roofline(decode_tps: float, bytes_per_token: float, bandwidth_gbs: float) ->
     return decode_tps / (bandwidth_gbs * 1e9 / bytes_per_token)
 
 
-def trial_metrics(prompt_tokens: int, prefill_s: float, ttft_s: float, inter_token_s: List[float],
-                  peak_memory_bytes: int) -> dict:
+def trial_metrics(
+    prompt_tokens: int, prefill_s: float, ttft_s: float, inter_token_s: List[float], peak_memory_bytes: int
+) -> dict:
     return {
         "prefill_s": prefill_s,
         "prefill_tps": prompt_tokens / prefill_s,

@@ -52,8 +52,13 @@ def model_weights(model) -> Dict[str, np.ndarray]:
         if name.endswith((".scales", ".biases")):
             continue
         if f"{base}.scales" in params:
-            value = mx.dequantize(value, params[f"{base}.scales"], params.get(f"{base}.biases"),
-                                  group_size=q["group_size"], bits=q["bits"])
+            value = mx.dequantize(
+                value,
+                params[f"{base}.scales"],
+                params.get(f"{base}.biases"),
+                group_size=q["group_size"],
+                bits=q["bits"],
+            )
         out[name] = np.array(value.astype(mx.float32))
     return out
 
@@ -69,12 +74,16 @@ def rope_tables(config: OpenELMConfig, context: int):
     inv_freq = config.rope_freq_constant ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
     angles = np.arange(context, dtype=np.float64)[:, None] * inv_freq[None, :]
     cos, sin = np.cos(angles), np.sin(angles)
-    return (np.concatenate([cos, cos], 1).astype(np.float32),
-            np.concatenate([-sin, sin], 1).astype(np.float32))
+    return (np.concatenate([cos, cos], 1).astype(np.float32), np.concatenate([-sin, sin], 1).astype(np.float32))
 
 
-def build_function(config: OpenELMConfig, weights: Dict[str, np.ndarray], context: int, seq_len: Optional[int],
-                   compressed: Optional[dict] = None):
+def build_function(
+    config: OpenELMConfig,
+    weights: Dict[str, np.ndarray],
+    context: int,
+    seq_len: Optional[int],
+    compressed: Optional[dict] = None,
+):
     """The MIL program of one function: seq_len=None is prefill (flexible length), 1 is decode.
     `compressed` (from compressed_weights) replaces weight consts by the same constexpr ops."""
     import coremltools as ct
@@ -176,11 +185,13 @@ def compression_config(compress: str, block_size: int):
     if compress == "int8":
         op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel")
     elif compress == "int4":
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
-                                         block_size=block_size)
+        op = cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=block_size
+        )
     else:
-        op = cto.OpPalettizerConfig(mode="kmeans", nbits=int(compress[-1]), granularity="per_grouped_channel",
-                                    group_size=16)
+        op = cto.OpPalettizerConfig(
+            mode="kmeans", nbits=int(compress[-1]), granularity="per_grouped_channel", group_size=16
+        )
     return cto.OptimizationConfig(global_config=op, op_name_configs={n: None for n in UNCOMPRESSED})
 
 
@@ -190,15 +201,25 @@ def _describe(spec, metadata: dict):
             feature.shortDescription = DESCRIPTIONS[feature.name]
         for feature in function.state:
             kind, _, layer = feature.name.split("_")
-            feature.shortDescription = (f"layer {layer} {'keys (after RoPE)' if kind == 'k' else 'values'}, "
-                                        "fp16 [1, kv_heads, context, head_dim]; make one with make_state()")
+            feature.shortDescription = (
+                f"layer {layer} {'keys (after RoPE)' if kind == 'k' else 'values'}, "
+                "fp16 [1, kv_heads, context, head_dim]; make one with make_state()"
+            )
     spec.description.metadata.shortDescription = "OpenELM causal LM: prefill and decode with a stateful KV cache"
     spec.description.metadata.versionString = __version__
     spec.description.metadata.userDefined.update({k: str(v) for k, v in metadata.items()})
 
 
-def export_coreml(model_source, output, context: Optional[int] = None, prefill_length: int = 128,
-                  compress: str = "none", block_size: int = 32, force: bool = False, tokenizer=None) -> dict:
+def export_coreml(
+    model_source,
+    output,
+    context: Optional[int] = None,
+    prefill_length: int = 128,
+    compress: str = "none",
+    block_size: int = 32,
+    force: bool = False,
+    tokenizer=None,
+) -> dict:
     """Export `model_source` (anything openelm_mlx.load accepts) to OUTPUT.mlpackage and its
     tokenizer to OUTPUT.tokenizer.model. Returns a summary (sizes, seconds)."""
     import coremltools as ct
@@ -220,7 +241,9 @@ def export_coreml(model_source, output, context: Optional[int] = None, prefill_l
     tok = find_tokenizer(folder, tokenizer)
     context = context or config.max_context_length
     if not 1 <= context <= config.max_context_length:
-        raise OpenELMError(f"--context {context} is outside 1..{config.max_context_length} (the model's max_context_length)")
+        raise OpenELMError(
+            f"--context {context} is outside 1..{config.max_context_length} (the model's max_context_length)"
+        )
     if not 1 <= prefill_length <= context:
         raise OpenELMError(f"--prefill-length {prefill_length} must be between 1 and --context ({context})")
     if compress == "int4" and block_size <= 0:
@@ -233,7 +256,9 @@ def export_coreml(model_source, output, context: Optional[int] = None, prefill_l
         tmp = Path(tmp)
         # prefill is compressed; decode reuses its compressed weights op for op (compression,
         # k-means above all, runs once), so the two functions share one deduplicated copy.
-        prefill = _compress(_convert(build_function(config, weights, context, None), prefill_length), compress, block_size)
+        prefill = _compress(
+            _convert(build_function(config, weights, context, None), prefill_length), compress, block_size
+        )
         prefill.save(str(tmp / "prefill.mlpackage"))
         shared = compressed_weights(prefill)
         del prefill
@@ -248,15 +273,23 @@ def export_coreml(model_source, output, context: Optional[int] = None, prefill_l
 
         multi = ct.models.MLModel(str(tmp / "multi.mlpackage"), skip_model_load=True)
         spec = multi.get_spec()
-        _describe(spec, {
-            "openelm.bos_token_id": tok.bos_id, "openelm.eos_token_id": tok.eos_id,
-            "openelm.context_length": context, "openelm.prefill_length": prefill_length,
-            "openelm.vocab_size": config.vocab_size, "openelm.chat_template": CHAT_TEMPLATE,
-            "openelm.source_model": str(model_source), "openelm.compression": compress,
-            "openelm.block_size": block_size if compress == "int4" else "",
-            "openelm.num_parameters": config.num_parameters(), "openelm.toolkit_version": __version__,
-            "openelm.config": json.dumps(config.to_dict()),
-        })
+        _describe(
+            spec,
+            {
+                "openelm.bos_token_id": tok.bos_id,
+                "openelm.eos_token_id": tok.eos_id,
+                "openelm.context_length": context,
+                "openelm.prefill_length": prefill_length,
+                "openelm.vocab_size": config.vocab_size,
+                "openelm.chat_template": CHAT_TEMPLATE,
+                "openelm.source_model": str(model_source),
+                "openelm.compression": compress,
+                "openelm.block_size": block_size if compress == "int4" else "",
+                "openelm.num_parameters": config.num_parameters(),
+                "openelm.toolkit_version": __version__,
+                "openelm.config": json.dumps(config.to_dict()),
+            },
+        )
         staged = tmp / "final.mlpackage"
         ct.models.MLModel(spec, weights_dir=multi.weights_dir, skip_model_load=True).save(str(staged))
         shutil.copyfile(tok.path, tmp / "tokenizer.model")
@@ -270,21 +303,37 @@ def export_coreml(model_source, output, context: Optional[int] = None, prefill_l
 
     size = package_size(output)
     n_params = config.num_parameters()
-    return {"output": str(output), "tokenizer": str(tok_path), "compression": compress, "context": context,
-            "prefill_length": prefill_length, "bytes": size, "parameters": n_params,
-            "bytes_per_parameter": size / n_params, "seconds": time.perf_counter() - start}
+    return {
+        "output": str(output),
+        "tokenizer": str(tok_path),
+        "compression": compress,
+        "context": context,
+        "prefill_length": prefill_length,
+        "bytes": size,
+        "parameters": n_params,
+        "bytes_per_parameter": size / n_params,
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def _convert(prog, max_len: int):
     import coremltools as ct
 
     length = ct.RangeDim(1, max_len, default=max_len) if max_len > 1 else 1
-    inputs = [ct.TensorType(name="input_ids", shape=(1, length), dtype=np.int32),
-              ct.TensorType(name="position", shape=(1,), dtype=np.int32)]
+    inputs = [
+        ct.TensorType(name="input_ids", shape=(1, length), dtype=np.int32),
+        ct.TensorType(name="position", shape=(1,), dtype=np.int32),
+    ]
     # FLOAT32 means "keep the dtypes the program states": weights and matmuls are already fp16,
     # and the fp16 pass must not cast the fp32 residual stream and norms down.
-    return ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-                      compute_precision=ct.precision.FLOAT32, inputs=inputs, skip_model_load=True)
+    return ct.convert(
+        prog,
+        convert_to="mlprogram",
+        minimum_deployment_target=ct.target.iOS18,
+        compute_precision=ct.precision.FLOAT32,
+        inputs=inputs,
+        skip_model_load=True,
+    )
 
 
 def _compress(mlmodel, compress: str, block_size: int):
@@ -339,19 +388,34 @@ def package_size(path: Path) -> int:
 
 def add_arguments(parser):
     parser.add_argument("model", help="model folder or Hugging Face repo id (MLX folders may be quantized)")
-    parser.add_argument("-o", "--output", required=True, help="OUT.mlpackage (the tokenizer goes to OUT.tokenizer.model)")
-    parser.add_argument("--context", type=int, default=None, help="KV-cache length in tokens (default: the model's max_context_length)")
+    parser.add_argument(
+        "-o", "--output", required=True, help="OUT.mlpackage (the tokenizer goes to OUT.tokenizer.model)"
+    )
+    parser.add_argument(
+        "--context", type=int, default=None, help="KV-cache length in tokens (default: the model's max_context_length)"
+    )
     parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call (default 128)")
-    parser.add_argument("--compress", choices=COMPRESSIONS, default="none", help="weight compression (default none: fp16)")
+    parser.add_argument(
+        "--compress", choices=COMPRESSIONS, default="none", help="weight compression (default none: fp16)"
+    )
     parser.add_argument("--block-size", type=int, default=32, help="int4 block size along the input axis (default 32)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model if the model folder has none")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 
 
 def main(args):
-    summary = export_coreml(args.model, args.output, context=args.context, prefill_length=args.prefill_length,
-                            compress=args.compress, block_size=args.block_size, force=args.force,
-                            tokenizer=args.tokenizer)
-    print(f"wrote {summary['output']} ({summary['bytes'] / 2**20:.1f} MiB, "
-          f"{summary['bytes_per_parameter']:.3f} bytes/parameter, {summary['compression']}) "
-          f"and {summary['tokenizer']} in {summary['seconds']:.1f} s")
+    summary = export_coreml(
+        args.model,
+        args.output,
+        context=args.context,
+        prefill_length=args.prefill_length,
+        compress=args.compress,
+        block_size=args.block_size,
+        force=args.force,
+        tokenizer=args.tokenizer,
+    )
+    print(
+        f"wrote {summary['output']} ({summary['bytes'] / 2**20:.1f} MiB, "
+        f"{summary['bytes_per_parameter']:.3f} bytes/parameter, {summary['compression']}) "
+        f"and {summary['tokenizer']} in {summary['seconds']:.1f} s"
+    )

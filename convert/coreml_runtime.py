@@ -40,11 +40,15 @@ def package_info(package) -> PackageInfo:
     try:
         meta = dict(ct.models.MLModel(str(package), skip_model_load=True).get_spec().description.metadata.userDefined)
         return PackageInfo(
-            context=int(meta["openelm.context_length"]), prefill_length=int(meta["openelm.prefill_length"]),
-            vocab_size=int(meta["openelm.vocab_size"]), bos_token_id=int(meta["openelm.bos_token_id"]),
-            eos_token_id=int(meta["openelm.eos_token_id"]), compression=meta["openelm.compression"],
+            context=int(meta["openelm.context_length"]),
+            prefill_length=int(meta["openelm.prefill_length"]),
+            vocab_size=int(meta["openelm.vocab_size"]),
+            bos_token_id=int(meta["openelm.bos_token_id"]),
+            eos_token_id=int(meta["openelm.eos_token_id"]),
+            compression=meta["openelm.compression"],
             block_size=int(meta["openelm.block_size"] or 0),
-            source_model=meta["openelm.source_model"], chat_template=meta["openelm.chat_template"],
+            source_model=meta["openelm.source_model"],
+            chat_template=meta["openelm.chat_template"],
             config=json.loads(meta["openelm.config"]),
         )
     except (KeyError, ValueError) as e:
@@ -76,12 +80,15 @@ class CoreMLRunner:
         self.executor = None  # the MIL executor of the mil-reference backend
         if backend == "coreml":
             if sys.platform != "darwin":
-                raise OpenELMError("the coreml backend needs macOS 15+ (Core ML); use --backend mil-reference elsewhere")
+                raise OpenELMError(
+                    "the coreml backend needs macOS 15+ (Core ML); use --backend mil-reference elsewhere"
+                )
             import coremltools as ct
 
-            self._models = {f: ct.models.MLModel(str(self.package), function_name=f,
-                                                 compute_units=ct.ComputeUnit.CPU_AND_GPU)
-                            for f in ("prefill", "decode")}
+            self._models = {
+                f: ct.models.MLModel(str(self.package), function_name=f, compute_units=ct.ComputeUnit.CPU_AND_GPU)
+                for f in ("prefill", "decode")
+            }
         else:
             from .mil_executor import MILExecutor
 
@@ -103,7 +110,7 @@ class CoreMLRunner:
         self._check_room(len(tokens))
         block = self.info.prefill_length
         for start in range(0, len(tokens), block):
-            logits = self._call("prefill", tokens[start:start + block])
+            logits = self._call("prefill", tokens[start : start + block])
         return logits
 
     def decode(self, token: int) -> np.ndarray:

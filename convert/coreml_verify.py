@@ -119,8 +119,10 @@ def check_weights(package_w, source_w, compression: str, block_size: int):
         else:
             bad = 0 if rel <= PALETTE_RTOL[compression] else got.size
         if bad:
-            problems.append(f"{name}: {bad} of {got.size} values are not what {compression} gives for the "
-                            f"model's weights (relative error {rel:.3g})")
+            problems.append(
+                f"{name}: {bad} of {got.size} values are not what {compression} gives for the "
+                f"model's weights (relative error {rel:.3g})"
+            )
     return problems, worst
 
 
@@ -139,15 +141,19 @@ def compare(runner, reference, tokens: List[int], steps: int, backend: str) -> B
         report.tolerance = max(report.tolerance, tol)
         top2 = np.sort(ref)[-2:]
         name = f"prefill[{len(feed)}]" if k == 0 else f"decode {k}"
-        step = Step(name, float(np.abs(got - ref).max()), int(ref.argmax()), int(got.argmax()), float(top2[1] - top2[0]))
+        step = Step(
+            name, float(np.abs(got - ref).max()), int(ref.argmax()), int(got.argmax()), float(top2[1] - top2[0])
+        )
         report.steps.append(step)
         if not np.all(np.isfinite(got)):
             report.problem = f"{name}: non-finite logits (fp16 overflow in the package?)"
         elif step.max_abs_diff > tol:
             report.problem = f"{name}: max |logits difference| {step.max_abs_diff:.4g} exceeds the tolerance {tol:.4g}"
         elif step.package_token != step.reference_token and step.margin > 2 * step.max_abs_diff:
-            report.problem = (f"{name}: greedy token {step.package_token} != MLX's {step.reference_token} although "
-                              f"MLX's top-2 margin {step.margin:.3g} exceeds twice the difference")
+            report.problem = (
+                f"{name}: greedy token {step.package_token} != MLX's {step.reference_token} although "
+                f"MLX's top-2 margin {step.margin:.3g} exceeds twice the difference"
+            )
         if report.problem:
             break
         feed = [step.reference_token]
@@ -171,8 +177,10 @@ def verify_coreml(package, model, steps: int = 16, prompt: str = DEFAULT_PROMPT,
     source, folder = load_model(model, dtype="float32")
     for key in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size", "num_query_heads", "num_kv_heads"):
         if info.config.get(key) != getattr(source.config, key):
-            raise OpenELMError(f"{package} was exported from a different model: {key} is {info.config.get(key)} "
-                               f"there and {getattr(source.config, key)} in {model}")
+            raise OpenELMError(
+                f"{package} was exported from a different model: {key} is {info.config.get(key)} "
+                f"there and {getattr(source.config, key)} in {model}"
+            )
     source_w = model_weights(source)
     package_w = package_weights(runner.executor, source_w)
     problems, worst = check_weights(package_w, source_w, info.compression, info.block_size)
@@ -181,8 +189,10 @@ def verify_coreml(package, model, steps: int = 16, prompt: str = DEFAULT_PROMPT,
     tok = find_tokenizer(folder, tokenizer or (beside if beside.is_file() else None))  # else the model's
     tokens = tok.encode(prompt)
     if len(tokens) + steps > info.context:
-        raise OpenELMError(f"the prompt ({len(tokens)} tokens) and {steps} steps exceed the package's context "
-                           f"of {info.context} tokens: use a shorter --prompt or fewer --steps")
+        raise OpenELMError(
+            f"the prompt ({len(tokens)} tokens) and {steps} steps exceed the package's context "
+            f"of {info.context} tokens: use a shorter --prompt or fewer --steps"
+        )
 
     reports, skipped = [], []
     if not problems:
@@ -213,8 +223,13 @@ def main(args) -> int:
         print(f"{b.backend}: logits tolerance {b.tolerance:.4g}")
         for s in b.steps:
             mark = "" if s.package_token == s.reference_token else "  <- differs"
-            print(f"  {s.name:>12}  max|Δ| {s.max_abs_diff:.4g}  token {s.package_token} (MLX {s.reference_token}){mark}")
-        print(f"  greedy agreement {b.agreement:.0%} over {len(b.steps)} steps" + (f"; FAILED: {b.problem}" if b.problem else ""))
+            print(
+                f"  {s.name:>12}  max|Δ| {s.max_abs_diff:.4g}  token {s.package_token} (MLX {s.reference_token}){mark}"
+            )
+        print(
+            f"  greedy agreement {b.agreement:.0%} over {len(b.steps)} steps"
+            + (f"; FAILED: {b.problem}" if b.problem else "")
+        )
     for s in report.skipped:
         print(f"skipped: {s}")
     print("OK" if report.ok else "FAILED")

@@ -22,8 +22,13 @@ from openelm_mlx.tokenizer import find_tokenizer
 MAX_SHARD_BYTES = 5 * 1024**3
 # Lets mlx_lm.load (through transformers) build the same LLaMA tokenizer, BOS included.
 MLX_LM_TOKENIZER_CONFIG = {
-    "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-    "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True,
+    "tokenizer_class": "LlamaTokenizer",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "legacy": True,
 }
 SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
 
@@ -47,7 +52,9 @@ def plan_tensors(weights, out_dtype, bits, group_size, quantize_embedding) -> Li
         w = weights[name]
         module = name[: -len(".weight")]
         quantize = (
-            bits is not None and name.endswith(".weight") and w.ndim == 2
+            bits is not None
+            and name.endswith(".weight")
+            and w.ndim == 2
             and w.shape[-1] % group_size == 0  # mlx-lm leaves such layers unquantized too
             and (quantize_embedding or "token_embeddings" not in name)
         )
@@ -82,7 +89,11 @@ def write_header(f, entries):
     header, offset = {"__metadata__": {"format": "mlx"}}, 0
     for name, shape, dtype, _ in entries:
         size = nbytes(shape, dtype)
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
@@ -95,8 +106,16 @@ def to_bytes(x: mx.array) -> memoryview:
     return memoryview(np.ascontiguousarray(x))
 
 
-def convert(source, output, dtype: str = "auto", bits: Optional[int] = None, group_size: int = 64,
-            tokenizer: Optional[str] = None, quantize_embedding: bool = True, force: bool = False) -> Path:
+def convert(
+    source,
+    output,
+    dtype: str = "auto",
+    bits: Optional[int] = None,
+    group_size: int = 64,
+    tokenizer: Optional[str] = None,
+    quantize_embedding: bool = True,
+    force: bool = False,
+) -> Path:
     """Write an MLX folder (config.json, model.safetensors, tokenizer.model) that both
     openelm_mlx.load and mlx_lm.load read. Returns the output folder."""
     if bits not in (None, 4, 8):
@@ -137,7 +156,8 @@ def convert(source, output, dtype: str = "auto", bits: Optional[int] = None, gro
             out_config["quantization_config"] = config.quantization  # Hugging Face's name for it
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(
-            json.dumps({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, indent=2) + "\n")
+            json.dumps({"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}, indent=2) + "\n"
+        )
         if tok is not None:
             shutil.copyfile(tok.path, tmp / "tokenizer.model")
             (tmp / "tokenizer_config.json").write_text(json.dumps(MLX_LM_TOKENIZER_CONFIG, indent=2) + "\n")
@@ -149,8 +169,10 @@ def convert(source, output, dtype: str = "auto", bits: Optional[int] = None, gro
         raise
 
     size = sum(nbytes(shape, dt) for _, shape, dt, _ in plan)
-    print(f"wrote {output}: {size / 1e9:.3f} GB, {8 * size / config.num_parameters():.2f} bits per weight"
-          + ("" if tok else " (no tokenizer.model found: pass --tokenizer to include one)"))
+    print(
+        f"wrote {output}: {size / 1e9:.3f} GB, {8 * size / config.num_parameters():.2f} bits per weight"
+        + ("" if tok else " (no tokenizer.model found: pass --tokenizer to include one)")
+    )
     return output
 
 
@@ -164,7 +186,7 @@ def _write_weights(folder: Path, plan, weights, out_dtype, bits, group_size):
     for file, entries in zip(names, shards):
         with open(folder / file, "wb") as f:
             write_header(f, entries)
-            for name, shape, dtype, source in entries:
+            for name, _, dtype, source in entries:
                 if name not in pending:
                     w = weights.pop(source)  # drop the lazy source so its memory can go
                     if dtype == mx.uint32 and w.dtype != mx.uint32:
@@ -182,22 +204,41 @@ def _write_weights(folder: Path, plan, weights, out_dtype, bits, group_size):
         weight_map = {e[0]: file for file, entries in zip(names, shards) for e in entries}
         total = sum(nbytes(e[1], e[2]) for e in plan)
         (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
 
 
 def add_arguments(parser):
     parser.add_argument("source", help="Hugging Face folder or repo id, corenet MLX export, or MLX folder")
     parser.add_argument("-o", "--output", required=True, help="output folder")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                        help="float dtype to store (auto: keep 16-bit sources, float32 -> float16, bfloat16 for 3B)")
-    parser.add_argument("--bits", type=int, choices=[4, 8], help="quantize weights to 4 or 8 bits (MLX affine, group-wise)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="float dtype to store (auto: keep 16-bit sources, float32 -> float16, bfloat16 for 3B)",
+    )
+    parser.add_argument(
+        "--bits", type=int, choices=[4, 8], help="quantize weights to 4 or 8 bits (MLX affine, group-wise)"
+    )
     parser.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
-    parser.add_argument("--no-quantize-embedding", dest="quantize_embedding", action="store_false",
-                        help="keep the tied embedding (and so the output layer) in the float dtype")
+    parser.add_argument(
+        "--no-quantize-embedding",
+        dest="quantize_embedding",
+        action="store_false",
+        help="keep the tied embedding (and so the output layer) in the float dtype",
+    )
     parser.add_argument("--tokenizer", help="tokenizer.model (file, folder or repo id) to copy into the output")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
 
 
 def main(args):
-    convert(args.source, args.output, dtype=args.dtype, bits=args.bits, group_size=args.group_size,
-            tokenizer=args.tokenizer, quantize_embedding=args.quantize_embedding, force=args.force)
+    convert(
+        args.source,
+        args.output,
+        dtype=args.dtype,
+        bits=args.bits,
+        group_size=args.group_size,
+        tokenizer=args.tokenizer,
+        quantize_embedding=args.quantize_embedding,
+        force=args.force,
+    )

@@ -23,6 +23,7 @@ def op(*names):
         for name in names:
             OPS[name] = fn
         return fn
+
     return register
 
 
@@ -42,7 +43,9 @@ def load_program(package):
         raise
     except Exception as e:  # protobuf, blob-reader and MIL type errors all mean a broken package
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OpenELMError(f"{package} cannot be loaded as an ML Program ({type(e).__name__}: {first}): re-export it") from None
+        raise OpenELMError(
+            f"{package} cannot be loaded as an ML Program ({type(e).__name__}: {first}): re-export it"
+        ) from None
 
 
 class MILExecutor:
@@ -100,8 +103,10 @@ class MILExecutor:
                 value = np.asarray(inputs[name])
                 expected = types.nptype_from_builtin(var.dtype)
                 if value.dtype != expected or value.ndim != var.rank:
-                    raise OpenELMError(f"input '{name}' must be {np.dtype(expected).name} of rank {var.rank}, "
-                                       f"got {value.dtype} {value.shape}")
+                    raise OpenELMError(
+                        f"input '{name}' must be {np.dtype(expected).name} of rank {var.rank}, "
+                        f"got {value.dtype} {value.shape}"
+                    )
                 env[name] = value
         for operation in func.operations:
             if operation.outputs[0].name not in env:
@@ -133,8 +138,10 @@ class MILExecutor:
             dtype = types.nptype_from_builtin(var.dtype)
             value = np.asarray(value).astype(dtype, copy=False)
             if not types.is_state(var.sym_type) and var.shape and not _shape_fits(value.shape, var.shape):
-                raise OpenELMError(f"op '{operation.name}' ({operation.op_type}) produced shape {value.shape}, "
-                                   f"the program declares {var.shape}")
+                raise OpenELMError(
+                    f"op '{operation.name}' ({operation.op_type}) produced shape {value.shape}, "
+                    f"the program declares {var.shape}"
+                )
             env[var.name] = value
 
 
@@ -150,6 +157,7 @@ def f32(x):
 
 
 # --- constants and decompression -------------------------------------------------------------
+
 
 @op("const")
 def _const(val):
@@ -187,6 +195,7 @@ def _lut_to_dense(indices, lut, vector_axis=None):
 
 # --- state -----------------------------------------------------------------------------------
 
+
 @op("read_state")
 def _read_state(input, states):
     return states[input].copy()
@@ -201,6 +210,7 @@ def _update_state(state, value, states):
 
 
 # --- elementwise -----------------------------------------------------------------------------
+
 
 @op("add")
 def _add(x, y):
@@ -256,6 +266,7 @@ def _reduce_mean(x, axes=None, keep_dims=False):
 
 # --- linear algebra --------------------------------------------------------------------------
 
+
 @op("linear")
 def _linear(x, weight, bias=None):
     y = f32(x) @ f32(weight).T
@@ -278,6 +289,7 @@ def _sdpa(query, key, value, attn_mask=None):
 
 
 # --- shapes and indexing ---------------------------------------------------------------------
+
 
 @op("shape")
 def _shape(x):
@@ -363,7 +375,9 @@ def _slice_update(x, update, begin, end, **masks):
     index = _slices(x.shape, begin, end, **masks)
     out = x.copy()
     if out[index].shape != update.shape:
-        raise OpenELMError(f"slice_update: the slice {out[index].shape} of a {x.shape} tensor at begin {list(begin)} "
-                           f"end {list(end)} does not match the update {update.shape} (position past the context?)")
+        raise OpenELMError(
+            f"slice_update: the slice {out[index].shape} of a {x.shape} tensor at begin {list(begin)} "
+            f"end {list(end)} does not match the update {update.shape} (position past the context?)"
+        )
     out[index] = update
     return out

@@ -17,8 +17,13 @@ from .model import Model
 
 # What is fetched from the Hub: never *.py (remote code) nor *.bin (pickles).
 HUB_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-    "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
 ]
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 CORENET_VOCAB = 32128  # corenet pads the training vocabulary; the tokenizer has 32000 pieces
@@ -32,7 +37,9 @@ def resolve_source(source) -> Path:
     if path.exists():
         raise OpenELMError(f"{source} is a file: pass the folder that holds config.json and the weights")
     if not REPO_ID.match(str(source)):
-        raise OpenELMError(f"no model folder at '{source}': give an existing folder or a Hugging Face repo id like apple/OpenELM-270M")
+        raise OpenELMError(
+            f"no model folder at '{source}': give an existing folder or a Hugging Face repo id like apple/OpenELM-270M"
+        )
     return _download(str(source))
 
 
@@ -49,7 +56,9 @@ def _download(repo_id: str) -> Path:
         ) from None
     except HfHubHTTPError as e:
         first_line = str(e).splitlines()[0]
-        raise OpenELMError(f"cannot download '{repo_id}': {first_line}; check the repo id and your access (huggingface-cli login)") from None
+        raise OpenELMError(
+            f"cannot download '{repo_id}': {first_line}; check the repo id and your access (huggingface-cli login)"
+        ) from None
     except OSError as e:
         raise OpenELMError(f"cannot download '{repo_id}': {e}") from None
 
@@ -61,11 +70,13 @@ def weight_files(folder: Path) -> list:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise OpenELMError(f"{index} is not a valid safetensors index ({e}): re-download it")
+            raise OpenELMError(f"{index} is not a valid safetensors index ({e}): re-download it") from None
         files = [folder / f for f in dict.fromkeys(weight_map.values())]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise OpenELMError(f"{index.name} names shards that are not in {folder}: {', '.join(missing)}; finish the download")
+            raise OpenELMError(
+                f"{index.name} names shards that are not in {folder}: {', '.join(missing)}; finish the download"
+            )
         return files
     for name in ("model.safetensors", "weights.safetensors"):
         if (folder / name).is_file():
@@ -94,7 +105,9 @@ def check_safetensors(path: Path) -> dict:
     except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise OpenELMError(f"{path} is not a valid safetensors file ({e}): re-download or re-convert it") from None
     if 8 + header_len + end > size:
-        raise OpenELMError(f"{path} is truncated ({size} bytes, header promises {8 + header_len + end}): re-download or re-convert it")
+        raise OpenELMError(
+            f"{path} is truncated ({size} bytes, header promises {8 + header_len + end}): re-download or re-convert it"
+        )
     return header
 
 
@@ -131,10 +144,13 @@ def build_model(config: OpenELMConfig, weights: Dict[str, mx.array]) -> Model:
     quantized = quantized_paths(weights)
     if quantized:
         if not config.quantization:
-            raise OpenELMError("the weights are quantized (*.scales tensors) but config.json has no 'quantization' entry")
+            raise OpenELMError(
+                "the weights are quantized (*.scales tensors) but config.json has no 'quantization' entry"
+            )
         q = config.quantization
-        nn.quantize(model, group_size=q["group_size"], bits=q["bits"],
-                    class_predicate=lambda path, module: path in quantized)
+        nn.quantize(
+            model, group_size=q["group_size"], bits=q["bits"], class_predicate=lambda path, module: path in quantized
+        )
     check_weights(model, weights)
     model.load_weights(list(weights.items()), strict=False)
     return model
@@ -146,7 +162,8 @@ def check_weights(model: nn.Module, weights: Dict[str, mx.array]):
     unexpected = sorted(set(weights) - set(expected))
     wrong = [
         f"{k} {tuple(weights[k].shape)} (expected {tuple(v.shape)})"
-        for k, v in expected.items() if k in weights and weights[k].shape != v.shape
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
     ]
 
     def show(names):
@@ -161,6 +178,7 @@ def check_weights(model: nn.Module, weights: Dict[str, mx.array]):
         problems.append(f"wrong shapes: {show(wrong)}")
     if problems:
         raise OpenELMError(
-            "the weights do not match config.json (" + "; ".join(problems)
+            "the weights do not match config.json ("
+            + "; ".join(problems)
             + "): check that config.json belongs to these weights"
         )

@@ -69,17 +69,21 @@ class OpenELMConfig:
 
     @property
     def ffn_dims(self) -> List[int]:
-        return [
-            make_divisible(m * self.model_dim, self.ffn_dim_divisor)
-            for m in self.ffn_multipliers
-        ]
+        return [make_divisible(m * self.model_dim, self.ffn_dim_divisor) for m in self.ffn_multipliers]
 
     def validate(self):
         def fail(field_name, why):
             raise OpenELMError(f"config.json: field '{field_name}' {why}")
 
-        for name in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size",
-                     "max_context_length", "ffn_dim_divisor", "num_gqa_groups"):
+        for name in (
+            "num_transformer_layers",
+            "model_dim",
+            "head_dim",
+            "vocab_size",
+            "max_context_length",
+            "ffn_dim_divisor",
+            "num_gqa_groups",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 fail(name, f"must be a positive integer, got {value!r}")
@@ -99,8 +103,11 @@ class OpenELMConfig:
         if not (self.ffn_with_glu and self.normalize_qk_projections):
             fail("ffn_with_glu", "and 'normalize_qk_projections' must be true, as in every OpenELM release")
         if self.activation_fn_name != "swish" or self.normalization_layer_name != "rms_norm":
-            fail("activation_fn_name", f"and 'normalization_layer_name' must be 'swish' and 'rms_norm', "
-                 f"got '{self.activation_fn_name}' and '{self.normalization_layer_name}'")
+            fail(
+                "activation_fn_name",
+                f"and 'normalization_layer_name' must be 'swish' and 'rms_norm', "
+                f"got '{self.activation_fn_name}' and '{self.normalization_layer_name}'",
+            )
 
     @classmethod
     def preset(cls, name: str, vocab_size: int = 32000) -> "OpenELMConfig":
@@ -111,16 +118,21 @@ class OpenELMConfig:
         return cls.layerwise(layers, dim, head_dim, vocab_size=vocab_size)
 
     @classmethod
-    def layerwise(cls, layers: int, model_dim: int, head_dim: int, num_gqa_groups: int = 4,
-                  ffn_range=(0.5, 4.0), qkv_range=(0.5, 1.0), ffn_dim_divisor: int = 256,
-                  **kwargs) -> "OpenELMConfig":
+    def layerwise(
+        cls,
+        layers: int,
+        model_dim: int,
+        head_dim: int,
+        num_gqa_groups: int = 4,
+        ffn_range=(0.5, 4.0),
+        qkv_range=(0.5, 1.0),
+        ffn_dim_divisor: int = 256,
+        **kwargs,
+    ) -> "OpenELMConfig":
         """A config of any size whose per-layer widths follow OpenELM's scaling rule."""
         qkv_mult = [round(v, 2) for v in _linspace(*qkv_range, layers)]
         ffn_mult = [round(v, 2) for v in _linspace(*ffn_range, layers)]
-        q_heads = [
-            make_divisible(model_dim * m, head_dim * num_gqa_groups) // head_dim
-            for m in qkv_mult
-        ]
+        q_heads = [make_divisible(model_dim * m, head_dim * num_gqa_groups) // head_dim for m in qkv_mult]
         return cls(
             num_transformer_layers=layers,
             model_dim=model_dim,
@@ -141,8 +153,14 @@ class OpenELMConfig:
             return cls._from_corenet(raw)
         if raw.get("model_type", "openelm") != "openelm":
             raise OpenELMError(f"config.json: model_type is '{raw['model_type']}', expected 'openelm'")
-        for name in ("num_transformer_layers", "model_dim", "head_dim", "num_query_heads",
-                     "num_kv_heads", "ffn_multipliers"):
+        for name in (
+            "num_transformer_layers",
+            "model_dim",
+            "head_dim",
+            "num_query_heads",
+            "num_kv_heads",
+            "ffn_multipliers",
+        ):
             if name not in raw:
                 raise OpenELMError(f"config.json: required field '{name}' is missing")
         return cls(**{k: v for k, v in raw.items() if k in known})
@@ -151,7 +169,9 @@ class OpenELMConfig:
     def _from_corenet(cls, raw: dict) -> "OpenELMConfig":
         name = raw["model_name"]
         if name not in CORENET_MODEL_NAMES:
-            raise OpenELMError(f"config.json: unknown corenet model_name '{name}', expected one of {', '.join(CORENET_MODEL_NAMES)}")
+            raise OpenELMError(
+                f"config.json: unknown corenet model_name '{name}', expected one of {', '.join(CORENET_MODEL_NAMES)}"
+            )
         # The checkpoint's 32128-row embedding is cut to the tokenizer's 32000 pieces on load.
         config = cls.preset(CORENET_MODEL_NAMES[name])
         config.max_context_length = raw.get("max_context_length", config.max_context_length)
@@ -169,7 +189,7 @@ class OpenELMConfig:
         try:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OpenELMError(f"{path} is not valid JSON ({e}): re-download or fix the file")
+            raise OpenELMError(f"{path} is not valid JSON ({e}): re-download or fix the file") from None
         if not isinstance(raw, dict):
             raise OpenELMError(f"{path} must hold a JSON object")
         return cls.from_dict(raw)

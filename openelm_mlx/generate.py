@@ -44,8 +44,10 @@ def check_sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty):
         (0 <= top_p <= 1, f"--top-p must be in [0, 1], got {top_p}"),
         (top_k >= 0, f"--top-k must be >= 0 (0 turns it off), got {top_k}"),
         (0 <= min_p <= 1, f"--min-p must be in [0, 1], got {min_p}"),
-        (repetition_penalty is None or repetition_penalty > 0,
-         f"--repetition-penalty must be > 0 (1 turns it off), got {repetition_penalty}"),
+        (
+            repetition_penalty is None or repetition_penalty > 0,
+            f"--repetition-penalty must be > 0 (1 turns it off), got {repetition_penalty}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -85,7 +87,7 @@ class StopMatcher:
                 return out, True
         hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
         out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
+        self.pending = self.pending[len(out) :]
         return out, False
 
 
@@ -126,8 +128,14 @@ def stream_generate(
 
     mx.reset_peak_memory()
     start = time.perf_counter()
-    steps = generate_step(mx.array(tokens), model, max_tokens=max_tokens, sampler=sampler,
-                          logits_processors=processors, prompt_cache=cache)
+    steps = generate_step(
+        mx.array(tokens),
+        model,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        logits_processors=processors,
+        prompt_cache=cache,
+    )
     for n, (token, _) in enumerate(steps):
         now = time.perf_counter()
         if n == 0:

@@ -22,7 +22,9 @@ class Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (OSError, RuntimeError) as e:
-            raise OpenELMError(f"{self.path} is not a sentencepiece model ({e}): pass LLaMA-2's tokenizer.model") from None
+            raise OpenELMError(
+                f"{self.path} is not a sentencepiece model ({e}): pass LLaMA-2's tokenizer.model"
+            ) from None
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.vocab_size = self.sp.get_piece_size()
@@ -64,7 +66,7 @@ class StreamingDetokenizer:
         text = self.sp.decode(self.window)
         if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
-        new, self.emitted = text[self.emitted:], len(text)
+        new, self.emitted = text[self.emitted :], len(text)
         if len(self.window) > 16:  # restart the window on the last, complete token
             self.window = self.window[-1:]
             self.emitted = len(self.sp.decode(self.window))
@@ -72,14 +74,17 @@ class StreamingDetokenizer:
 
     def flush(self) -> str:
         text = self.sp.decode(self.window)
-        new, self.emitted = text[self.emitted:], len(text)
+        new, self.emitted = text[self.emitted :], len(text)
         return new
 
 
 def find_tokenizer(model_folder: Optional[Path], tokenizer: Optional[str] = None) -> Tokenizer:
     """--tokenizer (a file, folder or repo id) first, then the model folder, then $OPENELM_TOKENIZER."""
-    for candidate, origin in ((tokenizer, "--tokenizer"), (model_folder, None),
-                              (os.environ.get("OPENELM_TOKENIZER"), "OPENELM_TOKENIZER")):
+    for candidate, origin in (
+        (tokenizer, "--tokenizer"),
+        (model_folder, None),
+        (os.environ.get("OPENELM_TOKENIZER"), "OPENELM_TOKENIZER"),
+    ):
         if not candidate:
             continue
         path = _tokenizer_file(candidate, must_exist=origin is not None)
@@ -108,4 +113,6 @@ def _download_tokenizer(repo_id: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id, "tokenizer.model"))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
-        raise OpenELMError(f"cannot get tokenizer.model from '{repo_id}' ({type(e).__name__}). {NO_TOKENIZER}") from None
+        raise OpenELMError(
+            f"cannot get tokenizer.model from '{repo_id}' ({type(e).__name__}). {NO_TOKENIZER}"
+        ) from None

@@ -21,8 +21,9 @@ Café, naïve, jalapeño and déjà vu are words with accents; 東京 and 🙂 n
 
 def tiny_config(vocab_size: int = 384, layers: int = 4, **kwargs) -> OpenELMConfig:
     """A layer-wise-scaled config small enough for tests: per-layer heads 4..8, ffn 64..512."""
-    return OpenELMConfig.layerwise(layers, 128, 16, vocab_size=vocab_size, ffn_dim_divisor=32,
-                                   max_context_length=256, **kwargs)
+    return OpenELMConfig.layerwise(
+        layers, 128, 16, vocab_size=vocab_size, ffn_dim_divisor=32, max_context_length=256, **kwargs
+    )
 
 
 def random_weights(config: OpenELMConfig, seed: int = 0, dtype=np.float32) -> dict:
@@ -38,13 +39,18 @@ def random_weights(config: OpenELMConfig, seed: int = 0, dtype=np.float32) -> di
     return out
 
 
-def write_hf_checkpoint(folder: Path, config: OpenELMConfig, weights: dict, tokenizer: Path = None,
-                        shards: int = 1) -> Path:
+def write_hf_checkpoint(
+    folder: Path, config: OpenELMConfig, weights: dict, tokenizer: Path = None, shards: int = 1
+) -> Path:
     """config.json, generation_config.json and model.safetensors (or shards with an index)."""
     folder.mkdir(parents=True, exist_ok=True)
     raw = config.to_dict()
-    raw.update(auto_map={"AutoConfig": "configuration_openelm.OpenELMConfig"}, torch_dtype="float32",
-               activation_fn_name="swish", normalization_layer_name="rms_norm")
+    raw.update(
+        auto_map={"AutoConfig": "configuration_openelm.OpenELMConfig"},
+        torch_dtype="float32",
+        activation_fn_name="swish",
+        normalization_layer_name="rms_norm",
+    )
     (folder / "config.json").write_text(json.dumps(raw, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     arrays = {k: mx.array(v) for k, v in weights.items()}
@@ -71,8 +77,16 @@ def tokenizer_file(tmp_path_factory) -> Path:
     corpus = folder / "corpus.txt"
     corpus.write_text(TEXT * 20)
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=384, model_type="bpe",
-        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+        input=str(corpus),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=384,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
         minloglevel=2,
     )
     return folder / "tokenizer.model"
@@ -82,8 +96,9 @@ def tokenizer_file(tmp_path_factory) -> Path:
 def tiny_checkpoint(tmp_path_factory, tokenizer_file) -> Path:
     """A float32 Hugging Face-layout checkpoint of tiny_config() with random weights and a tokenizer."""
     config = tiny_config()
-    return write_hf_checkpoint(tmp_path_factory.mktemp("hf") / "OpenELM-tiny", config,
-                               random_weights(config), tokenizer_file)
+    return write_hf_checkpoint(
+        tmp_path_factory.mktemp("hf") / "OpenELM-tiny", config, random_weights(config), tokenizer_file
+    )
 
 
 def run_cli(*args, env=None, input=None, timeout=120):
@@ -93,14 +108,20 @@ def run_cli(*args, env=None, input=None, timeout=120):
     import sys
 
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPENELM_TOKENIZER": "", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "openelm_mlx", *map(str, args)], capture_output=True,
-                          text=True, env=full_env, input=input or "", timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "openelm_mlx", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        input=input or "",
+        timeout=timeout,
+    )
 
 
 def assert_clean_error(result, *fragments):
     """Non-zero exit, one line on stderr naming the problem, no traceback."""
     assert result.returncode != 0, result.stdout + result.stderr
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert "Traceback" not in result.stderr, result.stderr
     assert len(lines) == 1 and lines[0].startswith("openelm "), result.stderr
     for fragment in fragments:

@@ -9,6 +9,7 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import random_weights, tiny_config, write_hf_checkpoint
 
 from openelm_mlx.apps.cli import main as cli_main
 from openelm_mlx.benchmarks import bench, machine, report, timing
@@ -16,11 +17,18 @@ from openelm_mlx.benchmarks.subjects import build_subject, mlx_lm_twin
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 
-from conftest import random_weights, tiny_config, write_hf_checkpoint
-
 P, G, TRIALS = 8, 4, 2
-IMPL_METRICS = {"prefill_s", "prefill_tps", "ttft_s", "decode_s", "decode_tps", "itl_median_s", "itl_p90_s",
-                "peak_memory_bytes", "inter_token_s"}
+IMPL_METRICS = {
+    "prefill_s",
+    "prefill_tps",
+    "ttft_s",
+    "decode_s",
+    "decode_tps",
+    "itl_median_s",
+    "itl_p90_s",
+    "peak_memory_bytes",
+    "inter_token_s",
+}
 
 
 def quantizable_config() -> OpenELMConfig:
@@ -41,25 +49,40 @@ def results(tiny_checkpoint, quantizable_checkpoint):
     that does not exist; each model also gets mlx-lm's default fp16."""
     return bench.run_benchmark(
         models=[str(tiny_checkpoint), str(quantizable_checkpoint), "/no/such/model"],
-        precisions=["fp32", "q8"], prompt_tokens=P, generation_tokens=G, trials=TRIALS, warmup=1,
-        compare="mlx-lm", progress=False,
+        precisions=["fp32", "q8"],
+        prompt_tokens=P,
+        generation_tokens=G,
+        trials=TRIALS,
+        warmup=1,
+        compare="mlx-lm",
+        progress=False,
     )
 
 
 def configs(results, model=None, precision=None):
-    return [c for c in results["configurations"]
-            if (model is None or c["model"] == model) and (precision is None or c["precision"] == precision)]
+    return [
+        c
+        for c in results["configurations"]
+        if (model is None or c["model"] == model) and (precision is None or c["precision"] == precision)
+    ]
 
 
 # --- pure arithmetic ---------------------------------------------------------------------------
+
 
 def test_percentile_and_spread_match_numpy():
     values = [0.3, 0.1, 0.7, 0.2, 0.5, 0.9, 0.4]
     for q in (0, 50, 90, 100):
         assert timing.percentile(values, q) == pytest.approx(np.percentile(values, q))
     s = timing.spread([1.0, 2.0, 4.0])
-    assert s == {"median": 2.0, "mean": pytest.approx(7 / 3), "stdev": pytest.approx(np.std([1, 2, 4], ddof=1)),
-                 "min": 1.0, "max": 4.0, "n": 3}
+    assert s == {
+        "median": 2.0,
+        "mean": pytest.approx(7 / 3),
+        "stdev": pytest.approx(np.std([1, 2, 4], ddof=1)),
+        "min": 1.0,
+        "max": 4.0,
+        "n": 3,
+    }
     assert timing.spread([5.0])["stdev"] == 0.0
 
 
@@ -81,7 +104,8 @@ def test_roofline_and_bytes_per_token():
     assert kv == 2 * sum(config.num_kv_heads) * config.head_dim * 4
     # decode step j (1..g) attends to p + j positions: the mean is p + (g + 1) / 2
     assert timing.decode_bytes_per_token(1000, kv, 8, 4) == pytest.approx(
-        1000 + statistics.mean(kv * (8 + j) for j in range(1, 5)))
+        1000 + statistics.mean(kv * (8 + j) for j in range(1, 5))
+    )
 
 
 def test_paired_ratios_are_per_trial():
@@ -116,22 +140,41 @@ def test_apple_bandwidth_table():
 
 # --- a whole run -------------------------------------------------------------------------------
 
+
 def test_results_schema(results):
     assert results["schema"] == bench.SCHEMA
     assert results["interrupted"] is False
     assert results["settings"] == {
-        "models": results["settings"]["models"], "precisions": ["fp32", "q8"], "prompt_tokens": P,
-        "generation_tokens": G, "trials": TRIALS, "warmup": 1, "compare": "mlx-lm", "backend": "mlx",
-        "seed": 0, "group_size": 64,
+        "models": results["settings"]["models"],
+        "precisions": ["fp32", "q8"],
+        "prompt_tokens": P,
+        "generation_tokens": G,
+        "trials": TRIALS,
+        "warmup": 1,
+        "compare": "mlx-lm",
+        "backend": "mlx",
+        "seed": 0,
+        "group_size": 64,
     }
     env = results["environment"]
-    for key in ("chip", "cpu_count", "memory_bytes", "os", "mlx", "mlx_lm", "device", "blas",
-                "memory_bandwidth_gbs", "memory_bandwidth_source"):
+    for key in (
+        "chip",
+        "cpu_count",
+        "memory_bytes",
+        "os",
+        "mlx",
+        "mlx_lm",
+        "device",
+        "blas",
+        "memory_bandwidth_gbs",
+        "memory_bandwidth_source",
+    ):
         assert env[key] is not None, key
     assert env["memory_bandwidth_gbs"] > 0 and env["mlx"] == mx.__version__
     # 3 models x (fp32, q8, mlx-lm's default fp16) configurations
     assert [(c["model"], c["precision"]) for c in results["configurations"]] == [
-        (m, p) for m in ("OpenELM-tiny", "tiny64", "model") for p in ("fp32", "q8", "fp16")]
+        (m, p) for m in ("OpenELM-tiny", "tiny64", "model") for p in ("fp32", "q8", "fp16")
+    ]
     json.dumps(results)  # plain JSON all the way down
 
 
@@ -140,7 +183,7 @@ def test_every_derived_figure_recomputes(results):
     done = [c for c in results["configurations"] if not c["error"]]
     assert len(done) == 5  # tiny fp32 and fp16 (mlx-lm's default), tiny64 fp32, q8 and fp16
     for c in done:
-        for name, r in c["implementations"].items():
+        for r in c["implementations"].values():
             assert len(r["trials"]) == TRIALS
             for t in r["trials"]:
                 assert set(t) == IMPL_METRICS and len(t["inter_token_s"]) == G
@@ -197,7 +240,8 @@ def test_best_setting_against_mlx_lm_default(results):
     ref = configs(results, "tiny64", "fp16")[0]["implementations"]["mlx_lm"]["summary"]
     assert b["openelm_mlx_precision"] == fastest["precision"]
     assert b["decode_tps_ratio"] == pytest.approx(
-        fastest["implementations"]["openelm_mlx"]["summary"]["decode_tps"]["median"] / ref["decode_tps"]["median"])
+        fastest["implementations"]["openelm_mlx"]["summary"]["decode_tps"]["median"] / ref["decode_tps"]["median"]
+    )
 
 
 def test_outputs_json_csv_markdown_chart(results, tmp_path):
@@ -209,10 +253,14 @@ def test_outputs_json_csv_markdown_chart(results, tmp_path):
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
     # one row per timed implementation, one per failed configuration
     assert len(rows) == 2 + 1 + 1 + 2 + 2 + 1 + 3
-    ours = next(r for r in rows if r["model"] == "tiny64" and r["precision"] == "q8" and r["implementation"] == "openelm_mlx")
+    ours = next(
+        r for r in rows if r["model"] == "tiny64" and r["precision"] == "q8" and r["implementation"] == "openelm_mlx"
+    )
     c = configs(results, "tiny64", "q8")[0]
     assert float(ours["decode_tps_ratio"]) == pytest.approx(c["ratios"]["decode_tps_ratio"]["median"])
-    assert float(ours["decode_tps_median"]) == pytest.approx(c["implementations"]["openelm_mlx"]["summary"]["decode_tps"]["median"])
+    assert float(ours["decode_tps_median"]) == pytest.approx(
+        c["implementations"]["openelm_mlx"]["summary"]["decode_tps"]["median"]
+    )
     text = (tmp_path / "out" / "results.md").read_text()
     assert "| tiny64 | q8 (float32 activations) | openelm-mlx |" in text
     assert "| tiny64 | q8 |" in text  # the ratio table
@@ -230,8 +278,15 @@ def test_ctrl_c_keeps_what_was_gathered(tiny_checkpoint, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(timing, "time_generation", interrupt_on_fifth)
-    r = bench.run_benchmark([str(tiny_checkpoint)], ["fp32", "bf16"], prompt_tokens=P, generation_tokens=G,
-                            trials=2, warmup=1, progress=False)
+    r = bench.run_benchmark(
+        [str(tiny_checkpoint)],
+        ["fp32", "bf16"],
+        prompt_tokens=P,
+        generation_tokens=G,
+        trials=2,
+        warmup=1,
+        progress=False,
+    )
     assert r["interrupted"] is True
     first, second = r["configurations"]
     assert first["error"] is None and len(first["implementations"]["openelm_mlx"]["trials"]) == 2
@@ -241,8 +296,23 @@ def test_ctrl_c_keeps_what_was_gathered(tiny_checkpoint, monkeypatch):
 
 def test_cli_writes_outputs_and_refuses_to_overwrite(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "bench"
-    argv = ["bench", "--models", str(tiny_checkpoint), "--precisions", "fp32", "-p", "4", "-g", "2",
-            "--trials", "1", "--warmup", "0", "--out", str(out)]
+    argv = [
+        "bench",
+        "--models",
+        str(tiny_checkpoint),
+        "--precisions",
+        "fp32",
+        "-p",
+        "4",
+        "-g",
+        "2",
+        "--trials",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        str(out),
+    ]
     with pytest.raises(SystemExit) as e:
         cli_main(argv)
     assert e.value.code == 0
@@ -256,13 +326,26 @@ def test_cli_writes_outputs_and_refuses_to_overwrite(tiny_checkpoint, tmp_path, 
     assert "already holds results.json" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--precisions", "fp8"], "unknown precision"),
-    (["--trials", "0"], "--trials must be at least 1"),
-    (["-p", "4000"], "exceeds the model's context"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--precisions", "fp8"], "unknown precision"),
+        (["--trials", "0"], "--trials must be at least 1"),
+        (["-p", "4000"], "exceeds the model's context"),
+    ],
+)
 def test_cli_bad_settings(tiny_checkpoint, tmp_path, capsys, args, message):
-    argv = ["bench", "--models", str(tiny_checkpoint), "--out", str(tmp_path / "o"), "--warmup", "0", "--trials", "1"] + args
+    argv = [
+        "bench",
+        "--models",
+        str(tiny_checkpoint),
+        "--out",
+        str(tmp_path / "o"),
+        "--warmup",
+        "0",
+        "--trials",
+        "1",
+    ] + args
     with pytest.raises(SystemExit) as e:
         cli_main(argv)
     captured = capsys.readouterr()
@@ -279,14 +362,25 @@ def test_quantized_checkpoint_runs_at_its_own_precision(quantizable_checkpoint, 
     from openelm_mlx.convert.hf_to_mlx import convert
 
     folder = convert(quantizable_checkpoint, tmp_path / "tiny64-4bit", bits=4)
-    r = bench.run_benchmark([str(folder)], ["q4", "fp32"], prompt_tokens=P, generation_tokens=G, trials=1,
-                            warmup=0, compare="mlx-lm", progress=False)
+    r = bench.run_benchmark(
+        [str(folder)],
+        ["q4", "fp32"],
+        prompt_tokens=P,
+        generation_tokens=G,
+        trials=1,
+        warmup=0,
+        compare="mlx-lm",
+        progress=False,
+    )
     q4, fp32, fp16 = r["configurations"]
     assert q4["error"] is None and set(q4["implementations"]) == {"openelm_mlx", "mlx_lm"}
     config = quantizable_config()
     # 4-bit: half a byte per weight plus a float32 scale and bias per 64 (the packed checkpoint as read)
-    matrices = config.num_parameters() - config.model_dim * (2 * config.num_transformer_layers + 1) \
+    matrices = (
+        config.num_parameters()
+        - config.model_dim * (2 * config.num_transformer_layers + 1)
         - 2 * config.head_dim * config.num_transformer_layers
+    )
     assert q4["weight_bytes"] == matrices // 2 + 8 * matrices // 64 + 4 * (config.num_parameters() - matrices)
     assert "holds 4-bit weights: benchmark it as q4" in fp32["error"]
     assert "holds 4-bit weights" in fp16["error"]  # mlx-lm's 16-bit conversion needs float weights

@@ -19,8 +19,17 @@ def test_preset_equals_released_config(name):
     released = OpenELMConfig.from_pretrained(path)
     preset = OpenELMConfig.preset(name)
     raw = json.loads(path.read_text())
-    for field in ("num_query_heads", "num_kv_heads", "ffn_multipliers", "model_dim", "head_dim",
-                  "num_transformer_layers", "vocab_size", "rope_freq_constant", "max_context_length"):
+    for field in (
+        "num_query_heads",
+        "num_kv_heads",
+        "ffn_multipliers",
+        "model_dim",
+        "head_dim",
+        "num_transformer_layers",
+        "vocab_size",
+        "rope_freq_constant",
+        "max_context_length",
+    ):
         assert getattr(preset, field) == raw[field] == getattr(released, field), field
     assert preset.ffn_dims == released.ffn_dims
     # Every field of the released file is read (the remote-code and version keys aside).
@@ -56,14 +65,17 @@ def test_from_pretrained_folder_and_file(tmp_path):
     assert OpenELMConfig.from_pretrained(tmp_path) == OpenELMConfig.from_pretrained(tmp_path / "config.json") == c
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"num_query_heads": [12] * 15}, "'num_query_heads' must list one value per layer (16), got 15"),
-    ({"num_kv_heads": [5] * 16}, "layer 0: 12 query heads are not divisible by 5 kv heads"),
-    ({"model_dim": -1}, "'model_dim' must be a positive integer"),
-    ({"ffn_multipliers": [0.0] * 16}, "'ffn_multipliers' must hold positive numbers"),
-    ({"model_type": "llama"}, "model_type is 'llama'"),
-    ({"activation_fn_name": "gelu"}, "must be 'swish' and 'rms_norm', got 'gelu' and 'rms_norm'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_query_heads": [12] * 15}, "'num_query_heads' must list one value per layer (16), got 15"),
+        ({"num_kv_heads": [5] * 16}, "layer 0: 12 query heads are not divisible by 5 kv heads"),
+        ({"model_dim": -1}, "'model_dim' must be a positive integer"),
+        ({"ffn_multipliers": [0.0] * 16}, "'ffn_multipliers' must hold positive numbers"),
+        ({"model_type": "llama"}, "model_type is 'llama'"),
+        ({"activation_fn_name": "gelu"}, "must be 'swish' and 'rms_norm', got 'gelu' and 'rms_norm'"),
+    ],
+)
 def test_inconsistent_config_is_named(tmp_path, change, message):
     raw = OpenELMConfig.preset("270M").to_dict() | change
     (tmp_path / "config.json").write_text(json.dumps(raw))
@@ -80,8 +92,12 @@ def test_missing_field_is_named(tmp_path):
 
 
 def test_corenet_mlx_config_names_a_released_size(tmp_path):
-    raw = {"model_name": "OpenELM-450M", "vocab_size": 32128, "max_context_length": 2048,
-           "quantization": {"group_size": 64, "bits": 4}}
+    raw = {
+        "model_name": "OpenELM-450M",
+        "vocab_size": 32128,
+        "max_context_length": 2048,
+        "quantization": {"group_size": 64, "bits": 4},
+    }
     (tmp_path / "config.json").write_text(json.dumps(raw))
     config = OpenELMConfig.from_pretrained(tmp_path)
     preset = OpenELMConfig.preset("450M")

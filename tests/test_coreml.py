@@ -13,6 +13,8 @@ from mlx.utils import tree_flatten
 
 pytest.importorskip("coremltools")
 
+from conftest import tiny_config  # noqa: E402
+
 from openelm_mlx.apps.cli import main as cli  # noqa: E402
 from openelm_mlx.convert.coreml_export import export_coreml, tokenizer_path  # noqa: E402
 from openelm_mlx.convert.coreml_runtime import CoreMLRunner  # noqa: E402
@@ -20,8 +22,6 @@ from openelm_mlx.convert.coreml_verify import LOGITS_RTOL, verify_coreml  # noqa
 from openelm_mlx.convert.mil_executor import MILExecutor  # noqa: E402
 from openelm_mlx.errors import OpenELMError  # noqa: E402
 from openelm_mlx.loader import load_model  # noqa: E402
-
-from conftest import tiny_config  # noqa: E402
 
 CONTEXT, PREFILL = 96, 16
 
@@ -34,9 +34,15 @@ def packages(tmp_path_factory):
 
     def get(source, compress="none"):
         if compress not in made:
-            made[compress] = export_coreml(source, folder / f"tiny-{compress}.mlpackage", context=CONTEXT,
-                                           prefill_length=PREFILL, compress=compress)
+            made[compress] = export_coreml(
+                source,
+                folder / f"tiny-{compress}.mlpackage",
+                context=CONTEXT,
+                prefill_length=PREFILL,
+                compress=compress,
+            )
         return made[compress]
+
     return get
 
 
@@ -60,8 +66,11 @@ def test_spec_functions_states_metadata(tiny_checkpoint, packages):
     assert spec.description.defaultFunctionName == "decode"
     for function in spec.description.functions:
         states = {s.name: list(s.type.stateType.arrayType.shape) for s in function.state}
-        assert states == {f"{kind}_cache_{i}": [1, kv, CONTEXT, config.head_dim]
-                          for i, kv in enumerate(config.num_kv_heads) for kind in "kv"}
+        assert states == {
+            f"{kind}_cache_{i}": [1, kv, CONTEXT, config.head_dim]
+            for i, kv in enumerate(config.num_kv_heads)
+            for kind in "kv"
+        }
         assert len(set(config.num_kv_heads)) > 1  # the layer-wise scaling shows in the states
         assert [i.name for i in function.input] == ["input_ids", "position"]
         assert all(f.shortDescription for f in list(function.input) + list(function.output) + list(function.state))
@@ -111,11 +120,14 @@ def test_executor_against_original_fp32_weights(tiny_checkpoint, packages):
         assert int(got.argmax()) == int(ref.argmax())
 
 
-@pytest.mark.parametrize("compress,constexpr,max_bpp", [
-    ("int8", "constexpr_blockwise_shift_scale", 1.4),
-    ("int4", "constexpr_blockwise_shift_scale", 0.9),
-    ("palettize4", "constexpr_lut_to_dense", 0.9),
-])
+@pytest.mark.parametrize(
+    "compress,constexpr,max_bpp",
+    [
+        ("int8", "constexpr_blockwise_shift_scale", 1.4),
+        ("int4", "constexpr_blockwise_shift_scale", 0.9),
+        ("palettize4", "constexpr_lut_to_dense", 0.9),
+    ],
+)
 def test_compressed_exports_verify(tiny_checkpoint, packages, compress, constexpr, max_bpp):
     summary = packages(tiny_checkpoint, compress)
     spec = spec_of(summary["output"])
@@ -197,8 +209,9 @@ def test_executor_refuses_unknown_op(tmp_path):
     def prog(x):
         return mb.sin(x=x, name="y")
 
-    ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
-               skip_model_load=True).save(str(tmp_path / "sin.mlpackage"))
+    ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, skip_model_load=True).save(
+        str(tmp_path / "sin.mlpackage")
+    )
     with pytest.raises(OpenELMError, match="no implementation of op 'sin'"):
         MILExecutor(tmp_path / "sin.mlpackage").run("main", {"x": np.zeros(2, np.float32)}, {})
 

@@ -28,8 +28,15 @@ def demo():
 
 def test_shipped_files_and_config():
     files = {p.name: p.stat().st_size for p in DEMO_MODEL.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.model", "validation.txt",
-            "tokenizer_config.json", "README.md", "LICENSE-corpus"} <= set(files)
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.model",
+        "validation.txt",
+        "tokenizer_config.json",
+        "README.md",
+        "LICENSE-corpus",
+    } <= set(files)
     assert sum(files.values()) <= 20 * 1024**2
     assert files["validation.txt"] <= 200 * 1024
     raw = json.loads((DEMO_MODEL / "config.json").read_text())

@@ -58,7 +58,9 @@ def test_tensor_shape_mismatch(tmp_path, tokenizer_file):
     weights = random_weights(config)
     weights["transformer.layers.2.ffn.proj_2.weight"] = weights["transformer.layers.2.ffn.proj_2.weight"][:, :-32]
     src = write_hf_checkpoint(tmp_path / "bad", config, weights, tokenizer_file)
-    convert_fails(src, tmp_path, "wrong shapes: transformer.layers.2.ffn.proj_2.weight (128, 320) (expected (128, 352))")
+    convert_fails(
+        src, tmp_path, "wrong shapes: transformer.layers.2.ffn.proj_2.weight (128, 320) (expected (128, 352))"
+    )
 
 
 def test_tensor_names_mismatch(tmp_path, tokenizer_file):
@@ -66,8 +68,12 @@ def test_tensor_names_mismatch(tmp_path, tokenizer_file):
     weights = random_weights(config)
     weights["model.layers.0.mlp.gate_proj.weight"] = weights.pop("transformer.layers.0.ffn.proj_1.weight")
     src = write_hf_checkpoint(tmp_path / "bad", config, weights, tokenizer_file)
-    convert_fails(src, tmp_path, "missing tensors: transformer.layers.0.ffn.proj_1.weight",
-                  "unexpected tensors: model.layers.0.mlp.gate_proj.weight")
+    convert_fails(
+        src,
+        tmp_path,
+        "missing tensors: transformer.layers.0.ffn.proj_1.weight",
+        "unexpected tensors: model.layers.0.mlp.gate_proj.weight",
+    )
 
 
 def test_output_exists_needs_force(tiny_checkpoint, tmp_path):
@@ -95,14 +101,17 @@ def test_pickle_checkpoint_is_refused(checkpoint, tmp_path):
     convert_fails(checkpoint, tmp_path, "safetensors only", "pickle")
 
 
-@pytest.mark.parametrize("flags, fragment", [
-    (["--temp", "-0.5"], "--temp must be >= 0"),
-    (["--top-p", "1.5"], "--top-p must be in [0, 1]"),
-    (["--top-k", "-3"], "--top-k must be >= 0"),
-    (["--min-p", "2"], "--min-p must be in [0, 1]"),
-    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
-    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--temp", "-0.5"], "--temp must be >= 0"),
+        (["--top-p", "1.5"], "--top-p must be in [0, 1]"),
+        (["--top-k", "-3"], "--top-k must be >= 0"),
+        (["--min-p", "2"], "--min-p must be in [0, 1]"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+        (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    ],
+)
 def test_bad_sampling_values(tiny_checkpoint, flags, fragment):
     result = run_cli("generate", "--model", tiny_checkpoint, "-p", "hi", *flags)
     assert_clean_error(result, fragment)

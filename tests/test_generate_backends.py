@@ -31,7 +31,9 @@ def test_mil_reference_backend_generates_what_mlx_generates(package, tiny_checkp
 
 
 def test_package_context_is_enforced(package):
-    result = run_cli("generate", "--model", package, "--backend", "mil-reference", "-p", "the sea " * 20, "--max-tokens", "30")
+    result = run_cli(
+        "generate", "--model", package, "--backend", "mil-reference", "-p", "the sea " * 20, "--max-tokens", "30"
+    )
     assert_clean_error(result, "exceeds the model's context of 64")
 
 
@@ -41,5 +43,7 @@ def test_coreml_backend_needs_macos(package):
 
 
 def test_backend_needs_a_package(tiny_checkpoint):
-    assert_clean_error(run_cli("generate", "--model", tiny_checkpoint, "--backend", "mil-reference", "-p", "hi"),
-                       "needs --model OUT.mlpackage")
+    assert_clean_error(
+        run_cli("generate", "--model", tiny_checkpoint, "--backend", "mil-reference", "-p", "hi"),
+        "needs --model OUT.mlpackage",
+    )

@@ -55,16 +55,23 @@ def test_cached_decoding_matches_full_forward_and_mlx_lm(tiny_pair):
     pieces += [ours(tokens[:, i : i + 1], cache) for i in range(20, 24)]
     stepped = mx.concatenate(pieces, axis=1)
     assert max_diff(stepped, full) <= TOL
-    ref_steps = mx.concatenate([ref(tokens[:, :20], ref_cache)] + [ref(tokens[:, i : i + 1], ref_cache) for i in range(20, 24)], 1)
+    ref_steps = mx.concatenate(
+        [ref(tokens[:, :20], ref_cache)] + [ref(tokens[:, i : i + 1], ref_cache) for i in range(20, 24)], 1
+    )
     assert max_diff(stepped, ref_steps) <= TOL
 
 
 def test_one_layer_of_the_real_270m_shape():
     config = OpenELMConfig.preset("270M")
-    one = OpenELMConfig.from_dict(config.to_dict() | {
-        "num_transformer_layers": 1, "num_query_heads": config.num_query_heads[-1:],
-        "num_kv_heads": config.num_kv_heads[-1:], "ffn_multipliers": config.ffn_multipliers[-1:],
-    })
+    one = OpenELMConfig.from_dict(
+        config.to_dict()
+        | {
+            "num_transformer_layers": 1,
+            "num_query_heads": config.num_query_heads[-1:],
+            "num_kv_heads": config.num_kv_heads[-1:],
+            "ffn_multipliers": config.ffn_multipliers[-1:],
+        }
+    )
     ours, ref = both_models(one, random_weights(one, seed=2))
     tokens = mx.array(np.random.default_rng(2).integers(0, 32000, (1, 16)))
     a, b = ours(tokens), ref(tokens)
@@ -88,8 +95,8 @@ def test_greedy_generation_matches_mlx_lm(tiny_checkpoint):
     theirs = list(prompt)
     for _ in range(24):
         theirs.append(ref(mx.array([theirs]))[0, -1].argmax().item())
-    theirs = theirs[len(prompt):]
+    theirs = theirs[len(prompt) :]
     if tokenizer.eos_id in theirs:
         theirs = theirs[: theirs.index(tokenizer.eos_id)]
     assert len(ours) >= 8 and ours == theirs
-    assert "".join(c.text for c in chunks) == tokenizer.decode(prompt[-1:] + ours)[len(tokenizer.decode(prompt[-1:])):]
+    assert "".join(c.text for c in chunks) == tokenizer.decode(prompt[-1:] + ours)[len(tokenizer.decode(prompt[-1:])) :]

@@ -100,7 +100,7 @@ def test_chat_reply_stopped_midway_keeps_a_consistent_conversation(loaded):
     model, tok = loaded
     session = ChatSession(model, tok)
     reply = session.send("Tell me about the sea", max_tokens=40)
-    for _, chunk in zip(range(3), reply):
+    for _ in zip(range(3), reply):
         pass
     reply.close()
     assert session.tokens[-1] == tok.eos_id

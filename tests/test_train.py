@@ -14,8 +14,17 @@ from openelm_mlx.apps.cli import main as cli
 from openelm_mlx.apps.eval import perplexity, unigram_perplexity
 from openelm_mlx.errors import OpenELMError
 
-TINY = dict(layers=2, model_dim=128, head_dim=16, vocab_size=320, context=32, batch_size=4,
-            steps=12, warmup=3, learning_rate=3e-3)
+TINY = dict(
+    layers=2,
+    model_dim=128,
+    head_dim=16,
+    vocab_size=320,
+    context=32,
+    batch_size=4,
+    steps=12,
+    warmup=3,
+    learning_rate=3e-3,
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +88,9 @@ def test_refusals(tmp_path, texts, straight_run):
         train_app.train(texts[0], straight_run, resume=True, **{**TINY, "learning_rate": 1e-3})
     with pytest.raises(OpenELMError, match="no train_state.json"):
         train_app.train(texts[0], tmp_path / "new", resume=True, **TINY)
-    with pytest.raises(OpenELMError, match=r"cannot train the tokenizer on .*val.txt: Vocabulary size too high \(50000\)"):
+    with pytest.raises(
+        OpenELMError, match=r"cannot train the tokenizer on .*val.txt: Vocabulary size too high \(50000\)"
+    ):
         train_app.train(texts[1], tmp_path / "big-vocab", **{**TINY, "vocab_size": 50000})
     with pytest.raises(OpenELMError, match="no text file"):
         train_app.train(tmp_path / "missing.txt", tmp_path / "new", **TINY)
@@ -113,7 +124,9 @@ def test_perplexity_matches_direct_computation(straight_run, texts):
 
 def test_unigram_perplexity():
     assert unigram_perplexity(np.array([3, 5, 7, 9])) == pytest.approx(4.0)
-    assert unigram_perplexity(np.array([1, 1, 1, 2])) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    assert unigram_perplexity(np.array([1, 1, 1, 2])) == pytest.approx(
+        math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    )
 
 
 def test_eval_cli(straight_run, texts, capsys):
@@ -139,4 +152,9 @@ def test_corpus_split_holds_out_every_40th_chapter():
     train, validation = split(chapters)
     assert validation == ["chapter 39", "chapter 79"]
     assert len(train) == 98 and not set(train) & set(validation)
-    assert VERSE.match("1Sm3:4 That the LORD called Samuel").groups() == ("1Sm", "3", "4", "That the LORD called Samuel")
+    assert VERSE.match("1Sm3:4 That the LORD called Samuel").groups() == (
+        "1Sm",
+        "3",
+        "4",
+        "That the LORD called Samuel",
+    )
