@@ -7,7 +7,6 @@ it in a child process, and reports the child's peak RSS against the input's size
 peak stays below half of the input, since conversion streams tensor by tensor."""
 
 import argparse
-import json
 import resource
 import subprocess
 import sys
@@ -15,35 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlx.core as mx
-
-from openelm_mlx.benchmarks.subjects import random_weights
+from openelm_mlx.benchmarks.synthetic import write_checkpoint
 from openelm_mlx.config import OpenELMConfig
-
-
-def write_synthetic_checkpoint(folder: Path, config: OpenELMConfig) -> int:
-    """float32 random weights in shards of ~1 GB (as a Hub repo would be); returns bytes written.
-    The weights are lazy, so only the shard being written is ever in memory."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config.to_dict()))
-    weights = random_weights(config)
-    shards, size = [[]], 0
-    for name, w in weights.items():
-        if size > 1e9:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += w.nbytes
-    weight_map = {}
-    for i, names in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(folder / file), {k: weights.pop(k) for k in names})
-        weight_map.update({k: file for k in names})
-    total = sum((folder / f).stat().st_size for f in set(weight_map.values()))
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
-    )
-    return total
 
 
 def main(argv=None):
@@ -54,7 +26,9 @@ def main(argv=None):
     config = OpenELMConfig.preset(args.size)
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         src, out = Path(tmp) / "hf", Path(tmp) / "mlx"
-        input_bytes = write_synthetic_checkpoint(src, config)
+        # float32 random weights in ~1 GB shards, as a Hub repo would hold them
+        write_checkpoint(src, config, shards=max(1, round(config.num_parameters() * 4 / 1e9)))
+        input_bytes = sum(f.stat().st_size for f in src.glob("*.safetensors"))
         start = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "openelm_mlx", "convert", str(src), "-o", str(out), "--bits", str(args.bits)],

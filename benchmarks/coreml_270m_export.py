@@ -17,56 +17,26 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+import mlx.core as mx
 
 RESULTS = Path(__file__).parent / "results" / "coreml_270m_export.json"
 TARGET_BYTES_PER_PARAMETER = {"int4": 0.6}
-CORPUS = "The quick brown fox jumps over the lazy dog. Once upon a time there was a little model.\n" * 50
 
 
-def write_checkpoint(folder: Path, seed: int = 0) -> int:
-    """A 270M-shaped Hugging Face checkpoint with fp16 random weights and a small tokenizer."""
-    import mlx.core as mx
-    import sentencepiece as spm
-    from mlx.utils import tree_flatten
-
+def write_270m_checkpoint(folder: Path) -> int:
+    """A 270M-shaped Hugging Face checkpoint with float16 random weights and a tokenizer."""
+    from openelm_mlx.benchmarks.synthetic import train_tokenizer, write_checkpoint
     from openelm_mlx.config import OpenELMConfig
-    from openelm_mlx.model import Model
 
     config = OpenELMConfig.preset("270M")
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, value in tree_flatten(Model(config).parameters()):
-        shape = value.shape
-        if name.endswith("norm.weight"):
-            w = 1 + 0.1 * rng.standard_normal(shape, np.float32)
-        else:
-            w = rng.standard_normal(shape, np.float32) / np.sqrt(shape[-1])
-        weights[name] = mx.array(w.astype(np.float16))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config.to_dict()))
-    mx.save_safetensors(str(folder / "model.safetensors"), weights)
-    (folder / "corpus.txt").write_text(CORPUS)
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"),
-        model_prefix=str(folder / "tokenizer"),
-        vocab_size=384,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
+    write_checkpoint(folder, config, tokenizer=train_tokenizer(folder, config.vocab_size), dtype=mx.float16)
     return config.num_parameters()
 
 
 def run(compress: str = "int4", context: int = 2048, prefill_length: int = 128) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        n_params = write_checkpoint(tmp / "OpenELM-270M-random")
+        n_params = write_270m_checkpoint(tmp / "OpenELM-270M-random")
         out = tmp / f"OpenELM-270M-{compress}.mlpackage"
         code = (
             "import json, sys; from openelm_mlx.convert.coreml_export import export_coreml; "

@@ -20,14 +20,10 @@ import numpy as np
 from openelm_mlx import __version__
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.tokenizer import find_tokenizer
+from openelm_mlx.tokenizer import CHAT_TEMPLATE, find_tokenizer
 
 FUNCTIONS = ("prefill", "decode")
 COMPRESSIONS = ("none", "int8", "int4", "palettize4", "palettize6")
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 # RMSNorm weights stay fp32 (they are tiny and scale fp32 activations); all others are fp16.
 FP32_WEIGHTS = ("norm.weight",)
 # Constants that are tables, not weights: never compressed.

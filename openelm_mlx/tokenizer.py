@@ -9,6 +9,12 @@ import sentencepiece as spm
 from .errors import OpenELMError
 
 EOS_TEXT = "</s>"
+# Apple's instruction-tuning template as Jinja, for tools that render it themselves (Hugging Face
+# and mlx-lm tokenizers, apps): the same text as chat_prompt() below.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 NO_TOKENIZER = (
     "no tokenizer found: Apple's OpenELM repos ship none, the models use the LLaMA-2 tokenizer. "
     "Pass --tokenizer PATH/tokenizer.model (any copy of LLaMA-2's, e.g. from meta-llama/Llama-2-7b-hf), "

@@ -9,11 +9,12 @@ import sys
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import random_weights, tiny_config, write_hf_checkpoint
+from conftest import tiny_config
 
 from openelm_mlx.apps.cli import main as cli_main
 from openelm_mlx.benchmarks import bench, machine, report, timing
 from openelm_mlx.benchmarks.subjects import build_subject, mlx_lm_twin
+from openelm_mlx.benchmarks.synthetic import random_weights, write_checkpoint
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 
@@ -39,7 +40,7 @@ def quantizable_config() -> OpenELMConfig:
 @pytest.fixture(scope="module")
 def quantizable_checkpoint(tmp_path_factory):
     config = quantizable_config()
-    return write_hf_checkpoint(tmp_path_factory.mktemp("q") / "tiny64", config, random_weights(config))
+    return write_checkpoint(tmp_path_factory.mktemp("q") / "tiny64", config, random_weights(config))
 
 
 @pytest.fixture(scope="module")

@@ -6,16 +6,15 @@ import pytest
 from openelm_mlx import OpenELMConfig, OpenELMError
 from openelm_mlx.config import make_divisible
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "configs"
+# The four released config.json files (apple/OpenELM-*), kept as test data.
+CONFIGS = Path(__file__).parent / "data" / "configs"
 FILES = {"270M": "OpenELM-270M", "450M": "OpenELM-450M", "1.1B": "OpenELM-1_1B", "3B": "OpenELM-3B"}
 PARAMS = {"270M": 271_527_168, "450M": 457_179_136, "1.1B": 1_079_891_456, "3B": 3_036_647_424}
 
 
 @pytest.mark.parametrize("name", FILES)
 def test_preset_equals_released_config(name):
-    path = SHARED / f"{FILES[name]}.config.json"
-    if not path.is_file():
-        pytest.skip(f"{path} not present (shared/ is beside the checkout in CI)")
+    path = CONFIGS / f"{FILES[name]}.config.json"
     released = OpenELMConfig.from_pretrained(path)
     preset = OpenELMConfig.preset(name)
     raw = json.loads(path.read_text())

@@ -5,10 +5,11 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import random_weights, run_cli, tiny_config, write_hf_checkpoint
+from conftest import run_cli, tiny_config
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from openelm_mlx import load
+from openelm_mlx.benchmarks.synthetic import random_weights, write_checkpoint
 from openelm_mlx.convert.hf_to_mlx import convert
 from openelm_mlx.loader import load_model
 
@@ -71,7 +72,7 @@ def test_float_conversion_is_exact_and_auto_dtype_is_16_bit(tiny_checkpoint, tmp
 
 def test_sharded_source_and_output_index(tmp_path, tokenizer_file, monkeypatch):
     config = tiny_config()
-    src = write_hf_checkpoint(tmp_path / "sharded", config, random_weights(config, seed=5), tokenizer_file, shards=3)
+    src = write_checkpoint(tmp_path / "sharded", config, random_weights(config, seed=5), tokenizer_file, shards=3)
     assert len(list(src.glob("model-*.safetensors"))) == 3
     monkeypatch.setattr("openelm_mlx.convert.hf_to_mlx.MAX_SHARD_BYTES", 400_000)
     out = convert(src, tmp_path / "out", dtype="float32")
@@ -86,7 +87,7 @@ def test_corenet_mlx_export(tmp_path, tiny_checkpoint, reference_logits):
     """Apple's corenet export: no `transformer.` prefix, a 32128-row embedding, weights.safetensors."""
     config = tiny_config(vocab_size=32000, layers=2)
     weights = random_weights(config, seed=6)
-    hf = write_hf_checkpoint(tmp_path / "hf", config, weights)
+    hf = write_checkpoint(tmp_path / "hf", config, weights)
     corenet = tmp_path / "corenet"
     corenet.mkdir()
     (corenet / "config.json").write_text((hf / "config.json").read_text())

@@ -4,7 +4,9 @@ import json
 import shutil
 
 import pytest
-from conftest import assert_clean_error, random_weights, run_cli, tiny_config, write_hf_checkpoint
+from conftest import assert_clean_error, run_cli, tiny_config
+
+from openelm_mlx.benchmarks.synthetic import random_weights, write_checkpoint
 
 
 @pytest.fixture
@@ -57,7 +59,7 @@ def test_tensor_shape_mismatch(tmp_path, tokenizer_file):
     config = tiny_config()
     weights = random_weights(config)
     weights["transformer.layers.2.ffn.proj_2.weight"] = weights["transformer.layers.2.ffn.proj_2.weight"][:, :-32]
-    src = write_hf_checkpoint(tmp_path / "bad", config, weights, tokenizer_file)
+    src = write_checkpoint(tmp_path / "bad", config, weights, tokenizer_file)
     convert_fails(
         src, tmp_path, "wrong shapes: transformer.layers.2.ffn.proj_2.weight (128, 320) (expected (128, 352))"
     )
@@ -67,7 +69,7 @@ def test_tensor_names_mismatch(tmp_path, tokenizer_file):
     config = tiny_config()
     weights = random_weights(config)
     weights["model.layers.0.mlp.gate_proj.weight"] = weights.pop("transformer.layers.0.ffn.proj_1.weight")
-    src = write_hf_checkpoint(tmp_path / "bad", config, weights, tokenizer_file)
+    src = write_checkpoint(tmp_path / "bad", config, weights, tokenizer_file)
     convert_fails(
         src,
         tmp_path,
@@ -129,7 +131,7 @@ def test_prompt_too_long(tiny_checkpoint):
 
 def test_missing_tokenizer_explains_llama2(tmp_path):
     config = tiny_config()
-    src = write_hf_checkpoint(tmp_path / "apple-like", config, random_weights(config))
+    src = write_checkpoint(tmp_path / "apple-like", config, random_weights(config))
     assert_clean_error(run_cli("generate", "--model", src, "-p", "hi"), "LLaMA-2 tokenizer", "--tokenizer")
 
 

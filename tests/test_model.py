@@ -3,11 +3,12 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import random_weights, tiny_config
+from conftest import tiny_config
 from mlx_lm.models import openelm as mlx_lm_openelm
 from mlx_lm.models.cache import make_prompt_cache
 
 from openelm_mlx import Model, OpenELMConfig
+from openelm_mlx.benchmarks.synthetic import random_weights
 
 TOL = 1e-4
 

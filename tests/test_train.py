@@ -6,12 +6,12 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import TEXT
 
 from openelm_mlx import load
 from openelm_mlx.apps import train as train_app
 from openelm_mlx.apps.cli import main as cli
 from openelm_mlx.apps.eval import perplexity, unigram_perplexity
+from openelm_mlx.benchmarks.synthetic import TEXT
 from openelm_mlx.errors import OpenELMError
 
 TINY = dict(
