@@ -1,5 +1,6 @@
 """The LLaMA-2 sentencepiece tokenizer that OpenELM uses, streaming detokenization, chat prompts."""
 
+import json
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -56,6 +57,21 @@ def chat_prompt(messages: List[Dict[str, str]], add_generation_prompt: bool = Tr
     """Apple's instruction-tuning template: `<|role|>\\ncontent</s>\\n` per turn."""
     text = "".join(f"<|{m['role']}|>\n{m['content']}{EOS_TEXT}\n" for m in messages)
     return text + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+def is_instruct_model(source, folder: Optional[Path] = None) -> bool:
+    """Whether a model is instruction-tuned (wants chat_prompt). Apple's config.json does not say so.
+    A converted folder says it explicitly: a chat_template in its tokenizer_config.json (written by
+    `openelm convert`). For Apple's own repos the release name is the only sign:
+    apple/OpenELM-270M-Instruct."""
+    if folder is not None:
+        try:
+            config = json.loads((Path(folder) / "tokenizer_config.json").read_text())
+        except (OSError, ValueError):
+            config = None
+        if isinstance(config, dict) and "chat_template" in config:
+            return bool(config["chat_template"])
+    return "-instruct" in Path(str(source)).name.lower()
 
 
 class StreamingDetokenizer:
