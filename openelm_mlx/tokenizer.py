@@ -61,16 +61,16 @@ def chat_prompt(messages: List[Dict[str, str]], add_generation_prompt: bool = Tr
 
 def is_instruct_model(source, folder: Optional[Path] = None) -> bool:
     """Whether a model is instruction-tuned (wants chat_prompt). Apple's config.json does not say so.
-    A converted folder says it explicitly: a chat_template in its tokenizer_config.json (written by
-    `openelm convert`). For Apple's own repos the release name is the only sign:
-    apple/OpenELM-270M-Instruct."""
+    A folder with a tokenizer_config.json says it explicitly (`openelm convert` writes the chat
+    template there for Instruct models only). Apple's repos have none, and their release name is
+    the only sign: apple/OpenELM-270M-Instruct."""
     if folder is not None:
         try:
             config = json.loads((Path(folder) / "tokenizer_config.json").read_text())
         except (OSError, ValueError):
             config = None
-        if isinstance(config, dict) and "chat_template" in config:
-            return bool(config["chat_template"])
+        if isinstance(config, dict):
+            return bool(config.get("chat_template"))
     return "-instruct" in Path(str(source)).name.lower()
 
 
