@@ -1,10 +1,18 @@
-"""`openelm <subcommand>`: one dispatcher; each subcommand module has add_arguments() and main()."""
+"""`openelm <subcommand>`: one dispatcher; each subcommand module has add_arguments() and main().
+
+Exit status, the same for every command: 0 done; 1 an error in the input or the environment (one
+line `openelm COMMAND: error: ...` on stderr); 2 a usage error (one line, the same form); 130
+interrupted (Ctrl-C); 143 terminated (SIGTERM); 141 the reader of stdout went away (`| head`).
+"""
 
 import argparse
 import importlib
 import logging
+import os
+import signal
 import sys
 
+from openelm_mlx import __version__
 from openelm_mlx.errors import OpenELMError
 
 # subcommand -> (module, one-line help); modules are imported only when chosen.
@@ -18,27 +26,80 @@ SUBCOMMANDS = {
     "eval": ("openelm_mlx.apps.eval", "measure perplexity"),
     "bench": ("openelm_mlx.benchmarks.bench", "benchmark prompt and generation speed"),
 }
+# Optional dependencies -> the extra that installs them.
+EXTRAS = {"coremltools": "coreml", "sklearn": "coreml", "coreai": "coreai", "matplotlib": "bench"}
+
+
+class Parser(argparse.ArgumentParser):
+    """Every parser of the command: usage errors are one line and exit 2; help shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every cleanup written for Ctrl-C runs."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _fail(command: str, message: str, code: int):
+    print(f"openelm {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    _quiet_stdout()
+    sys.exit(code)
+
+
+def _quiet_stdout():
+    """Point stdout at /dev/null, so the interpreter's last flush of a broken or full stdout
+    prints nothing more."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="openelm", description="OpenELM on Apple Silicon with MLX and Core ML")
+    argv = sys.argv[1:] if argv is None else argv
+    parser = Parser(prog="openelm", description="OpenELM on Apple Silicon with MLX, Core ML and Core AI")
+    parser.add_argument("--version", action="version", version=f"openelm-mlx {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    chosen = (argv if argv is not None else sys.argv[1:])[:1]
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text)
-        if chosen == [name]:
-            module = importlib.import_module(module_name)
-            module.add_arguments(sub)
-            sub.set_defaults(run=module.main)
-    args = parser.parse_args(argv)
-    # coremltools warns on import that Core ML's runtime is missing, which on Linux is expected.
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    command = argv[0] if argv else None
+    signal.signal(signal.SIGTERM, _terminate)
     try:
+        for name, (module_name, help_text) in SUBCOMMANDS.items():
+            sub = subparsers.add_parser(name, help=help_text, description=help_text)
+            if name == command:
+                module = importlib.import_module(module_name)
+                module.add_arguments(sub)
+                sub.set_defaults(run=module.main)
+        args = parser.parse_args(argv)
+        # coremltools warns on import that Core ML's runtime is missing, which on Linux is expected.
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
         code = args.run(args)
+        sys.stdout.flush()  # a full or closed stdout fails here, inside the handlers below
     except OpenELMError as e:
-        print(f"openelm {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        _fail(command, e, 1)
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise
+        _fail(command, f"this needs {e.name}, which is not installed: pip install 'openelm-mlx[{extra}]'", 1)
+    except BrokenPipeError:
+        _quiet_stdout()  # the reader went away (`openelm generate | head`): stop quietly, as cat does
+        sys.exit(141)
+    except Terminated:
+        print("\nterminated", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # a full disk, a read-only folder, stdout on /dev/full: the system's reason
+        where = f": {e.filename}" if e.filename else ""
+        _fail(command, f"{e.strerror or e}{where}", 1)
     sys.exit(code or 0)
