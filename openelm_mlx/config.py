@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
+
 from .errors import OpenELMError
 
 # (layers, model_dim, head_dim) of the four released sizes; every other field is shared.
@@ -28,10 +30,11 @@ def make_divisible(v: float, divisor: int) -> int:
     return new_v
 
 
-def _linspace(start: float, stop: float, n: int) -> List[float]:
-    if n == 1:
-        return [start]
-    return [start + (stop - start) * i / (n - 1) for i in range(n)]
+def layer_multipliers(start: float, stop: float, layers: int) -> List[float]:
+    """corenet's per-layer multipliers, `[round(v, 2) for v in np.linspace(start, stop, layers)]`,
+    computed as corenet computes them: numpy's linspace and numpy's rounding (scale by 100, round
+    half to even), which differ from Python's exact decimal round() on values like 2.775."""
+    return np.linspace(start, stop, layers).round(2).tolist()
 
 
 @dataclass
@@ -130,8 +133,8 @@ class OpenELMConfig:
         **kwargs,
     ) -> "OpenELMConfig":
         """A config of any size whose per-layer widths follow OpenELM's scaling rule."""
-        qkv_mult = [round(v, 2) for v in _linspace(*qkv_range, layers)]
-        ffn_mult = [round(v, 2) for v in _linspace(*ffn_range, layers)]
+        qkv_mult = layer_multipliers(*qkv_range, layers)
+        ffn_mult = layer_multipliers(*ffn_range, layers)
         q_heads = [make_divisible(model_dim * m, head_dim * num_gqa_groups) // head_dim for m in qkv_mult]
         return cls(
             num_transformer_layers=layers,
