@@ -3,8 +3,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 
-from openelm_mlx import OpenELMConfig, OpenELMError
+from openelm_mlx import Model, OpenELMConfig, OpenELMError
 from openelm_mlx.config import make_divisible
 
 # The four released config.json files (apple/OpenELM-*), kept as test data.
@@ -41,10 +42,6 @@ def test_preset_equals_released_config(name):
 
 @pytest.mark.parametrize("name", PARAMS)
 def test_published_parameter_counts(name):
-    from mlx.utils import tree_flatten
-
-    from openelm_mlx import Model
-
     config = OpenELMConfig.preset(name)
     assert config.num_parameters() == PARAMS[name]
     # Count the model's own (lazy, never evaluated) parameters too, not only the formula.

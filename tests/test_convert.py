@@ -5,12 +5,13 @@ import json
 import shutil
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
 from conftest import run_cli, tiny_config
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
-from openelm_mlx import load
+from openelm_mlx import generate, load
 from openelm_mlx.benchmarks.synthetic import random_weights, write_checkpoint
 from openelm_mlx.convert.hf_to_mlx import convert
 from openelm_mlx.loader import load_model
@@ -118,8 +119,6 @@ def test_cli_convert_and_generate(tiny_checkpoint, tmp_path):
     gen = run_cli("generate", "--model", out, "--max-tokens", "12", "--prompt", "Once upon a time")
     assert gen.returncode == 0, gen.stderr
     model, tokenizer = load(out)
-    from openelm_mlx import generate
-
     assert gen.stdout == generate(model, tokenizer, "Once upon a time", max_tokens=12) + "\n"
     stats = gen.stderr.strip().splitlines()[-1]
     assert stats.startswith("prompt: 5 tokens") or "prompt:" in stats
@@ -127,8 +126,6 @@ def test_cli_convert_and_generate(tiny_checkpoint, tmp_path):
 
 
 def test_mlx_lm_load_reads_the_output_with_the_same_tokenizer(tiny_checkpoint, tmp_path):
-    import mlx_lm
-
     out = convert(tiny_checkpoint, tmp_path / "q4", dtype="float32", bits=4)
     model, mlx_lm_tokenizer = mlx_lm.load(str(out))
     ours, tokenizer = load(out)
@@ -151,8 +148,6 @@ def chat_template_of(folder):
 
 
 def test_instruct_models_carry_apples_chat_template(tiny_checkpoint, tmp_path):
-    import mlx_lm
-
     instruct = shutil.copytree(tiny_checkpoint, tmp_path / "OpenELM-tiny-Instruct")
     out = convert(instruct, tmp_path / "instruct", dtype="float32")
     assert chat_template_of(out) == TOKENIZER_CHAT_TEMPLATE

@@ -5,6 +5,7 @@ import json
 import re
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
 
@@ -66,8 +67,6 @@ def test_tokenizer_matches_config(demo):
 
 
 def test_mlx_lm_loads_it_with_equal_tokens_and_logits(demo):
-    import mlx_lm
-
     model, tokenizer = demo
     ref, ref_tokenizer = mlx_lm.load(str(DEMO_MODEL))
     prompt = "Once upon a time, and God said, Let there be light:\nand</s>\nAmen"  # </s>: the eos token

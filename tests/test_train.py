@@ -1,6 +1,7 @@
 """`openelm train` and `openelm eval ppl` on a tiny model: exact resume, refusals, export, and the
 perplexity arithmetic against a direct numpy computation."""
 
+import json
 import math
 
 import mlx.core as mx
@@ -10,6 +11,7 @@ import pytest
 from openelm_mlx import load
 from openelm_mlx.apps import train as train_app
 from openelm_mlx.apps.cli import main as cli
+from openelm_mlx.apps.corpus import VERSE, split
 from openelm_mlx.apps.eval import perplexity, unigram_perplexity
 from openelm_mlx.apps.train_data import encode_documents
 from openelm_mlx.benchmarks.synthetic import TEXT
@@ -48,8 +50,6 @@ def weights_of(folder):
 
 
 def test_training_lowers_the_loss_and_exports_a_loadable_model(straight_run):
-    import json
-
     state = json.loads((straight_run / "train_state.json").read_text())
     losses = [loss for _, loss in state["train_loss"]]
     assert state["step"] == 12 and len(losses) == 12
@@ -150,8 +150,6 @@ def test_eval_cli(straight_run, texts, capsys):
 
 
 def test_corpus_split_holds_out_every_40th_chapter():
-    from openelm_mlx.apps.corpus import VERSE, split
-
     chapters = [f"chapter {i}" for i in range(100)]
     train, validation = split(chapters)
     assert validation == ["chapter 39", "chapter 79"]
