@@ -32,8 +32,6 @@ def storage_dtype(name: str, weights: Dict[str, mx.array], config: OpenELMConfig
 def chat_template_for(choice: str, source, folder: Path) -> Optional[str]:
     """Apple's template for Instruct models: 'auto' asks is_instruct_model (the source folder's
     tokenizer_config.json if it has one, else a release name like apple/OpenELM-270M-Instruct)."""
-    if choice not in CHAT_TEMPLATES:
-        raise OpenELMError(f"--chat-template must be one of {', '.join(CHAT_TEMPLATES)}, got '{choice}'")
     instruct = choice == "instruct" or (choice == "auto" and is_instruct_model(source_name(source), folder))
     return TOKENIZER_CHAT_TEMPLATE if instruct else None
 
@@ -55,6 +53,8 @@ def convert(
         raise OpenELMError(f"--bits must be 4 or 8, got {bits}")
     if group_size not in (32, 64, 128):
         raise OpenELMError(f"--group-size must be 32, 64 or 128, got {group_size}")
+    if chat_template not in CHAT_TEMPLATES:
+        raise OpenELMError(f"--chat-template must be one of {', '.join(CHAT_TEMPLATES)}, got '{chat_template}'")
     output = Path(output)
     refuse_existing(output, force)  # before a download or a long read
 

@@ -14,6 +14,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 from openelm_mlx import generate, load
 from openelm_mlx.benchmarks.synthetic import random_weights, write_checkpoint
 from openelm_mlx.convert.hf_to_mlx import convert
+from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import load_model
 from openelm_mlx.model_folder import TOKENIZER_CHAT_TEMPLATE, source_name
 from openelm_mlx.tokenizer import chat_prompt, is_instruct_model
@@ -165,6 +166,8 @@ def test_instruct_models_carry_apples_chat_template(tiny_checkpoint, tmp_path):
     assert chat_template_of(convert(out, tmp_path / "again", dtype="float32")) == TOKENIZER_CHAT_TEMPLATE
     assert chat_template_of(convert(base, tmp_path / "forced", dtype="float32", chat_template="instruct"))
     assert chat_template_of(convert(instruct, tmp_path / "none", dtype="float32", chat_template="none")) is None
+    with pytest.raises(OpenELMError, match="--chat-template must be one of auto, instruct, none, got 'chatml'"):
+        convert(instruct, tmp_path / "bad", chat_template="chatml")
     # Every other field is the same for both: the LLaMA tokenizer, BOS added, the model's context.
     config = json.loads((base / "tokenizer_config.json").read_text())
     assert config == {
