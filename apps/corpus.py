@@ -41,10 +41,11 @@ def kjv_chapters() -> List[str]:
     return chapters
 
 
-def split(chapters: List[str], every: int = VALIDATION_EVERY) -> Tuple[List[str], List[str]]:
-    """(train, validation): chapter i goes to validation when i % every == every - 1."""
-    train = [c for i, c in enumerate(chapters) if i % every != every - 1]
-    validation = [c for i, c in enumerate(chapters) if i % every == every - 1]
+def split(chapters: List[str]) -> Tuple[List[str], List[str]]:
+    """(train, validation): chapter i goes to validation when i % VALIDATION_EVERY == VALIDATION_EVERY - 1."""
+    held_out = [i % VALIDATION_EVERY == VALIDATION_EVERY - 1 for i in range(len(chapters))]
+    train = [c for c, out in zip(chapters, held_out) if not out]
+    validation = [c for c, out in zip(chapters, held_out) if out]
     return train, validation
 
 

@@ -1,7 +1,7 @@
 """`openelm eval ppl`: perplexity of a model on a text file, next to the unigram baseline of its
 own tokenizer on the same tokens, with tokens/s. Without --text: the demo model's validation text.
 
-The text is read as the trainer reads it (apps/train.py): each line a document, BOS line EOS,
+The text is read as the trainer reads it (apps/train_data.py): each line a document, BOS line EOS,
 one stream cut into windows of `context` + 1 tokens that overlap by one token, so every token but
 the first is scored exactly once.
 """
@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from openelm_mlx.apps.train import encode_documents
+from openelm_mlx.apps.train_data import encode_documents
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import DEMO_MODEL, load
 from openelm_mlx.model import Model

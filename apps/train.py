@@ -3,12 +3,11 @@ text file with MLX: a sentencepiece tokenizer trained on the same text, AdamW wi
 decay, gradient clipping, a progress bar, and checkpoints that `--resume` continues from exactly.
 
 The output folder holds tokenizer.model, train_state.json (settings, step, loss history),
-checkpoint/ (weights and optimizer state) and, at the end, model/ (config.json, model.safetensors,
-tokenizer.model: loadable by openelm_mlx.load and mlx_lm.load) and loss_curve.png.
+checkpoint/ (weights and optimizer state) and, at the end, model/ (written by the same writer as
+`openelm convert`: loadable by openelm_mlx.load and mlx_lm.load) and loss_curve.png.
+Data: train_data.py; checkpoints and resuming: train_checkpoint.py; the plot: train_plot.py.
 """
 
-import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -19,15 +18,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
+from tqdm import tqdm
 
+from openelm_mlx.apps.train_checkpoint import load_checkpoint, save_checkpoint, start_run
+from openelm_mlx.apps.train_data import batch_at, encode_documents, train_tokenizer, validation_windows
+from openelm_mlx.apps.train_plot import plot_losses
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.model import Model
+from openelm_mlx.model_folder import write_model_folder
 from openelm_mlx.tokenizer import Tokenizer
-
-STATE = "train_state.json"
-EVAL_WINDOWS = 16  # validation windows scored during training: a quick, fixed subset
 
 
 @dataclass
@@ -63,53 +64,12 @@ class TrainConfig:
             eos_token_id=tokenizer.eos_id,
         )
 
-
-def train_tokenizer(text_file: Path, output: Path, vocab_size: int) -> Tokenizer:
-    """A LLaMA-style sentencepiece BPE model (unk 0, bos 1, eos 2, byte fallback) on the text."""
-    import sentencepiece as spm
-
-    prefix = output / "tokenizer-tmp"
-    try:
-        spm.SentencePieceTrainer.train(
-            input=str(text_file),
-            model_prefix=str(prefix),
-            vocab_size=vocab_size,
-            model_type="bpe",
-            byte_fallback=True,
-            split_digits=True,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            max_sentence_length=1 << 16,
-            character_coverage=1.0,
-            num_threads=2,
-            minloglevel=2,
-        )
-    except RuntimeError as e:  # e.g. a --vocab-size the text is too small for
-        why = str(e).splitlines()[-1].rsplit("] ", 1)[-1]  # drop sentencepiece's source location
-        raise OpenELMError(f"cannot train the tokenizer on {text_file}: {why}") from None
-    Path(f"{prefix}.vocab").unlink()
-    path = Path(f"{prefix}.model").rename(output / "tokenizer.model")
-    return Tokenizer(path)
-
-
-def encode_documents(tokenizer: Tokenizer, text: str) -> np.ndarray:
-    """One token stream: each non-empty line is a document, BOS line EOS."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    ids = []
-    for tokens in tokenizer.sp.encode(lines):
-        ids.extend([tokenizer.bos_id, *tokens, tokenizer.eos_id])
-    return np.array(ids, dtype=np.int32)
-
-
-def batch_at(tokens: np.ndarray, step: int, cfg: TrainConfig) -> mx.array:
-    """Random windows of context + 1 tokens; a function of (seed, step), so resuming is exact."""
-    rng = np.random.default_rng([cfg.seed, step])
-    starts = rng.integers(0, len(tokens) - cfg.context - 1, cfg.batch_size)
-    return mx.array(np.stack([tokens[s : s + cfg.context + 1] for s in starts]))
+    def optimizer(self) -> optim.AdamW:
+        """AdamW over a linear warm-up to learning_rate, then a cosine decay to its min_lr_ratio."""
+        warmup = optim.linear_schedule(self.learning_rate / self.warmup, self.learning_rate, self.warmup)
+        decay = optim.cosine_decay(self.learning_rate, self.steps - self.warmup, self.learning_rate * self.min_lr_ratio)
+        schedule = optim.join_schedules([warmup, decay], [self.warmup])
+        return optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=self.weight_decay)
 
 
 def loss_fn(model: Model, batch: mx.array) -> mx.array:
@@ -117,89 +77,9 @@ def loss_fn(model: Model, batch: mx.array) -> mx.array:
     return nn.losses.cross_entropy(logits, batch[:, 1:], reduction="mean")
 
 
-def evaluate(model: Model, tokens: np.ndarray, context: int, max_windows: int = EVAL_WINDOWS) -> float:
-    """Mean loss over the first `max_windows` non-overlapping windows of the validation stream."""
-    n = min(max_windows, (len(tokens) - 1) // context)
-    windows = [tokens[i * context : i * context + context + 1] for i in range(n)]
-    losses = [loss_fn(model, mx.array(w[None])).item() for w in windows]
-    return float(np.mean(losses))
-
-
-def schedule(cfg: TrainConfig):
-    warmup = optim.linear_schedule(cfg.learning_rate / cfg.warmup, cfg.learning_rate, cfg.warmup)
-    decay = optim.cosine_decay(cfg.learning_rate, cfg.steps - cfg.warmup, cfg.learning_rate * cfg.min_lr_ratio)
-    return optim.join_schedules([warmup, decay], [cfg.warmup])
-
-
-def save_checkpoint(output: Path, model: Model, optimizer, state: dict):
-    """Weights, optimizer moments and the step, written to a temp folder and swapped in whole."""
-    tmp, final = output / "checkpoint.tmp", output / "checkpoint"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (tmp / STATE).write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    (output / STATE).write_text(json.dumps(state, indent=1))
-
-
-def load_checkpoint(output: Path, model: Model, optimizer) -> dict:
-    folder = output / "checkpoint"
-    if not (folder / STATE).is_file():
-        raise OpenELMError(f"--resume: no checkpoint in {output}: start without --resume")
-    model.load_weights(str(folder / "model.safetensors"))
-    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-    return json.loads((folder / STATE).read_text())
-
-
-def export_model(output: Path, model: Model, config: OpenELMConfig, dtype=mx.float32) -> Path:
-    """model/: config.json + model.safetensors (HF names) + tokenizer.model."""
-    tmp, final = output / "model.tmp", output / "model"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    weights = {k: v.astype(dtype) for k, v in tree_flatten(model.parameters())}
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-    (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    shutil.copy(output / "tokenizer.model", tmp / "tokenizer.model")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    return final
-
-
-def plot_losses(state: dict, path: Path) -> Optional[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install 'openelm-mlx[bench]'): no loss curve drawn")
-        return None
-    train, val = np.array(state["train_loss"]), np.array(state["val_loss"])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    window = 20
-    if len(train) >= window:
-        smooth = np.convolve(train[:, 1], np.ones(window) / window, mode="valid")
-        ax.plot(train[:, 0], train[:, 1], color="tab:blue", alpha=0.25, lw=0.8)
-        ax.plot(train[window - 1 :, 0], smooth, color="tab:blue", label=f"train (mean of {window} steps)")
-    else:
-        ax.plot(train[:, 0], train[:, 1], color="tab:blue", label="train")
-    if len(val):
-        ax.plot(val[:, 0], val[:, 1], "o-", color="tab:orange", label=f"validation (first {EVAL_WINDOWS} windows)")
-    c = state["config"]
-    ax.set(
-        xlabel="step",
-        ylabel="cross-entropy (nats/token)",
-        ylim=(None, min(8.5, train[:, 1].max() + 0.2)),
-        title=f"OpenELM {c['layers']}L d{c['model_dim']} on KJV: batch {c['batch_size']}x{c['context']} tokens",
-    )
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+def evaluate(model: Model, tokens: np.ndarray, context: int) -> float:
+    """Mean loss over the fixed validation windows."""
+    return float(np.mean([loss_fn(model, w).item() for w in validation_windows(tokens, context)]))
 
 
 def train(
@@ -212,30 +92,14 @@ def train(
     force: bool = False,
     **settings,
 ) -> Path:
-    """Train a model on `text` into `output`; returns the exported model folder."""
-    from tqdm import tqdm
-
-    cfg = TrainConfig(**settings)
-    output = Path(output)
+    """Train a model on `text` into `output`; returns the written model folder."""
+    cfg, output = TrainConfig(**settings), Path(output)
     for path in (text, val_text):
         if path is not None and not Path(path).is_file():
             raise OpenELMError(f"no text file at {path}")
     if cfg.warmup >= cfg.steps:
         raise OpenELMError(f"--warmup ({cfg.warmup}) must be smaller than --steps ({cfg.steps})")
-    if resume:
-        saved = json.loads((output / STATE).read_text())["config"] if (output / STATE).is_file() else None
-        if saved is None:
-            raise OpenELMError(f"--resume: no {STATE} in {output}: start without --resume")
-        changed = [f"{k} {saved[k]} -> {v}" for k, v in asdict(cfg).items() if saved.get(k) != v]
-        if changed:
-            raise OpenELMError(
-                f"--resume with other settings than the run in {output} ({'; '.join(changed)}): use the same ones"
-            )
-    elif output.exists() and any(output.iterdir()):
-        if not force:
-            raise OpenELMError(f"{output} is not empty: pass --resume to continue the run or --force to start over")
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
+    start_run(output, asdict(cfg), resume, force)
 
     tokenizer_file = output / "tokenizer.model"
     tokenizer = (
@@ -248,8 +112,7 @@ def train(
 
     config = cfg.model_config(tokenizer)
     mx.random.seed(cfg.seed)
-    model = Model(config)
-    optimizer = optim.AdamW(learning_rate=schedule(cfg), betas=[0.9, 0.95], weight_decay=cfg.weight_decay)
+    model, optimizer = Model(config), cfg.optimizer()
     state = {"config": asdict(cfg), "step": 0, "seconds": 0.0, "train_loss": [], "val_loss": []}
     if resume:
         state = load_checkpoint(output, model, optimizer)
@@ -258,7 +121,18 @@ def train(
         f"model: {config.num_parameters() / 1e6:.2f}M parameters, q heads {config.num_query_heads}, "
         f"ffn {config.ffn_dims}; {len(train_tokens) / 1e6:.2f}M training tokens"
     )
+    optimize(model, optimizer, cfg, state, output, train_tokens, val_tokens, checkpoint_every, eval_every)
 
+    weights = dict(tree_flatten(model.parameters()))
+    folder = write_model_folder(output / "model", config, weights, mx.float32, output, tokenizer, force=True)
+    plot_losses(state, output / "loss_curve.png")
+    print(f"trained {state['step']} steps in {state['seconds'] / 60:.1f} min; model in {folder}")
+    return folder
+
+
+def optimize(model, optimizer, cfg: TrainConfig, state, output, train_tokens, val_tokens, checkpoint_every, eval_every):
+    """Steps state["step"] .. cfg.steps: a compiled update per batch, the losses into `state`,
+    validation every eval_every steps and a checkpoint every checkpoint_every, and at the end."""
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     compiled_state = [model.state, optimizer.state]
 
@@ -272,7 +146,7 @@ def train(
     start, tokens_per_step = time.perf_counter() - state["seconds"], cfg.batch_size * cfg.context
     bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, unit="step", dynamic_ncols=True)
     for i in bar:
-        loss = step(batch_at(train_tokens, i, cfg))
+        loss = step(batch_at(train_tokens, i, cfg.seed, cfg.batch_size, cfg.context))
         mx.eval(loss, compiled_state)
         state["step"], state["seconds"] = i + 1, time.perf_counter() - start
         state["train_loss"].append((i + 1, round(loss.item(), 4)))
@@ -288,11 +162,6 @@ def train(
         if (i + 1) % checkpoint_every == 0 or done:
             save_checkpoint(output, model, optimizer, state)
     bar.close()
-
-    folder = export_model(output, model, config)
-    plot_losses(state, output / "loss_curve.png")
-    print(f"trained {state['step']} steps in {state['seconds'] / 60:.1f} min; model in {folder}")
-    return folder
 
 
 def add_arguments(parser):

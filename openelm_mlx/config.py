@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import List, Optional
 
+import numpy as np
+
 from .errors import OpenELMError
 
 # (layers, model_dim, head_dim) of the four released sizes; every other field is shared.
@@ -15,6 +17,10 @@ PRESETS = {
     "3B": (36, 3072, 128),
 }
 
+
+# The released recipe in corenet: multipliers spread linearly over the layers from the first
+# value to the second, and 4 query heads per kv head.
+QKV_RANGE, FFN_RANGE, GQA_GROUPS = (0.5, 1.0), (0.5, 4.0), 4
 
 # Apple's corenet MLX export names a released size instead of listing the per-layer widths.
 CORENET_MODEL_NAMES = {"OpenELM-270M": "270M", "OpenELM-450M": "450M", "OpenELM-1_1B": "1.1B", "OpenELM-3B": "3B"}
@@ -28,10 +34,11 @@ def make_divisible(v: float, divisor: int) -> int:
     return new_v
 
 
-def _linspace(start: float, stop: float, n: int) -> List[float]:
-    if n == 1:
-        return [start]
-    return [start + (stop - start) * i / (n - 1) for i in range(n)]
+def layer_multipliers(start: float, stop: float, layers: int) -> List[float]:
+    """corenet's per-layer multipliers, `[round(v, 2) for v in np.linspace(start, stop, layers)]`,
+    computed as corenet computes them: numpy's linspace and numpy's rounding (scale by 100, round
+    half to even), which differ from Python's exact decimal round() on values like 2.775."""
+    return np.linspace(start, stop, layers).round(2).tolist()
 
 
 @dataclass
@@ -110,39 +117,31 @@ class OpenELMConfig:
             )
 
     @classmethod
-    def preset(cls, name: str, vocab_size: int = 32000) -> "OpenELMConfig":
+    def preset(cls, name: str) -> "OpenELMConfig":
         """The released configuration `name`, computed from the layer-wise scaling rule."""
         if name not in PRESETS:
             raise OpenELMError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
-        layers, dim, head_dim = PRESETS[name]
-        return cls.layerwise(layers, dim, head_dim, vocab_size=vocab_size)
+        return cls.layerwise(*PRESETS[name])
 
     @classmethod
     def layerwise(
-        cls,
-        layers: int,
-        model_dim: int,
-        head_dim: int,
-        num_gqa_groups: int = 4,
-        ffn_range=(0.5, 4.0),
-        qkv_range=(0.5, 1.0),
-        ffn_dim_divisor: int = 256,
-        **kwargs,
+        cls, layers: int, model_dim: int, head_dim: int, ffn_dim_divisor: int = 256, **kwargs
     ) -> "OpenELMConfig":
-        """A config of any size whose per-layer widths follow OpenELM's scaling rule."""
-        qkv_mult = [round(v, 2) for v in _linspace(*qkv_range, layers)]
-        ffn_mult = [round(v, 2) for v in _linspace(*ffn_range, layers)]
-        q_heads = [make_divisible(model_dim * m, head_dim * num_gqa_groups) // head_dim for m in qkv_mult]
+        """A config of any size whose per-layer widths follow OpenELM's scaling rule (corenet's
+        GPTConfig with the released recipe: QKV_RANGE, FFN_RANGE, GQA_GROUPS)."""
+        qkv_mult = layer_multipliers(*QKV_RANGE, layers)
+        ffn_mult = layer_multipliers(*FFN_RANGE, layers)
+        q_heads = [make_divisible(model_dim * m, head_dim * GQA_GROUPS) // head_dim for m in qkv_mult]
         return cls(
             num_transformer_layers=layers,
             model_dim=model_dim,
             head_dim=head_dim,
             num_query_heads=q_heads,
-            num_kv_heads=[q // num_gqa_groups for q in q_heads],
+            num_kv_heads=[q // GQA_GROUPS for q in q_heads],
             ffn_multipliers=ffn_mult,
-            num_gqa_groups=num_gqa_groups,
+            num_gqa_groups=GQA_GROUPS,
             ffn_dim_divisor=ffn_dim_divisor,
-            qkv_multipliers=list(qkv_range),
+            qkv_multipliers=list(QKV_RANGE),
             **kwargs,
         )
 

@@ -5,14 +5,16 @@ import json
 import re
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
 
 from openelm_mlx import load
 from openelm_mlx.apps.eval import DEMO_TEXT, perplexity
-from openelm_mlx.apps.train import encode_documents
+from openelm_mlx.apps.train_data import encode_documents
 from openelm_mlx.generate import generate
 from openelm_mlx.loader import DEMO_MODEL
+from openelm_mlx.model_folder import tokenizer_config
 
 SLICE_TOKENS = 512  # the fixed slice: the first 512 scored tokens of validation.txt
 # Recorded from the trained model (docs/training.md): perplexity on that slice, and the bound
@@ -53,6 +55,10 @@ def test_shipped_files_and_config():
 
 def test_tokenizer_matches_config(demo):
     model, tokenizer = demo
+    # The shipped folder holds what the one model-folder writer writes for a base model.
+    assert json.loads((DEMO_MODEL / "tokenizer_config.json").read_text()) == tokenizer_config(
+        tokenizer, model.config, None
+    )
     c = model.config
     assert (c.vocab_size, c.bos_token_id, c.eos_token_id) == (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
     assert (tokenizer.sp.unk_id(), tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
@@ -61,11 +67,9 @@ def test_tokenizer_matches_config(demo):
 
 
 def test_mlx_lm_loads_it_with_equal_tokens_and_logits(demo):
-    import mlx_lm
-
     model, tokenizer = demo
     ref, ref_tokenizer = mlx_lm.load(str(DEMO_MODEL))
-    prompt = "Once upon a time, and God said, Let there be light:\nand"
+    prompt = "Once upon a time, and God said, Let there be light:\nand</s>\nAmen"  # </s>: the eos token
     assert ref_tokenizer.encode(prompt) == tokenizer.encode(prompt)  # tokenizer_config.json's doing
     ref.set_dtype(mx.float32)  # the file holds float16; compare both in float32
     tokens = mx.array(encode_documents(tokenizer, DEMO_TEXT.read_text())[None, :64])

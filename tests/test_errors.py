@@ -136,12 +136,13 @@ def test_missing_tokenizer_explains_llama2(tmp_path):
 
 
 def test_interrupted_conversion_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    from openelm_mlx import model_folder
     from openelm_mlx.convert import hf_to_mlx
 
     def boom(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hf_to_mlx, "to_bytes", boom)
+    monkeypatch.setattr(model_folder, "to_bytes", boom)
     with pytest.raises(KeyboardInterrupt):
         hf_to_mlx.convert(tiny_checkpoint, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -1,6 +1,7 @@
 """`openelm train` and `openelm eval ppl` on a tiny model: exact resume, refusals, export, and the
 perplexity arithmetic against a direct numpy computation."""
 
+import json
 import math
 
 import mlx.core as mx
@@ -10,7 +11,9 @@ import pytest
 from openelm_mlx import load
 from openelm_mlx.apps import train as train_app
 from openelm_mlx.apps.cli import main as cli
+from openelm_mlx.apps.corpus import VERSE, split
 from openelm_mlx.apps.eval import perplexity, unigram_perplexity
+from openelm_mlx.apps.train_data import encode_documents
 from openelm_mlx.benchmarks.synthetic import TEXT
 from openelm_mlx.errors import OpenELMError
 
@@ -47,14 +50,15 @@ def weights_of(folder):
 
 
 def test_training_lowers_the_loss_and_exports_a_loadable_model(straight_run):
-    import json
-
     state = json.loads((straight_run / "train_state.json").read_text())
     losses = [loss for _, loss in state["train_loss"]]
     assert state["step"] == 12 and len(losses) == 12
     assert losses[-1] < losses[0] - 0.5
     assert [step for step, _ in state["val_loss"]] == [6, 12]
-    model, tokenizer = load(straight_run / "model")
+    model_folder = straight_run / "model"
+    assert json.loads((model_folder / "config.json").read_text())["converted_by"]["source"] == "straight"
+    assert "chat_template" not in json.loads((model_folder / "tokenizer_config.json").read_text())
+    model, tokenizer = load(model_folder)
     c = model.config
     assert (c.vocab_size, c.bos_token_id, c.eos_token_id) == (tokenizer.vocab_size, 1, 2)
     assert len(set(c.ffn_dims)) == 2 and all(d % 64 == 0 for d in c.ffn_dims)
@@ -64,10 +68,10 @@ def test_interrupted_run_resumes_exactly(tmp_path, texts, straight_run, monkeypa
     output = tmp_path / "resumed"
     real_batch_at = train_app.batch_at
 
-    def interrupt_at_step_8(tokens, step, cfg):
+    def interrupt_at_step_8(tokens, step, *args):
         if step == 8:
             raise KeyboardInterrupt
-        return real_batch_at(tokens, step, cfg)
+        return real_batch_at(tokens, step, *args)
 
     monkeypatch.setattr(train_app, "batch_at", interrupt_at_step_8)
     with pytest.raises(KeyboardInterrupt):
@@ -111,7 +115,7 @@ def direct_nll(model, tokens, context):
 def test_perplexity_matches_direct_computation(straight_run, texts):
     model, tokenizer = load(straight_run / "model")
     text = texts[1].read_text()
-    tokens = train_app.encode_documents(tokenizer, text)
+    tokens = encode_documents(tokenizer, text)
     assert 40 < len(tokens) < 400
     result = perplexity(model, tokenizer, text, context=16, batch_size=3)
     assert result.tokens == len(tokens) - 1
@@ -146,8 +150,6 @@ def test_eval_cli(straight_run, texts, capsys):
 
 
 def test_corpus_split_holds_out_every_40th_chapter():
-    from openelm_mlx.apps.corpus import VERSE, split
-
     chapters = [f"chapter {i}" for i in range(100)]
     train, validation = split(chapters)
     assert validation == ["chapter 39", "chapter 79"]

@@ -1,0 +1,224 @@
+"""The one writer of model folders, for `openelm convert` and `openelm train` alike: config.json,
+model.safetensors (sharded with an index past 5 GB), generation_config.json, tokenizer.model and
+tokenizer_config.json. openelm_mlx.load and mlx_lm.load (so mlx_lm.generate, chat and server too)
+read the same model and the same tokenizer from it. Tensors are streamed, one at a time."""
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import mlx.core as mx
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__
+from .config import OpenELMConfig
+from .errors import OpenELMError
+from .loader import DTYPES
+from .tokenizer import CHAT_TEMPLATE, Tokenizer
+
+MAX_SHARD_BYTES = 5 * 1024**3
+SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
+# mlx-lm and transformers tokenize a rendered chat template without adding special tokens, so the
+# template itself starts with BOS, as every OpenELM prompt does.
+TOKENIZER_CHAT_TEMPLATE = "{{ bos_token }}" + CHAT_TEMPLATE
+
+Entry = Tuple[str, tuple, mx.Dtype, str]  # (output name, shape, dtype, source name)
+
+
+def source_name(source) -> str:
+    """What converted_by.source records: a Hub repo id as given, a local folder by its name only
+    (folders get uploaded, an absolute path would publish the writer's file system), and a folder
+    of the Hugging Face cache (models--apple--OpenELM-270M/snapshots/<hash>) by its repo id."""
+    path = Path(str(source)).expanduser()
+    if not path.exists():
+        return str(source)
+    path = path.resolve()
+    cached = [part for part in path.parts if part.startswith("models--")]
+    if cached:
+        return cached[-1].removeprefix("models--").replace("--", "/")
+    return path.name
+
+
+def tokenizer_config(tokenizer: Tokenizer, config: OpenELMConfig, chat_template: Optional[str]) -> dict:
+    """What transformers (under mlx_lm.load) needs to build the same LLaMA tokenizer, BOS included."""
+    piece = tokenizer.sp.id_to_piece
+    out = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": piece(tokenizer.bos_id),
+        "eos_token": piece(tokenizer.eos_id),
+        "unk_token": piece(tokenizer.sp.unk_id()),
+        # legacy: text after a special token starts with sentencepiece's space, as in our
+        # Tokenizer.encode; chat prompts ("...</s>\n<|user|>") then give the same ids in both.
+        "legacy": True,
+        "model_max_length": config.max_context_length,
+    }
+    if chat_template:
+        out["chat_template"] = chat_template
+    return out
+
+
+def write_model_folder(
+    output,
+    config: OpenELMConfig,
+    weights: Dict[str, mx.array],
+    dtype: mx.Dtype,
+    source,
+    tokenizer: Optional[Tokenizer] = None,
+    chat_template: Optional[str] = None,
+    bits: Optional[int] = None,
+    group_size: int = 64,
+    quantize_embedding: bool = True,
+    force: bool = False,
+) -> Path:
+    """Write `weights` (Hugging Face names; consumed) as a folder at `output`, floats stored in
+    `dtype` and, with `bits`, linear layers quantized the way mlx-lm quantizes them. Everything is
+    written into a temporary folder beside `output` and put in place at the end."""
+    output = Path(output)
+    refuse_existing(output, force)
+    plan = plan_tensors(weights, dtype, bits, group_size, quantize_embedding)
+    config = dataclasses.replace(
+        config,
+        quantization={"group_size": group_size, "bits": bits, "mode": "affine"} if bits else config.quantization,
+        torch_dtype=next(name for name, dt in DTYPES.items() if dt == dtype),  # what is stored
+    )
+    raw = config.to_dict()
+    raw["converted_by"] = {"tool": "openelm-mlx", "version": __version__, "source": source_name(source)}
+    if config.quantization:
+        raw["quantization_config"] = config.quantization  # Hugging Face's name for it
+
+    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_weights(tmp, plan, weights, dtype, bits, group_size)
+        write_json(tmp / "config.json", raw)
+        write_json(
+            tmp / "generation_config.json", {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+        )
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
+            write_json(tmp / "tokenizer_config.json", tokenizer_config(tokenizer, config, chat_template))
+        place(tmp, output, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def refuse_existing(output: Path, force: bool):
+    """Called before any work is done, so a long conversion does not fail at its end."""
+    if output.exists() and not force:
+        raise OpenELMError(f"{output} already exists: choose another output folder or pass --force to replace it")
+
+
+def place(tmp: Path, output: Path, force: bool):
+    """Put the finished folder where it belongs; what is there is replaced only with `force`."""
+    refuse_existing(output, force)
+    if output.exists():
+        shutil.rmtree(output) if output.is_dir() else output.unlink()
+    tmp.rename(output)
+
+
+def write_json(path: Path, value: dict):
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def plan_tensors(weights, dtype, bits, group_size, quantize_embedding) -> List[Entry]:
+    """(output name, shape, dtype, source name) for every tensor the output will hold."""
+    plan = []
+    for name in sorted(weights):
+        w = weights[name]
+        module = name[: -len(".weight")]
+        quantize = (
+            bits is not None
+            and name.endswith(".weight")
+            and w.ndim == 2
+            and w.shape[-1] % group_size == 0  # mlx-lm leaves such layers unquantized too
+            and (quantize_embedding or "token_embeddings" not in name)
+        )
+        if not quantize:
+            stored = w.dtype if w.dtype == mx.uint32 else dtype  # packed weights stay packed
+            plan.append((name, tuple(w.shape), stored, name))
+            continue
+        out_dim, in_dim = w.shape
+        plan.append((name, (out_dim, in_dim * bits // 32), mx.uint32, name))
+        plan.append((f"{module}.scales", (out_dim, in_dim // group_size), dtype, name))
+        plan.append((f"{module}.biases", (out_dim, in_dim // group_size), dtype, name))
+    return plan
+
+
+def nbytes(shape, dtype) -> int:
+    return int(np.prod(shape)) * dtype.size
+
+
+def shard_plan(plan: List[Entry]) -> List[List[Entry]]:
+    shards, size = [[]], 0
+    for entry in plan:
+        b = nbytes(entry[1], entry[2])
+        if shards[-1] and size + b > MAX_SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += b
+    return shards
+
+
+def write_header(f, entries: List[Entry]):
+    header, offset = {"__metadata__": {"format": "mlx"}}, 0
+    for name, shape, dtype, _ in entries:
+        size = nbytes(shape, dtype)
+        header[name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    f.write(struct.pack("<Q", len(blob)) + blob)
+
+
+def to_bytes(x: mx.array) -> memoryview:
+    if x.dtype == mx.bfloat16:  # numpy has no bfloat16: write its bits
+        x = x.view(mx.uint16)
+    return memoryview(np.ascontiguousarray(x))
+
+
+def write_weights(folder: Path, plan: List[Entry], weights, dtype, bits, group_size):
+    """Each tensor is read (or quantized) and written in turn; the source's is dropped once done."""
+    shards = shard_plan(plan)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    progress = tqdm(total=len(weights), unit="tensor", desc="writing", leave=False)
+    pending: Dict[str, mx.array] = {}
+    for file, entries in zip(names, shards):
+        with open(folder / file, "wb") as f:
+            write_header(f, entries)
+            for name, _, stored, source in entries:
+                if name not in pending:
+                    w = weights.pop(source)  # drop the lazy source so its memory can go
+                    if stored == mx.uint32 and w.dtype != mx.uint32:
+                        wq, scales, biases = mx.quantize(w.astype(dtype), group_size, bits)
+                        module = source[: -len(".weight")]
+                        pending.update({source: wq, f"{module}.scales": scales, f"{module}.biases": biases})
+                    else:
+                        pending[name] = w.astype(stored)
+                    progress.update()
+                x = pending.pop(name)
+                mx.eval(x)
+                f.write(to_bytes(x))
+    progress.close()
+    if len(shards) > 1:
+        weight_map = {e[0]: file for file, entries in zip(names, shards) for e in entries}
+        total = sum(nbytes(e[1], e[2]) for e in plan)
+        write_json(
+            folder / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+        )
