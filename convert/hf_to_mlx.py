@@ -11,7 +11,8 @@ from openelm_mlx.checkpoint import build_model, quantized_paths, read_weights, r
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import DTYPES, named_dtype
-from openelm_mlx.model_folder import TOKENIZER_CHAT_TEMPLATE, refuse_existing, source_name, write_model_folder
+from openelm_mlx.model_folder import TOKENIZER_CHAT_TEMPLATE, source_name, write_model_folder
+from openelm_mlx.outputs import check_output
 from openelm_mlx.tokenizer import find_tokenizer, is_instruct_model
 
 CHAT_TEMPLATES = ("auto", "instruct", "none")
@@ -56,7 +57,7 @@ def convert(
     if chat_template not in CHAT_TEMPLATES:
         raise OpenELMError(f"--chat-template must be one of {', '.join(CHAT_TEMPLATES)}, got '{chat_template}'")
     output = Path(output)
-    refuse_existing(output, force)  # before a download or a long read
+    check_output(output, force, reads=[source])  # before a download or a long read
 
     folder = resolve_source(source)
     config = OpenELMConfig.from_pretrained(folder)
@@ -84,6 +85,7 @@ def convert(
         group_size=group_size,
         quantize_embedding=quantize_embedding,
         force=force,
+        reads=[folder, tok.path if tok else None],
     )
     size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
     notes = [] if tok else ["no tokenizer.model found: pass --tokenizer to include one"]

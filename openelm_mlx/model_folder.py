@@ -5,11 +5,10 @@ read the same model and the same tokenizer from it. Tensors are streamed, one at
 
 import dataclasses
 import json
-import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -17,8 +16,8 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import OpenELMConfig
-from .errors import OpenELMError
 from .loader import DTYPES
+from .outputs import staged_output
 from .tokenizer import CHAT_TEMPLATE, Tokenizer
 
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -76,12 +75,13 @@ def write_model_folder(
     group_size: int = 64,
     quantize_embedding: bool = True,
     force: bool = False,
+    reads: Iterable = (),
 ) -> Path:
     """Write `weights` (Hugging Face names; consumed) as a folder at `output`, floats stored in
     `dtype` and, with `bits`, linear layers quantized the way mlx-lm quantizes them. Everything is
-    written into a temporary folder beside `output` and put in place at the end."""
+    written into a temporary folder beside `output` and put in place at the end (outputs.py);
+    `reads` are what the run reads, which --force must never delete."""
     output = Path(output)
-    refuse_existing(output, force)
     plan = plan_tensors(weights, dtype, bits, group_size, quantize_embedding)
     config = dataclasses.replace(
         config,
@@ -93,10 +93,8 @@ def write_model_folder(
     if config.quantization:
         raw["quantization_config"] = config.quantization  # Hugging Face's name for it
 
-    tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_output(output, force, reads) as tmp:
+        tmp.mkdir()
         write_weights(tmp, plan, weights, dtype, bits, group_size)
         write_json(tmp / "config.json", raw)
         write_json(
@@ -105,25 +103,7 @@ def write_model_folder(
         if tokenizer is not None:
             shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
             write_json(tmp / "tokenizer_config.json", tokenizer_config(tokenizer, config, chat_template))
-        place(tmp, output, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output
-
-
-def refuse_existing(output: Path, force: bool):
-    """Called before any work is done, so a long conversion does not fail at its end."""
-    if output.exists() and not force:
-        raise OpenELMError(f"{output} already exists: choose another output folder or pass --force to replace it")
-
-
-def place(tmp: Path, output: Path, force: bool):
-    """Put the finished folder where it belongs; what is there is replaced only with `force`."""
-    refuse_existing(output, force)
-    if output.exists():
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    tmp.rename(output)
 
 
 def write_json(path: Path, value: dict):

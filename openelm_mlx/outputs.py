@@ -78,7 +78,7 @@ def check_output(output: Path, force: bool, reads: Iterable = ()):
         raise OpenELMError(f"{output} already exists: choose another output or pass --force to replace it")
     lexical = Path(os.path.normpath(os.path.abspath(output)))
     target = lexical.parent.resolve() / lexical.name  # if output is a symlink: the link, not its target
-    for path in [Path.cwd(), *(Path(p) for p in reads if p is not None)]:
+    for path in [Path.cwd(), *(Path(p) for p in reads if p is not None and os.path.exists(p))]:
         if _is_within(path.resolve(), target) or _is_within(Path(os.path.abspath(path)), lexical):
             raise OpenELMError(f"{output} is or holds {path}, which this run reads: choose another output")
     parent = output.parent
