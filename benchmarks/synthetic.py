@@ -95,6 +95,10 @@ def train_tokenizer(folder: Path, vocab_size: int = 384, text: str = TEXT) -> Pa
         eos_id=2,
         pad_id=-1,
         hard_vocab_limit=False,
+        # LLaMA-2's settings: text kept as it is (no NFKC, spaces kept), so transformers' LLaMA
+        # tokenizer (under mlx_lm.load) splits every text as sentencepiece does.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
         minloglevel=2,
     )
     corpus.unlink()
