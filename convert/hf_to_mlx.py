@@ -17,7 +17,7 @@ from openelm_mlx.checkpoint import build_model, quantized_paths, read_weights, r
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import DTYPES, named_dtype
-from openelm_mlx.tokenizer import find_tokenizer
+from openelm_mlx.tokenizer import check_tokenizer_fits, find_tokenizer
 
 MAX_SHARD_BYTES = 5 * 1024**3
 # Lets mlx_lm.load (through transformers) build the same LLaMA tokenizer, BOS included.
@@ -132,12 +132,9 @@ def convert(
     if quantized_paths(weights) and bits is not None:
         raise OpenELMError(f"{source} is already quantized: convert from the float checkpoint to change --bits")
     build_model(config, weights)  # checks names and shapes; the weights stay lazy, nothing is read
-    try:
-        tok = find_tokenizer(folder, tokenizer)
-    except OpenELMError:
-        if tokenizer:
-            raise
-        tok = None
+    tok = find_tokenizer(folder, tokenizer, required=False)
+    if tok is not None:
+        check_tokenizer_fits(tok, config)
 
     out_dtype = storage_dtype(dtype, weights, config)
     plan = plan_tensors(weights, out_dtype, bits, group_size, quantize_embedding)

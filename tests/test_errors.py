@@ -31,7 +31,7 @@ def test_missing_weights(checkpoint, tmp_path):
 
 def test_corrupt_weights(checkpoint, tmp_path):
     (checkpoint / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!" * 4)
-    convert_fails(checkpoint, tmp_path, "not a valid safetensors file", "re-download")
+    convert_fails(checkpoint, tmp_path, "is not a safetensors file", "download or convert it again")
 
 
 def test_truncated_weights(checkpoint, tmp_path):
@@ -89,7 +89,7 @@ def test_output_exists_needs_force(tiny_checkpoint, tmp_path):
 
 
 def test_unknown_model_path(tmp_path):
-    assert_clean_error(run_cli("generate", "--model", tmp_path / "nope" / "x.y", "-p", "hi"), "no model folder at")
+    assert_clean_error(run_cli("generate", "--model", tmp_path / "nope" / "x.y", "-p", "hi"), "no folder at")
 
 
 def test_repo_offline(tmp_path):
