@@ -50,7 +50,7 @@ def resolve_source(source) -> Path:
         raise OpenELMError(f"{source} is not a folder: pass the folder that holds config.json and the weights")
     if not is_repo_id(str(source)):
         raise OpenELMError(
-            f"no folder at '{source}': give the path of a checkpoint folder, or a Hugging Face repo id like apple/OpenELM-270M"
+            f"no model folder at '{source}': give the path of a checkpoint folder, or a Hugging Face repo id like apple/OpenELM-270M"
         )
     return _download(str(source))
 
@@ -59,7 +59,7 @@ def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    neither = f"no folder at '{repo_id}', and cannot download '{repo_id}' from the Hugging Face Hub"
+    neither = f"no model folder at '{repo_id}', and cannot download '{repo_id}' from the Hugging Face Hub"
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
