@@ -90,34 +90,36 @@ def remove(name: str):
     return lambda work: (work.model / name).unlink()
 
 
-DELETE = object()  # a config() value that removes the field
+DELETE = object()  # a field value that removes the field
 
 
-def edit_json(name: str, **changes):
-    """Set (or with DELETE remove) top-level fields of model/NAME."""
+def assign(fields: dict, changes: dict):
+    for key, value in changes.items():
+        fields.pop(key) if value is DELETE else fields.__setitem__(key, value)
+
+
+def edit_json(name: str, edit: Callable[[object], None]):
+    """Edit the parsed JSON of model/NAME in place."""
 
     def change(old: bytes) -> bytes:
         raw = json.loads(old)
-        for key, value in changes.items():
-            raw.pop(key) if value is DELETE else raw.__setitem__(key, value)
+        edit(raw)
         return json.dumps(raw).encode()
 
     return write(name, change)
 
 
 def config(**changes):
-    return edit_json("config.json", **changes)
+    """Set (or with DELETE remove) fields of config.json."""
+    return edit_json("config.json", lambda raw: assign(raw, changes))
+
+
+def index(**changes):
+    return edit_json(INDEX_JSON, lambda raw: assign(raw, changes))
 
 
 def weight_map(edit: Callable[[dict], None]):
-    """Edit the sharded checkpoint's index weight_map in place."""
-
-    def change(old: bytes) -> bytes:
-        raw = json.loads(old)
-        edit(raw["weight_map"])
-        return json.dumps(raw).encode()
-
-    return write("model.safetensors.index.json", change)
+    return edit_json(INDEX_JSON, lambda raw: edit(raw["weight_map"]))
 
 
 def first_tensor_to(shard: str):
@@ -191,12 +193,7 @@ def tensors_by_offset(head: dict) -> list:
 
 def tensor_field(key: str, value, which: int = 0):
     """Set (or with DELETE remove) field `key` of the `which`-th tensor in file order."""
-
-    def edit(h):
-        entry = h[tensors_by_offset(h)[which]]
-        entry.pop(key) if value is DELETE else entry.__setitem__(key, value)
-
-    return header(edit)
+    return header(lambda h: assign(h[tensors_by_offset(h)[which]], {key: value}))
 
 
 def shift_tensor(which: int, by: int):
@@ -230,14 +227,9 @@ def quantization(value):
     return config(quantization=value)
 
 
-def text_file(kind: str):
-    """root/text.txt as a FIFO or a folder, for --text."""
-
-    def setup(work: Work):
-        path = work.root / "text.txt"
-        os.mkfifo(path) if kind == "fifo" else path.mkdir()
-
-    return setup
+def fifo_text(work: Work):
+    """root/text.txt as a FIFO, for --text: opening it to read would wait for a writer forever."""
+    os.mkfifo(work.root / "text.txt")
 
 
 def deep(depth: int) -> bytes:
@@ -313,7 +305,7 @@ SPECIAL_FILES = category(
     ),
     Row("tokenizer-fifo", GENERATE, special("tokenizer.model", "fifo"), "tokenizer.model is a named pipe"),
     Row("tokenizer-dev-null", (*CHAT, "--tokenizer", "/dev/null"), nothing, "/dev/null is a character device"),
-    Row("train-text-fifo", (*TRAIN, "--text", "text.txt"), text_file("fifo"), "no text file at text.txt"),
+    Row("train-text-fifo", (*TRAIN, "--text", "text.txt"), fifo_text, "no text file at text.txt"),
 )
 
 CONFIG_JSON = category(
@@ -422,10 +414,10 @@ INDEX = category(
     Row(
         "map-list",
         CONVERT,
-        edit_json(INDEX_JSON, weight_map=["a.safetensors"]),
+        index(weight_map=["a.safetensors"]),
         "field 'weight_map' must be an object, got [",
     ),
-    Row("map-missing", GENERATE, edit_json(INDEX_JSON, weight_map=DELETE), "field 'weight_map' is missing or empty"),
+    Row("map-missing", GENERATE, index(weight_map=DELETE), "field 'weight_map' is missing or empty"),
     Row("not-utf8", CONVERT, write(INDEX_JSON, b'{"\xc3\x28": 1}'), "model.safetensors.index.json is not UTF-8 text"),
     Row("missing-shard", GENERATE, remove("model-00002-of-00002.safetensors"), "names shards that are not in"),
     Row("wrong-shard", CONVERT, weight_map(move_first_tensor), "which does not hold it"),
