@@ -16,17 +16,17 @@ from .errors import OpenELMError
 from .files import each, field_problem, integer, is_repo_id, obj, one_of, open_regular, parse_json, read_json, shown
 from .model import Model
 
+INDEX = "model.safetensors.index.json"
 # What is fetched from the Hub: never *.py (remote code) nor *.bin (pickles).
 HUB_PATTERNS = [
     "config.json",
     "generation_config.json",
     "*.safetensors",
-    "model.safetensors.index.json",
+    INDEX,
     "tokenizer.model",
     "tokenizer_config.json",
     "special_tokens_map.json",
 ]
-INDEX = "model.safetensors.index.json"
 CORENET_VOCAB = 32128  # corenet pads the training vocabulary; the tokenizer has 32000 pieces
 # The dtypes an OpenELM checkpoint stores (U32: packed quantized weights) and their sizes.
 DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "U32": 4}
@@ -68,7 +68,7 @@ def _download(repo_id: str) -> Path:
             "check the path, or connect to the network"
         ) from None
     except HfHubHTTPError as e:
-        first_line = str(e).splitlines()[0]
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
         raise OpenELMError(
             f"{neither}: {first_line}; check the path, or the repo id and your access (hf auth login)"
         ) from None

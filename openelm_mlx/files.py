@@ -13,7 +13,7 @@ from typing import Callable, Dict, Optional
 
 from .errors import OpenELMError
 
-# A checkpoint's JSON files are kilobytes (a 3B model's index: 30 KB); far beyond is no checkpoint.
+# A checkpoint's JSON files are kilobytes (the 290-entry index of a 3B model: about 25 KB).
 MAX_JSON_BYTES = 16 * 1024**2
 # A Hugging Face repo id: owner/name, each part starting with a letter, digit or underscore.
 REPO_ID = re.compile(r"^\w[\w.-]*/\w[\w.-]*$")
