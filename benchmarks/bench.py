@@ -136,6 +136,8 @@ def run_benchmark(
         raise OpenELMError("a Core ML package's precision was fixed when it was exported: drop --precisions")
     precisions = ["package"] if backend == "coreml" else list(precisions or default_precisions())
     check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend)
+    if backend == "mlx" and len(models) == 1:  # a lone broken checkpoint: say so before measuring
+        load_source(models[0], seed)
     settings = dict(
         models=list(models),
         precisions=precisions,

@@ -40,7 +40,9 @@ def load_source(spec: str, seed: int = 0) -> Tuple[OpenELMConfig, Callable[[], D
         config = OpenELMConfig.preset(spec)
         return config, lambda: random_weights(config, seed)
     folder = resolve_source(spec)
-    return OpenELMConfig.from_pretrained(folder), lambda: read_weights(folder)
+    config = OpenELMConfig.from_pretrained(folder)
+    build_model(config, read_weights(folder))  # checks every header, name and shape; reads no data
+    return config, lambda: read_weights(folder)
 
 
 def activation_dtype(precision: str, config: OpenELMConfig) -> mx.Dtype:

@@ -13,7 +13,7 @@ from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import DTYPES, named_dtype
 from openelm_mlx.model_folder import TOKENIZER_CHAT_TEMPLATE, source_name, write_model_folder
 from openelm_mlx.outputs import check_output
-from openelm_mlx.tokenizer import find_tokenizer, is_instruct_model
+from openelm_mlx.tokenizer import check_tokenizer_fits, find_tokenizer, is_instruct_model
 
 CHAT_TEMPLATES = ("auto", "instruct", "none")
 
@@ -66,12 +66,9 @@ def convert(
         raise OpenELMError(f"{source} is already quantized: convert from the float checkpoint to change --bits")
     build_model(config, weights)  # checks names and shapes; the weights stay lazy, nothing is read
     template = chat_template_for(chat_template, source, folder)
-    try:
-        tok = find_tokenizer(folder, tokenizer)
-    except OpenELMError:
-        if tokenizer:
-            raise
-        tok = None
+    tok = find_tokenizer(folder, tokenizer, required=False)
+    if tok is not None:
+        check_tokenizer_fits(tok, config)
 
     write_model_folder(
         output,

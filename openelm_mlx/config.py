@@ -1,13 +1,14 @@
 """OpenELM configuration: the Hugging Face config.json fields and the layer-wise scaling rule."""
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 
 from .errors import OpenELMError
+from .files import boolean, each, field_problem, integer, number, obj, one_of, optional, read_json, shown, text
 
 # (layers, model_dim, head_dim) of the four released sizes; every other field is shared.
 PRESETS = {
@@ -24,6 +25,53 @@ QKV_RANGE, FFN_RANGE, GQA_GROUPS = (0.5, 1.0), (0.5, 4.0), 4
 
 # Apple's corenet MLX export names a released size instead of listing the per-layer widths.
 CORENET_MODEL_NAMES = {"OpenELM-270M": "270M", "OpenELM-450M": "450M", "OpenELM-1_1B": "1.1B", "OpenELM-3B": "3B"}
+
+
+# What each config.json field may hold. The bounds are sanity limits far beyond the released
+# models (3B: 36 layers, width 3072, 32000 pieces) that keep a hostile file from asking for
+# terabytes or overflowing MLX's 32-bit dimensions.
+FIELD_RULES = {
+    "num_transformer_layers": integer(1, 1024),
+    "model_dim": integer(1, 65536),
+    "head_dim": integer(1, 4096),
+    "num_query_heads": each(integer(1, 4096)),
+    "num_kv_heads": each(integer(1, 4096)),
+    "ffn_multipliers": each(number(0, 64)),
+    "num_gqa_groups": integer(1, 4096),
+    "ffn_dim_divisor": integer(1, 65536),
+    "qkv_multipliers": each(number(0, 64)),
+    "vocab_size": integer(1, 1 << 20),
+    "max_context_length": integer(1, 1 << 20),
+    "rope_freq_constant": number(0, 1e12),
+    "rope_max_length": integer(1, 1 << 20),
+    "bos_token_id": integer(0, 1 << 20),
+    "eos_token_id": integer(0, 1 << 20),
+    "ffn_with_glu": boolean,
+    "normalize_qk_projections": boolean,
+    "share_input_output_layers": boolean,
+    "rms_norm_eps": number(0, 1),
+    "activation_fn_name": text,
+    "normalization_layer_name": text,
+    "initializer_range": number(-1, 1e3),
+    "use_cache": boolean,
+    "torch_dtype": optional(text),
+    "model_type": text,
+    "quantization": optional(obj),
+}
+# mlx-lm's quantization entry; the bits and group sizes are those MLX's affine mode supports.
+QUANTIZATION_RULES = {
+    "group_size": one_of(32, 64, 128),
+    "bits": one_of(1, 2, 3, 4, 5, 6, 8),
+    "mode": one_of("affine"),
+}
+REQUIRED_FIELDS = (
+    "num_transformer_layers",
+    "model_dim",
+    "head_dim",
+    "num_query_heads",
+    "num_kv_heads",
+    "ffn_multipliers",
+)
 
 
 def make_divisible(v: float, divisor: int) -> int:
@@ -79,32 +127,26 @@ class OpenELMConfig:
         return [make_divisible(m * self.model_dim, self.ffn_dim_divisor) for m in self.ffn_multipliers]
 
     def validate(self):
-        def fail(field_name, why):
-            raise OpenELMError(f"config.json: field '{field_name}' {why}")
+        """Every field's type and range (FIELD_RULES), then what OpenELM needs across fields."""
 
-        for name in (
-            "num_transformer_layers",
-            "model_dim",
-            "head_dim",
-            "vocab_size",
-            "max_context_length",
-            "ffn_dim_divisor",
-            "num_gqa_groups",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(name, f"must be a positive integer, got {value!r}")
+        def fail(field_name, why):
+            raise OpenELMError(f"field '{field_name}' {why}")
+
+        problem = field_problem(vars(self), FIELD_RULES)
+        if problem is None and self.quantization is not None:
+            problem = check_quantization(self.quantization)
+        if problem:
+            raise OpenELMError(problem)
         n = self.num_transformer_layers
         for name in ("num_query_heads", "num_kv_heads", "ffn_multipliers"):
-            value = getattr(self, name)
-            if not isinstance(value, list) or len(value) != n:
-                got = len(value) if isinstance(value, list) else repr(value)
-                fail(name, f"must list one value per layer ({n}), got {got}")
-            if any(not isinstance(v, (int, float)) or v <= 0 for v in value):
-                fail(name, f"must hold positive numbers, got {value}")
+            if len(getattr(self, name)) != n:
+                fail(name, f"must list one value per layer ({n}), got {len(getattr(self, name))}")
         for i, (q, kv) in enumerate(zip(self.num_query_heads, self.num_kv_heads)):
             if q % kv != 0:
                 fail("num_kv_heads", f"layer {i}: {q} query heads are not divisible by {kv} kv heads")
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) >= self.vocab_size:
+                fail(name, f"is {getattr(self, name)}, outside the vocabulary of {self.vocab_size}")
         if not self.share_input_output_layers:
             fail("share_input_output_layers", "is false; every OpenELM release ties the output layer to the embedding")
         if not (self.ffn_with_glu and self.normalize_qk_projections):
@@ -146,36 +188,33 @@ class OpenELMConfig:
         )
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "OpenELMConfig":
-        known = {f.name for f in fields(cls)}
-        if "model_name" in raw and "num_query_heads" not in raw:
-            return cls._from_corenet(raw)
-        if raw.get("model_type", "openelm") != "openelm":
-            raise OpenELMError(f"config.json: model_type is '{raw['model_type']}', expected 'openelm'")
-        for name in (
-            "num_transformer_layers",
-            "model_dim",
-            "head_dim",
-            "num_query_heads",
-            "num_kv_heads",
-            "ffn_multipliers",
-        ):
-            if name not in raw:
-                raise OpenELMError(f"config.json: required field '{name}' is missing")
-        return cls(**{k: v for k, v in raw.items() if k in known})
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "OpenELMConfig":
+        """A config from config.json's fields (Hugging Face's or corenet's); errors name `source`."""
+        if not isinstance(raw, dict):
+            raise OpenELMError(f"{source} must hold a JSON object, got {shown(raw)}")
+        try:
+            if "model_name" in raw and "num_query_heads" not in raw:
+                return cls._from_corenet(raw)
+            if raw.get("model_type", "openelm") != "openelm":
+                raise OpenELMError(f"field 'model_type' is {raw['model_type']!r}, expected 'openelm'")
+            missing = [name for name in REQUIRED_FIELDS if name not in raw]
+            if missing:
+                raise OpenELMError(f"required field '{missing[0]}' is missing")
+            known = {f.name for f in fields(cls)}
+            return cls(**{k: v for k, v in raw.items() if k in known})
+        except OpenELMError as e:
+            raise OpenELMError(f"{source}: {e}") from None
 
     @classmethod
     def _from_corenet(cls, raw: dict) -> "OpenELMConfig":
         name = raw["model_name"]
-        if name not in CORENET_MODEL_NAMES:
-            raise OpenELMError(
-                f"config.json: unknown corenet model_name '{name}', expected one of {', '.join(CORENET_MODEL_NAMES)}"
-            )
+        if not isinstance(name, str) or name not in CORENET_MODEL_NAMES:
+            choices = ", ".join(CORENET_MODEL_NAMES)
+            raise OpenELMError(f"unknown corenet model_name {name!r}, expected one of {choices}")
         # The checkpoint's 32128-row embedding is cut to the tokenizer's 32000 pieces on load.
         config = cls.preset(CORENET_MODEL_NAMES[name])
-        config.max_context_length = raw.get("max_context_length", config.max_context_length)
-        config.quantization = raw.get("quantization")
-        return config
+        taken = {k: raw[k] for k in ("max_context_length", "quantization") if k in raw}
+        return replace(config, **taken)  # validated again, as any config
 
     @classmethod
     def from_pretrained(cls, path) -> "OpenELMConfig":
@@ -183,23 +222,17 @@ class OpenELMConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.is_file():
+        if not os.path.lexists(path):
             raise OpenELMError(f"no config.json at {path}: point to an OpenELM checkpoint folder")
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OpenELMError(f"{path} is not valid JSON ({e}): re-download or fix the file") from None
-        if not isinstance(raw, dict):
-            raise OpenELMError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         """The Hugging Face config.json fields (plus mlx-lm's quantization entry if any)."""
         out = asdict(self)
         out["architectures"] = ["OpenELMForCausalLM"]
-        for optional in ("quantization", "torch_dtype"):
-            if out[optional] is None:
-                del out[optional]
+        for name in ("quantization", "torch_dtype"):
+            if out[name] is None:
+                del out[name]
         return out
 
     @property
@@ -214,3 +247,17 @@ class OpenELMConfig:
             total += (q + 2 * kv) * hd * d + q * hd * d + 2 * hd  # qkv, out, qk-norms
             total += 3 * ffn * d + 2 * d  # proj_1, proj_2, two norms
         return total
+
+
+def check_quantization(entry: dict) -> Optional[str]:
+    """What is wrong with a `quantization` entry (mlx-lm's: group_size, bits, mode), or None."""
+    unknown = [k for k in entry if k not in QUANTIZATION_RULES]
+    if unknown:
+        return (
+            f"field 'quantization' has an entry '{unknown[0]}' that openelm-mlx does not read (per-layer "
+            "settings are not supported): convert the float checkpoint with `openelm convert --bits`"
+        )
+    missing = [k for k in ("group_size", "bits") if k not in entry]
+    if missing:
+        return f"field 'quantization.{missing[0]}' is missing"
+    return field_problem(entry, QUANTIZATION_RULES, prefix="quantization.")

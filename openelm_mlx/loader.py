@@ -9,7 +9,7 @@ from .checkpoint import build_model, read_weights, resolve_source
 from .config import OpenELMConfig
 from .errors import OpenELMError
 from .model import Model
-from .tokenizer import Tokenizer, find_tokenizer
+from .tokenizer import Tokenizer, check_tokenizer_fits, find_tokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # The small model trained and shipped with the package (see apps/train.py): the offline default.
@@ -39,12 +39,15 @@ def resolve_dtype(name: str, config: OpenELMConfig) -> mx.Dtype:
 def load_model(source, dtype: str = "auto") -> Tuple[Model, Path]:
     """The model of a local folder or Hub repo id, and the folder it was read from."""
     folder = resolve_source(source)
-    config = OpenELMConfig.from_pretrained(folder)
+    return build(folder, OpenELMConfig.from_pretrained(folder), dtype), folder
+
+
+def build(folder: Path, config: OpenELMConfig, dtype: str) -> Model:
     model = build_model(config, read_weights(folder))
     # Quantized weights stay packed; scales, biases and norms follow the activation dtype.
     model.set_dtype(resolve_dtype(dtype, config))
     mx.eval(model.parameters())
-    return model, folder
+    return model
 
 
 def load(path_or_repo=None, tokenizer: Optional[str] = None, dtype: str = "auto") -> Tuple[Model, Tokenizer]:
@@ -54,5 +57,8 @@ def load(path_or_repo=None, tokenizer: Optional[str] = None, dtype: str = "auto"
         if not (DEMO_MODEL / "config.json").is_file():
             raise OpenELMError("no model given and no demo model installed: pass --model PATH_OR_REPO")
         path_or_repo = DEMO_MODEL
-    model, folder = load_model(path_or_repo, dtype)
-    return model, find_tokenizer(folder, tokenizer)
+    folder = resolve_source(path_or_repo)
+    config = OpenELMConfig.from_pretrained(folder)
+    tok = find_tokenizer(folder, tokenizer)
+    check_tokenizer_fits(tok, config)  # before a byte of the weights is read
+    return build(folder, config, dtype), tok

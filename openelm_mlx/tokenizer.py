@@ -8,8 +8,11 @@ from typing import Dict, List, Optional
 import sentencepiece as spm
 
 from .errors import OpenELMError
+from .files import is_repo_id, read_bytes
 
 EOS_TEXT = "</s>"
+# LLaMA-2's tokenizer.model is 500 KB; the largest sentencepiece models in use are a few MB.
+MAX_TOKENIZER_BYTES = 64 * 1024**2
 # Apple's instruction-tuning template as Jinja, for tools that render it themselves (Hugging Face
 # and mlx-lm tokenizers, apps): the same text as chat_prompt() below.
 CHAT_TEMPLATE = (
@@ -26,15 +29,26 @@ NO_TOKENIZER = (
 class Tokenizer:
     def __init__(self, model_file):
         self.path = Path(model_file)
+        data = read_bytes(self.path, MAX_TOKENIZER_BYTES)
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        except (OSError, RuntimeError) as e:
+            if not data:
+                raise ValueError("the file is empty")
+            self.sp = spm.SentencePieceProcessor(model_proto=data)
+        except (RuntimeError, ValueError) as e:
+            why = str(e).removeprefix("INTERNAL: ")  # sentencepiece's C++ parse failure is no help to show
             raise OpenELMError(
-                f"{self.path} is not a sentencepiece model ({e}): pass LLaMA-2's tokenizer.model"
+                f"{self.path} is not a sentencepiece model"
+                + (f" ({why})" if len(why) < 60 else "")
+                + ": pass LLaMA-2's tokenizer.model"
             ) from None
         self.bos_id = self.sp.bos_id()
         self.eos_id = self.sp.eos_id()
         self.vocab_size = self.sp.get_piece_size()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise OpenELMError(
+                f"{self.path} defines no {'<s>' if self.bos_id < 0 else '</s>'} piece, which OpenELM's "
+                "prompts need: pass LLaMA-2's tokenizer.model"
+            )
 
     def encode(self, text: str, bos: bool = True) -> List[int]:
         # "</s>" in a chat prompt is the eos token, as Hugging Face's tokenizer splits it.
@@ -100,8 +114,9 @@ class StreamingDetokenizer:
         return new
 
 
-def find_tokenizer(model_folder: Optional[Path], tokenizer: Optional[str] = None) -> Tokenizer:
-    """--tokenizer (a file, folder or repo id) first, then the model folder, then $OPENELM_TOKENIZER."""
+def find_tokenizer(model_folder: Optional[Path], tokenizer: Optional[str] = None, required: bool = True):
+    """--tokenizer (a file, folder or repo id) first, then the model folder, then $OPENELM_TOKENIZER.
+    Without any: an error, or None when not `required`."""
     for candidate, origin in (
         (tokenizer, "--tokenizer"),
         (model_folder, None),
@@ -112,18 +127,32 @@ def find_tokenizer(model_folder: Optional[Path], tokenizer: Optional[str] = None
         path = _tokenizer_file(candidate, must_exist=origin is not None)
         if path is not None:
             return Tokenizer(path)
-    raise OpenELMError(NO_TOKENIZER)
+    if required:
+        raise OpenELMError(NO_TOKENIZER)
+    return None
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, config) -> None:
+    """A tokenizer must have exactly the model's vocab_size pieces: a larger one produces ids past
+    the embedding (an out-of-range read), a smaller one cannot decode what the model samples."""
+    if tokenizer.vocab_size != config.vocab_size:
+        raise OpenELMError(
+            f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model's vocab_size "
+            f"is {config.vocab_size}: pass the tokenizer the model was trained with (--tokenizer)"
+        )
 
 
 def _tokenizer_file(candidate, must_exist: bool) -> Optional[Path]:
+    """The tokenizer.model a candidate names; whatever exists there is returned for Tokenizer() to
+    check (a FIFO or a broken link is an error, not a reason to look elsewhere)."""
     path = Path(candidate).expanduser()
-    if path.is_file():
+    if path.is_dir():
+        path = path / "tokenizer.model"
+    if os.path.lexists(path):
         return path
-    if (path / "tokenizer.model").is_file():
-        return path / "tokenizer.model"
     if not must_exist:
         return None
-    if not path.exists() and "/" in str(candidate) and not str(candidate).startswith((".", "/", "~")):
+    if is_repo_id(str(candidate)):
         return _download_tokenizer(str(candidate))
     raise OpenELMError(f"no tokenizer.model at {candidate}. {NO_TOKENIZER}")
 

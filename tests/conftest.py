@@ -28,8 +28,8 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_file) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("hf") / "OpenELM-tiny", tiny_config(), tokenizer=tokenizer_file)
 
 
-def run_cli(*args, env=None, input=None, timeout=120):
-    """`openelm ARGS` in a subprocess, offline; returns the CompletedProcess."""
+def run_cli(*args, env=None, input=None, timeout=120, cwd=None):
+    """`openelm ARGS` in a subprocess (in `cwd`), offline; returns the CompletedProcess."""
     import os
     import subprocess
     import sys
@@ -42,14 +42,17 @@ def run_cli(*args, env=None, input=None, timeout=120):
         env=full_env,
         input=input or "",
         timeout=timeout,
+        cwd=cwd,
     )
 
 
-def assert_clean_error(result, *fragments):
-    """Non-zero exit, one line on stderr naming the problem, no traceback."""
-    assert result.returncode != 0, result.stdout + result.stderr
+def assert_clean_error(result, *fragments, exit=1):
+    """Exit status `exit` and exactly one line on stderr, `openelm <command>: error: ...`, holding
+    every fragment; no traceback."""
+    assert result.returncode == exit, result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert "Traceback" not in result.stderr, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("openelm "), result.stderr
+    command = result.args[3]  # [python, -m, openelm_mlx, COMMAND, ...]
+    assert len(lines) == 1 and lines[0].startswith(f"openelm {command}: error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

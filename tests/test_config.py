@@ -119,9 +119,9 @@ def test_from_pretrained_folder_and_file(tmp_path):
     [
         ({"num_query_heads": [12] * 15}, "'num_query_heads' must list one value per layer (16), got 15"),
         ({"num_kv_heads": [5] * 16}, "layer 0: 12 query heads are not divisible by 5 kv heads"),
-        ({"model_dim": -1}, "'model_dim' must be a positive integer"),
-        ({"ffn_multipliers": [0.0] * 16}, "'ffn_multipliers' must hold positive numbers"),
-        ({"model_type": "llama"}, "model_type is 'llama'"),
+        ({"model_dim": -1}, "field 'model_dim' must be an integer from 1 to 65,536, got -1"),
+        ({"ffn_multipliers": [0.0] * 16}, "'ffn_multipliers' item 0 must be a number above 0 and at most 64, got 0.0"),
+        ({"model_type": "llama"}, "field 'model_type' is 'llama', expected 'openelm'"),
         ({"activation_fn_name": "gelu"}, "must be 'swish' and 'rms_norm', got 'gelu' and 'rms_norm'"),
     ],
 )

@@ -1,0 +1,137 @@
+"""Bad input, table-driven: one Row per case (command, setup, expected exit status, a fragment
+of the message). One runner holds every row to the same promise, in a subprocess (a case may
+not crash or hang the test process): the exit status, exactly one line on stderr reading
+`openelm <command>: error: ...` with the fragment, no traceback, and every file under the work
+folder byte-identical before and after the run (nothing damaged, nothing left beside an output).
+
+The rows live in lists by concern (tests/bad_input_checkpoints.py: hostile or broken
+checkpoints; OPTIONS below); the kit to write them is tests/bad_input.py. To add a case, append a
+Row to a list; to add a concern, add a list (or a file of lists) to ROWS.
+"""
+
+import shutil
+from pathlib import Path
+from typing import Dict
+
+import mlx.core as mx
+import pytest
+from bad_input import GENERATE, Row, Work, category, nothing, tree
+from bad_input_checkpoints import CHECKPOINT_ROWS
+from conftest import assert_clean_error, run_cli, tiny_config
+
+from openelm_mlx.benchmarks.synthetic import train_tokenizer, write_checkpoint
+from openelm_mlx.files import is_repo_id
+
+LONG_PROMPT = "the sea and the stars " * 60  # > 256 tokens, the tiny model's context
+
+OPTIONS = category(
+    "option",
+    Row("temp-negative", (*GENERATE, "--temp", "-0.5"), nothing, "--temp must be >= 0"),
+    Row("top-p-above-1", (*GENERATE, "--top-p", "1.5"), nothing, "--top-p must be in [0, 1]"),
+    Row("top-k-negative", (*GENERATE, "--top-k", "-3"), nothing, "--top-k must be >= 0"),
+    Row("min-p-above-1", (*GENERATE, "--min-p", "2"), nothing, "--min-p must be in [0, 1]"),
+    Row("repetition-penalty-0", (*GENERATE, "--repetition-penalty", "0"), nothing, "--repetition-penalty must be > 0"),
+    Row("max-tokens-0", (*GENERATE, "--max-tokens", "0"), nothing, "--max-tokens must be at least 1"),
+    Row(
+        "prompt-too-long",
+        (*GENERATE, "-p", LONG_PROMPT, "--max-tokens", "20"),
+        nothing,
+        "exceeds the model's context of 256",
+    ),
+)
+
+ROWS = CHECKPOINT_ROWS + OPTIONS
+
+# --- the runner -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory, tiny_checkpoint, tokenizer_file) -> Dict[str, Path]:
+    """The fixture checkpoints rows start from, and the files setups may copy."""
+    from openelm_mlx.convert.hf_to_mlx import convert
+
+    root = tmp_path_factory.mktemp("bases")
+    weights = dict(mx.load(str(tiny_checkpoint / "model.safetensors")))
+    sharded = write_checkpoint(root / "sharded", tiny_config(), weights, tokenizer_file, shards=2)
+    q4 = convert(tiny_checkpoint, root / "q4", bits=4)
+    return {
+        "tiny": tiny_checkpoint,
+        "sharded": sharded,
+        "q4": q4,
+        "tokenizer-512": train_tokenizer(root / "t512", vocab_size=512),
+        "tokenizer-320": train_tokenizer(root / "t320", vocab_size=320),
+    }
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda row: row.id)
+def test_bad_input(row: Row, bases, tmp_path):
+    work = Work(tmp_path / "work", tmp_path / "work" / "model", tmp_path / "work" / "out", bases)
+    work.root.mkdir()
+    shutil.copytree(bases[row.base], work.model, symlinks=True)
+    row.setup(work)
+    before = tree(work.root)
+    argv = [arg.format(**work.fields()) for arg in row.argv]
+    # An empty Hub cache outside the work folder: a repo id is never found, nothing is downloaded.
+    env = {"HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path / "home")}
+    result = run_cli(*argv, input=row.stdin, cwd=work.root, env=env, timeout=60)
+
+    assert_clean_error(result, row.message, exit=row.exit)
+    assert tree(work.root) == before, "a file changed, or something was left beside the output"
+
+
+def test_output_exists_needs_force(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_clean_error(run_cli("convert", tiny_checkpoint, "-o", out), "already exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run_cli("convert", tiny_checkpoint, "-o", out, "--force").returncode == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_truncate_fits_a_long_prompt(tiny_checkpoint):
+    ok = run_cli("generate", "--model", tiny_checkpoint, "-p", LONG_PROMPT, "--max-tokens", "20", "--truncate")
+    assert ok.returncode == 0, ok.stderr
+    assert "prompt: 236 tokens" in ok.stderr  # BOS + the last 235: 236 + 20 fill the 256 exactly
+
+
+def test_interrupted_conversion_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    from openelm_mlx import model_folder
+    from openelm_mlx.convert import hf_to_mlx
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_folder, "to_bytes", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        hf_to_mlx.convert(tiny_checkpoint, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rows_are_unique_and_many():
+    ids = [row.id for row in ROWS]
+    assert len(ids) == len(set(ids))
+    assert len(ROWS) >= 70
+
+
+# Which strings are Hub repo ids and which are paths (openelm_mlx.files.is_repo_id).
+@pytest.mark.parametrize(
+    "text, repo",
+    [
+        ("apple/OpenELM-270M", True),
+        ("mlx-community/OpenELM-270M-Instruct-4bit", True),
+        ("user_1/model.v2", True),
+        ("./typo", False),
+        ("../x", False),
+        ("/abs/path", False),
+        ("~/x", False),
+        ("a/b/c", False),
+        ("typo", False),
+        ("owner\\name", False),
+        (".hidden/name", False),
+        ("owner/..", False),
+        ("owner/", False),
+    ],
+)
+def test_repo_id_shape(text, repo):
+    assert is_repo_id(text) is repo
