@@ -1,6 +1,5 @@
 """The LLaMA-2 sentencepiece tokenizer that OpenELM uses, streaming detokenization, chat prompts."""
 
-import json
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -8,7 +7,7 @@ from typing import Dict, List, Optional
 import sentencepiece as spm
 
 from .errors import OpenELMError
-from .files import is_repo_id, read_bytes
+from .files import is_repo_id, read_bytes, read_json
 
 EOS_TEXT = "</s>"
 # LLaMA-2's tokenizer.model is 500 KB; the largest sentencepiece models in use are a few MB.
@@ -78,13 +77,12 @@ def is_instruct_model(source, folder: Optional[Path] = None) -> bool:
     A folder with a tokenizer_config.json says it explicitly (`openelm convert` writes the chat
     template there for Instruct models only). Apple's repos have none, and their release name is
     the only sign: apple/OpenELM-270M-Instruct."""
-    if folder is not None:
-        try:
-            config = json.loads((Path(folder) / "tokenizer_config.json").read_text())
-        except (OSError, ValueError):
-            config = None
-        if isinstance(config, dict):
-            return bool(config.get("chat_template"))
+    path = Path(folder) / "tokenizer_config.json" if folder is not None else None
+    if path is not None and os.path.lexists(path):
+        config = read_json(path)  # a broken or hostile file is an error, not a silent "base model"
+        if not isinstance(config, dict):
+            raise OpenELMError(f"{path} must hold a JSON object")
+        return bool(config.get("chat_template"))
     return "-instruct" in Path(str(source)).name.lower()
 
 
