@@ -12,8 +12,11 @@ SUBCOMMANDS = {
     "generate": ("openelm_mlx.apps.generate", "generate text from a prompt"),
     "chat": ("openelm_mlx.apps.chat", "chat with an Instruct model"),
     "convert": ("openelm_mlx.convert.hf_to_mlx", "convert a Hugging Face checkpoint to MLX (optionally 4/8-bit)"),
-    "export-coreml": ("openelm_mlx.convert.coreml_export", "export a stateful Core ML package for iOS/macOS apps"),
-    "verify-coreml": ("openelm_mlx.convert.coreml_verify", "check a Core ML package against the MLX model"),
+    "export-coreml": (
+        "openelm_mlx.convert.coreml.export",
+        "export a stateful Core ML package for iOS 18/macOS 15 apps",
+    ),
+    "verify-coreml": ("openelm_mlx.convert.coreml.verify", "check a Core ML package against the MLX model"),
     "train": ("openelm_mlx.apps.train", "train a small OpenELM on a text corpus"),
     "eval": ("openelm_mlx.apps.eval", "measure perplexity"),
     "bench": ("openelm_mlx.benchmarks.bench", "benchmark prompt and generation speed"),

@@ -13,7 +13,7 @@ pytest.importorskip("coremltools")
 
 @pytest.fixture(scope="module")
 def package(tiny_checkpoint, tmp_path_factory):
-    from openelm_mlx.convert.coreml_export import export_coreml
+    from openelm_mlx.convert.coreml.export import export_coreml
 
     out = tmp_path_factory.mktemp("pkg") / "tiny.mlpackage"
     export_coreml(tiny_checkpoint, out, context=64, prefill_length=16)
@@ -45,5 +45,5 @@ def test_coreml_backend_needs_macos(package):
 def test_backend_needs_a_package(tiny_checkpoint):
     assert_clean_error(
         run_cli("generate", "--model", tiny_checkpoint, "--backend", "mil-reference", "-p", "hi"),
-        "needs --model OUT.mlpackage",
+        "runs .mlpackage packages",
     )
