@@ -13,13 +13,10 @@ from openelm_mlx.errors import OpenELMError
 
 from . import timing
 from .machine import machine_info
-from .plan import MLX_LM, OURS, run_plan
+from .plan import MLX_LM, OURS, WARMUP_DECODE_TOKENS, run_plan
 from .subjects import GROUP_SIZE, PRECISIONS, activation_dtype, build_subject, load_source, mlx_lm_twin
 
 SCHEMA = "openelm-bench/1"
-# Like llama-bench's, a warm-up prefills the whole prompt (first-call allocations, compiled
-# kernels for that shape) but decodes only a few tokens: every decode step has the same shapes.
-WARMUP_DECODE_TOKENS = 4
 MLX_LM_DEFAULT = "fp16"  # mlx_lm.convert's default: float16 weights and activations
 PACKAGE_BACKENDS = ("coreml", "coreai")  # exported packages, timed by benchmarks/package_bench.py
 

@@ -14,7 +14,7 @@ from openelm_mlx.convert.runner import open_runner
 from openelm_mlx.errors import OpenELMError
 
 from . import timing
-from .plan import run_plan
+from .plan import WARMUP_DECODE_TOKENS, run_plan
 
 # What each backend's figures are (results.json and the table carry it).
 RUNTIME_NOTES = {
@@ -86,8 +86,9 @@ def run_packages(results: dict, progress: bool):
         prompt = np.random.default_rng(settings["seed"]).integers(0, info.vocab_size, p).tolist()
         entry["implementations"][backend] = {"trials": []}
         for i in range(settings["warmup"] + settings["trials"]):
-            trial = time_package(runner, prompt, g)
-            if i >= settings["warmup"]:
+            warmup = i < settings["warmup"]
+            trial = time_package(runner, prompt, min(g, WARMUP_DECODE_TOKENS) if warmup else g)
+            if not warmup:
                 entry["implementations"][backend]["trials"].append(trial)
 
     configs = [{"spec": spec, "precision": "package", "implementations": [backend]} for spec in settings["models"]]

@@ -10,6 +10,9 @@ from . import timing
 from .subjects import describe
 
 OURS, MLX_LM = "openelm_mlx", "mlx_lm"
+# Like llama-bench's, a warm-up prefills the whole prompt (first-call allocations, compiled
+# kernels for that shape) but decodes only a few tokens: every decode step has the same shapes.
+WARMUP_DECODE_TOKENS = 4
 
 
 def summarize(entry: dict, bandwidth_gbs: float):

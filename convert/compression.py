@@ -9,6 +9,7 @@ import numpy as np
 
 from openelm_mlx.errors import OpenELMError
 
+BITS = {"int8": 8, "int4": 4, "palettize4": 4, "palettize6": 6}  # bits per stored value
 PALETTE_GROUP = 16  # output channels sharing one LUT (coremltools' per_grouped_channel default)
 KMEANS_ITERATIONS = 30
 
@@ -45,11 +46,9 @@ def compress(name: str, weight: np.ndarray, compression: str, block_size: int, s
         raise OpenELMError(f"{name} has {out} rows, not a multiple of {PALETTE_GROUP}: it cannot be palettized")
     if compression == "none":
         return weight.astype(scale_dtype)
-    if compression == "int8":
-        return quantize(weight, 8, weight.shape[1], scale_dtype)
-    if compression == "int4":
-        return quantize(weight, 4, block_size, scale_dtype)
-    return palettize(weight, int(compression.removeprefix("palettize")), scale_dtype)
+    if compression.startswith("palettize"):
+        return palettize(weight, BITS[compression], scale_dtype)
+    return quantize(weight, BITS[compression], block_size if compression == "int4" else n, scale_dtype)
 
 
 def decompress(stored) -> np.ndarray:

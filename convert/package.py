@@ -309,7 +309,21 @@ def export_summary(description: PackageDescription, output: Path, seconds: float
     }
 
 
-def print_summary(summary: dict):
+def export_from_args(export, args, **extra):
+    """The export commands' main: `export` (export_coreml or export_coreai) with the shared
+    options (add_export_arguments) and `extra` ones, then its one-line summary."""
+    summary = export(
+        args.model,
+        args.output,
+        context=args.context,
+        prefill_length=args.prefill_length,
+        compress=args.compress,
+        block_size=args.block_size,
+        force=args.force,
+        tokenizer=args.tokenizer,
+        progress=True,
+        **extra,
+    )
     print(
         f"wrote {summary['output']} ({summary['bytes'] / 2**20:.1f} MiB, "
         f"{summary['bytes_per_parameter']:.3f} bytes/parameter, {summary['compression']}, "

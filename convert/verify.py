@@ -16,6 +16,7 @@ import numpy as np
 
 from openelm_mlx.errors import OpenELMError
 
+from .compression import BITS
 from .numerics import fold_ffn_scales
 from .package import PackageInfo, is_norm, model_weights, tokenizer_path
 
@@ -28,13 +29,18 @@ DEFAULT_PROMPT = "Once upon a time there was a little model that wanted to write
 # order of dot products over up to ~10^4 terms, at worst n * 2**-24 = 6e-4 relative for n = 10^4
 # (OpenELM-3B's widest FFN is 12288). 1e-3 holds the worst case and is 20x tighter than float16's.
 LOGITS_RTOL = {"float16": 0.02, "float32": 1e-3}
+# Apple's Linux reference runtime sums float16 products in float16 (a 4096-term dot product there is
+# bit-identical to a sequential float16 sum, 7.8% off for positive terms), so the error of each
+# dot product grows like sqrt(n) * 2**-11 instead of staying near one rounding: 1.1% for the tiny
+# models' n <= 512, per matmul. Its float16 logits are held to 5% (measured: up to 2% on the tiny
+# test models, with a massive activation); float16 on large models is checked on devices.
+FLOAT16_SUM_RTOL = 0.05
 # Compressed weights. Linear quantization (int8 per row, int4 per block of --block-size along the
-# input axis, symmetric): every value must lie within half a quantization step of the source, the
+# input axis, symmetric; compression.BITS): every value must lie within half a quantization step of the source, the
 # step being max|block| / (2**(bits-1) - 1), plus four float16 roundings (the weight before
 # quantization, the scale, the product, the source's own float16 cast). Palettization (k-means per
 # 16 rows) has no per-value bound: ||package - source|| / ||source|| per tensor must stay below
 # these, ~1.5x the worst measured on random weights (0.10 for 4 bits, 0.025 for 6).
-QUANT_BITS = {"int8": 8, "int4": 4}
 FP16_SLACK = 4 * 2.0**-11
 PALETTE_RTOL = {"palettize4": 0.15, "palettize6": 0.04}
 
@@ -83,7 +89,7 @@ def check_weights(package_w: Dict[str, np.ndarray], source_w: Dict[str, np.ndarr
     """(problems, worst relative error) of the package's weights (float32, decompressed) against
     the source model's (FFN scales folded in, as stored): plain weights must equal the source
     rounded to their stored dtype (norms float32, others the compute precision), compressed ones
-    must be within the compression's bound (QUANT_BITS, PALETTE_RTOL)."""
+    must be within the compression's bound (FP16_SLACK, PALETTE_RTOL)."""
     problems, worst = [], 0.0
     for name, src in source_w.items():
         if name not in package_w:
@@ -101,10 +107,10 @@ def check_weights(package_w: Dict[str, np.ndarray], source_w: Dict[str, np.ndarr
         if is_norm(name) or info.compression == "none":
             stored_dtype = np.float32 if is_norm(name) or info.compute_precision == "float32" else np.float16
             bad = int(np.sum(got != src.astype(stored_dtype).astype(np.float32)))
-        elif info.compression in QUANT_BITS:
+        elif not info.compression.startswith("palettize"):
             block = src.shape[1] if info.compression == "int8" else info.block_size
             rows = src.reshape(src.shape[0], -1, block)
-            step = np.abs(rows).max(axis=-1, keepdims=True) / (2 ** (QUANT_BITS[info.compression] - 1) - 1)
+            step = np.abs(rows).max(axis=-1, keepdims=True) / (2 ** (BITS[info.compression] - 1) - 1)
             bad = int(np.sum(~(err.reshape(rows.shape) <= 0.5 * step + FP16_SLACK * np.abs(rows))))
         else:
             bad = 0 if rel <= PALETTE_RTOL[info.compression] else got.size
@@ -175,10 +181,12 @@ def verify_package(
     steps: int,
     prompt: Optional[str],
     tokenizer,
+    rtol: Optional[float] = None,
 ) -> VerifyReport:
     """Check a saved package against the MLX model `model` (see the module docstring).
     `package_weights(names)` reads the named weights back from the package (float32, decompressed,
-    [out, in]); `runners` are (backend name, factory of a PackageRunner) to compare with MLX."""
+    [out, in]); `runners` are (backend name, factory of a PackageRunner) to compare with MLX;
+    `rtol` replaces the logits tolerance of the package's compute precision (LOGITS_RTOL)."""
     import mlx.core as mx
 
     from openelm_mlx.loader import load_model
@@ -206,7 +214,7 @@ def verify_package(
         reference.load_weights([(k, mx.array(v)) for k, v in weights.items()])
         for backend, make_runner in runners:
             reports.append(
-                compare(make_runner(), reference, tokens, steps, backend, LOGITS_RTOL[info.compute_precision])
+                compare(make_runner(), reference, tokens, steps, backend, rtol or LOGITS_RTOL[info.compute_precision])
             )
     return VerifyReport(str(package), info.compression, info.compute_precision, problems, worst, reports, skipped)
 

@@ -23,8 +23,8 @@ from ..package import (
     add_export_arguments,
     check_output,
     describe,
+    export_from_args,
     export_summary,
-    print_summary,
     require,
     staged_package,
 )
@@ -146,15 +146,4 @@ def add_arguments(parser):
 
 
 def main(args):
-    summary = export_coreml(
-        args.model,
-        args.output,
-        context=args.context,
-        prefill_length=args.prefill_length,
-        compress=args.compress,
-        block_size=args.block_size,
-        force=args.force,
-        tokenizer=args.tokenizer,
-        progress=True,
-    )
-    print_summary(summary)
+    export_from_args(export_coreml, args)

@@ -34,10 +34,10 @@ def fp32(x):
     return mb.cast(x=x, dtype="fp32")
 
 
-def rms_norm(x, weight, eps: float):
+def rms_norm(x, gain, eps: float):
     """float32 in, float32 out: mean(x*x) overflows float16 once |x| > 256."""
     ms = mb.reduce_mean(x=mb.mul(x=x, y=x), axes=[-1], keep_dims=True)
-    return mb.mul(x=mb.mul(x=x, y=mb.rsqrt(x=ms, epsilon=eps)), y=weight)
+    return mb.mul(x=mb.mul(x=x, y=mb.rsqrt(x=ms, epsilon=eps)), y=gain)
 
 
 def rope(x, cos, sin):
