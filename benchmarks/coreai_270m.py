@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .coreml_270m_export import write_270m_checkpoint
+from .machine import machine_info
 
 RESULTS = Path(__file__).parent / "results" / "coreai_270m.json"
 TARGET_BYTES_PER_PARAMETER = 0.6
@@ -53,8 +54,6 @@ def child(code: str) -> dict:
 
 
 def run(context: int) -> dict:
-    from .machine import machine_info
-
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         source = str(Path(tmp) / "OpenELM-270M-random")

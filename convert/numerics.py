@@ -16,6 +16,8 @@ activations get k = 0, i.e. no change at all."""
 import math
 from typing import Dict, List
 
+import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from openelm_mlx.errors import OpenELMError
@@ -33,8 +35,6 @@ CALIBRATION_TOKENS = 32
 def calibration_peaks(model, tokens) -> List[Dict[str, float]]:
     """Per layer, the largest |value| of each tensor the package computes in float16, for the
     MLX model (float32) on `tokens`. Walks model.py's blocks, keeping the FFN's intermediates."""
-    import mlx.core as mx
-    import mlx.nn as nn
 
     def peak(x):
         return float(mx.abs(x).max())

@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Union
 
+import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from openelm_mlx import __version__
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.loader import load_model
 from openelm_mlx.tokenizer import CHAT_TEMPLATE, Tokenizer, find_tokenizer
 
 from .compression import Palettized, Quantized, compress
@@ -29,6 +32,7 @@ from .numerics import ffn_scale_exponents, fold_ffn_scales
 FUNCTIONS = ("prefill", "decode")
 EMBEDDING = "transformer.token_embeddings.weight"
 FINAL_NORM = "transformer.norm.weight"
+COMPUTE_DTYPES = {"float16": np.float16, "float32": np.float32}  # --compute-precision
 
 
 @dataclass
@@ -81,7 +85,7 @@ class PackageDescription:
 
     @property
     def compute_dtype(self):
-        return np.float16 if self.compute_precision == "float16" else np.float32
+        return COMPUTE_DTYPES[self.compute_precision]
 
     def metadata(self, tokenizer: Tokenizer) -> Dict[str, str]:
         """The openelm.* keys both packages carry (Core ML: userDefined metadata; Core AI:
@@ -111,12 +115,12 @@ def describe(
     compression: str,
     block_size: int,
     compute_precision: str,
-    compressions=("none", "int8", "int4", "palettize4", "palettize6"),
+    compressions,
 ):
-    """Load `model_source` (anything openelm_mlx.load accepts), check the export settings, and
-    describe the package: (PackageDescription, the folder the model came from)."""
-    from openelm_mlx.loader import load_model
-
+    """Load `model_source` (anything openelm_mlx.load accepts), check the export settings (the
+    exporter's `compressions`), and describe the package: (PackageDescription, the model's folder)."""
+    if compute_precision not in COMPUTE_DTYPES:
+        raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
         raise OpenELMError(f"unknown compression '{compression}': choose one of {', '.join(compressions)}")
     if compression == "int4" and block_size <= 0:
@@ -133,9 +137,8 @@ def describe(
     scale_exponents = ffn_scale_exponents(model, compute_precision)
     weights = fold_ffn_scales(model_weights(model), scale_exponents)
     del model
-    scale_dtype = np.float16 if compute_precision == "float16" else np.float32
     stored = {
-        name: w if is_norm(name) else compress(name, w, compression, block_size, scale_dtype)
+        name: w if is_norm(name) else compress(name, w, compression, block_size, COMPUTE_DTYPES[compute_precision])
         for name, w in weights.items()
     }
     layers = [
@@ -176,9 +179,6 @@ def source_name(model_source) -> str:
 
 def model_weights(model) -> Dict[str, np.ndarray]:
     """HF-named float32 numpy weights of an MLX Model; quantized layers are dequantized."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
     params = dict(tree_flatten(model.parameters()))
     q = model.config.quantization or {}
     out = {}

@@ -3,8 +3,10 @@ executor (anywhere), or Apple's Core AI runtime (Linux, macOS 27). Long prompts 
 prefill calls; the cache position is the only thing besides tokens that a package takes."""
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Sequence
 
+import mlx.core as mx
 import numpy as np
 
 from openelm_mlx.errors import OpenELMError
@@ -93,8 +95,6 @@ class PackageModel:
     so generation passes no MLX cache."""
 
     def __init__(self, runner: PackageRunner):
-        from types import SimpleNamespace
-
         self.runner = runner
         self.config = SimpleNamespace(max_context_length=runner.info.context)
 
@@ -102,8 +102,6 @@ class PackageModel:
         return []
 
     def __call__(self, tokens, cache=None):
-        import mlx.core as mx
-
         ids = tokens[0].tolist()
         logits = self.runner.prefill(ids) if len(ids) > 1 else self.runner.decode(ids[0])
         return mx.array(logits)[None, None]  # [1, 1, vocab]: the last position is all that is used

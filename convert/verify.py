@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import mlx.core as mx
 import numpy as np
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.loader import load_model
+from openelm_mlx.model import Model
+from openelm_mlx.tokenizer import find_tokenizer
 
 from .compression import BITS
 from .numerics import fold_ffn_scales
@@ -139,8 +143,7 @@ def prompt_tokens(tokenizer, prompt: Optional[str], context: int, steps: int) ->
 
 def compare(runner, reference, tokens: List[int], steps: int, backend: str, rtol: float) -> BackendReport:
     """Prefill `tokens`, then `steps` decode steps fed with MLX's greedy tokens (teacher forcing)."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.cache import make_prompt_cache  # here: importing mlx-lm takes ~2 s
 
     cache = make_prompt_cache(reference)
     report = BackendReport(backend, tolerance=0.0)
@@ -187,12 +190,6 @@ def verify_package(
     `package_weights(names)` reads the named weights back from the package (float32, decompressed,
     [out, in]); `runners` are (backend name, factory of a PackageRunner) to compare with MLX;
     `rtol` replaces the logits tolerance of the package's compute precision (LOGITS_RTOL)."""
-    import mlx.core as mx
-
-    from openelm_mlx.loader import load_model
-    from openelm_mlx.model import Model
-    from openelm_mlx.tokenizer import find_tokenizer
-
     source, folder = load_model(model, dtype="float32")
     for key in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size", "num_query_heads", "num_kv_heads"):
         if info.config.get(key) != getattr(source.config, key):

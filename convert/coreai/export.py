@@ -9,9 +9,12 @@ import sys
 import time
 from typing import Optional
 
+from tqdm import tqdm
+
 from openelm_mlx.tokenizer import find_tokenizer
 
 from ..package import (
+    COMPUTE_DTYPES,
     FUNCTIONS,
     PackageDescription,
     add_export_arguments,
@@ -24,7 +27,6 @@ from ..package import (
 )
 
 COMPRESSIONS = ("none", "int8", "int4", "palettize4")
-COMPUTE_PRECISIONS = ("float16", "float32")
 
 
 def export_coreai(
@@ -41,13 +43,9 @@ def export_coreai(
 ) -> dict:
     """Export `model_source` (anything openelm_mlx.load accepts) to OUTPUT.aimodel and its tokenizer
     to OUTPUT.tokenizer.model. Returns a summary (sizes, seconds)."""
-    from tqdm import tqdm
-
     require("coreai.authoring", "coreai")
     start = time.perf_counter()
     output = check_output(output, ".aimodel", force)
-    if compute_precision not in COMPUTE_PRECISIONS:
-        raise ValueError(f"compute_precision must be one of {COMPUTE_PRECISIONS}")
     bar = tqdm(total=3, desc="export-coreai", unit="step", file=sys.stderr, disable=not progress)
     with bar:
         bar.set_postfix_str("load, calibrate, compress")
@@ -93,7 +91,7 @@ def add_arguments(parser):
     add_export_arguments(parser, ".aimodel", COMPRESSIONS)
     parser.add_argument(
         "--compute-precision",
-        choices=COMPUTE_PRECISIONS,
+        choices=list(COMPUTE_DTYPES),
         default="float16",
         help="matmuls, attention, KV cache and logits (default float16, for devices; float32 for checking large "
         "models with Apple's Linux runtime, where float16 runs ~300x slower). Residual stream, norms and RoPE "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from openelm_mlx import __version__
 from openelm_mlx.tokenizer import find_tokenizer
@@ -50,8 +51,6 @@ def export_coreml(
 ) -> dict:
     """Export `model_source` (anything openelm_mlx.load accepts) to OUTPUT.mlpackage and its
     tokenizer to OUTPUT.tokenizer.model. Returns a summary (sizes, seconds)."""
-    from tqdm import tqdm
-
     require("coremltools", "coreml")
     start = time.perf_counter()
     output = check_output(output, ".mlpackage", force)

@@ -106,6 +106,15 @@ def positions(desc: PackageDescription, input_ids, position, seq_len) -> dict:
     }
 
 
+def output_logits(desc: PackageDescription, h, weights: dict):
+    """float32 [1, S, d] -> float16 [1, vocab] of the last token, through the tied embedding."""
+    config = desc.config
+    last = mb.slice_by_index(x=h, begin=[0, -1, 0], end=[1, 0, config.model_dim], end_mask=[False, True, False])
+    x = fp16(rms_norm(last, weights[FINAL_NORM], config.rms_norm_eps))
+    logits = mb.linear(x=x, weight=weights[EMBEDDING])
+    return mb.reshape(x=logits, shape=[1, config.vocab_size], name="logits")
+
+
 def build_function(desc: PackageDescription, seq_len) -> Program:
     """The MIL program of one function: seq_len=None is prefill (flexible length), 1 is decode."""
     config = desc.config
@@ -122,10 +131,7 @@ def build_function(desc: PackageDescription, seq_len) -> Program:
         h = fp32(mb.gather(x=weights[EMBEDDING], indices=input_ids, axis=0))  # [1, S, d]
         for i in range(len(desc.layers)):
             h = transformer_block(desc, i, h, weights, step, states[2 * i : 2 * i + 2])
-        last = mb.slice_by_index(x=h, begin=[0, -1, 0], end=[1, 0, config.model_dim], end_mask=[False, True, False])
-        x = fp16(rms_norm(last, weights[FINAL_NORM], config.rms_norm_eps))
-        logits = mb.linear(x=x, weight=weights[EMBEDDING])  # tied output layer
-        return mb.reshape(x=logits, shape=[1, config.vocab_size], name="logits")
+        return output_logits(desc, h, weights)
 
     with Function(dict(zip(names, specs + state_specs)), opset_version=OPSET) as func:
         func.set_outputs([body(*(func.inputs[n] for n in names))])
