@@ -105,7 +105,8 @@ def named_constants(package: Path, function: str = "decode") -> Dict[str, np.nda
         MetadataLocationAttr,
     )
 
-    program = AIModelAsset.load(package).program._module._mlir_module  # the bytecode, parsed
+    # The parsed main.mlirb; coreai-core 1.0.0b3 has no public accessor to the module inside.
+    program = AIModelAsset.load(package).program._module._mlir_module
     blobs = resources(package / "main.mlirb")
     graph = next(op for op in program.body.operations if op.attributes["sym_name"].value == function)
     out = {}
