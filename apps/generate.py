@@ -1,9 +1,6 @@
 """`openelm generate`: stream a completion to stdout, then one line of statistics to stderr."""
 
 import sys
-from types import SimpleNamespace
-
-import mlx.core as mx
 
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.generate import stream_generate
@@ -53,33 +50,11 @@ def sampling_options(args) -> dict:
     )
 
 
-class PackageModel:
-    """An exported Core ML package behind the MLX model's call signature, so that sampling,
-    stop strings and statistics are the same code for every backend. The package keeps its
-    own KV cache (Core ML states), so generation passes no MLX cache."""
-
-    def __init__(self, package, backend: str):
-        from openelm_mlx.convert.coreml_runtime import CoreMLRunner
-
-        self.runner = CoreMLRunner(package, backend)
-        self.config = SimpleNamespace(max_context_length=self.runner.info.context)
-
-    def make_cache(self):
-        return []
-
-    def __call__(self, tokens: mx.array, cache=None) -> mx.array:
-        ids = tokens[0].tolist()
-        logits = self.runner.prefill(ids) if len(ids) > 1 else self.runner.decode(ids[0])
-        return mx.array(logits)[None, None]  # [1, 1, vocab]: the last position is all that is used
-
-
 def load_for_cli(args):
     if getattr(args, "backend", "mlx") != "mlx":
-        if args.model is None or not str(args.model).rstrip("/").endswith(".mlpackage"):
-            raise OpenELMError(f"--backend {args.backend} needs --model OUT.mlpackage from `openelm export-coreml`")
-        from openelm_mlx.convert.coreml_runtime import package_tokenizer
+        from openelm_mlx.convert.runner import load_package
 
-        return PackageModel(args.model, args.backend), package_tokenizer(args.model, args.tokenizer)
+        return load_package(args.model, args.backend, args.tokenizer)
     if args.model is None:
         print(
             "openelm: no --model given, using the small demo model shipped with openelm-mlx "
@@ -102,9 +77,10 @@ def add_arguments(parser):
     parser.add_argument(
         "--backend",
         default="mlx",
-        choices=["mlx", "coreml", "mil-reference"],
-        help="mlx; coreml runs an exported .mlpackage with Core ML (macOS 15+); "
-        "mil-reference runs it with the numpy MIL executor anywhere (slow, for checking)",
+        choices=["mlx", "coreml", "mil-reference", "coreai"],
+        help="mlx; coreml runs an exported .mlpackage with Core ML (macOS 15+); mil-reference runs it with "
+        "the numpy MIL executor anywhere (slow, for checking); coreai runs an exported .aimodel with Apple's "
+        "Core AI runtime (Linux: the reference runtime, not device speed; macOS 27)",
     )
 
 

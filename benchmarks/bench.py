@@ -5,7 +5,7 @@ import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 
@@ -13,14 +13,12 @@ from openelm_mlx.errors import OpenELMError
 
 from . import timing
 from .machine import machine_info
-from .subjects import GROUP_SIZE, PRECISIONS, activation_dtype, build_subject, describe, load_source, mlx_lm_twin
+from .plan import MLX_LM, OURS, WARMUP_DECODE_TOKENS, run_plan
+from .subjects import GROUP_SIZE, PRECISIONS, activation_dtype, build_subject, load_source, mlx_lm_twin
 
 SCHEMA = "openelm-bench/1"
-OURS, MLX_LM = "openelm_mlx", "mlx_lm"
-# Like llama-bench's, a warm-up prefills the whole prompt (first-call allocations, compiled
-# kernels for that shape) but decodes only a few tokens: every decode step has the same shapes.
-WARMUP_DECODE_TOKENS = 4
 MLX_LM_DEFAULT = "fp16"  # mlx_lm.convert's default: float16 weights and activations
+PACKAGE_BACKENDS = ("coreml", "coreai")  # exported packages, timed by benchmarks/package_bench.py
 
 
 def default_precisions() -> List[str]:
@@ -78,18 +76,6 @@ def run_configuration(entry: dict, names: List[str], source: tuple, settings: di
                 entry["implementations"][name]["trials"].append(trial)
 
 
-def summarize(entry: dict, bandwidth_gbs: float):
-    """Median and spread per implementation, roofline, and paired ratios ours / mlx-lm."""
-    impls = {name: r for name, r in entry["implementations"].items() if r.get("trials")}
-    for result in impls.values():
-        result["summary"] = timing.summarize(result["trials"])
-        decode = result["summary"]["decode_tps"]["median"]
-        result["achieved_gbs"] = decode * entry["decode_bytes_per_token"] / 1e9
-        result["roofline"] = timing.roofline(decode, entry["decode_bytes_per_token"], bandwidth_gbs)
-    if OURS in impls and MLX_LM in impls:
-        entry["ratios"] = timing.paired_ratios(impls[OURS]["trials"], impls[MLX_LM]["trials"])
-
-
 def best_vs_default(configurations: List[dict]) -> List[dict]:
     """Per model: our fastest decode setting against mlx-lm's default conversion (medians)."""
     out = []
@@ -132,9 +118,10 @@ def run_benchmark(
 ) -> dict:
     """Benchmark every (model, precision) and return the results (see results.json). A failing
     configuration is recorded with its error; Ctrl-C stops and returns what was gathered."""
-    if backend == "coreml" and precisions:
-        raise OpenELMError("a Core ML package's precision was fixed when it was exported: drop --precisions")
-    precisions = ["package"] if backend == "coreml" else list(precisions or default_precisions())
+    packages = backend in PACKAGE_BACKENDS
+    if packages and precisions:
+        raise OpenELMError(f"a {backend} package's precision was fixed when it was exported: drop --precisions")
+    precisions = ["package"] if packages else list(precisions or default_precisions())
     check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend)
     if backend == "mlx" and len(models) == 1:  # a lone broken checkpoint: say so before measuring
         load_source(models[0], seed)
@@ -158,10 +145,10 @@ def run_benchmark(
         "configurations": [],
         "interrupted": False,
     }
-    if backend == "coreml":
-        from .coreml_bench import run_coreml
+    if packages:
+        from .package_bench import run_packages
 
-        run_coreml(results, progress)
+        run_packages(results, progress)
     else:
         run_mlx(results, progress)
     if hasattr(os, "getloadavg"):  # other processes' load shows up in the spread: record it
@@ -188,54 +175,18 @@ def run_mlx(results: dict, progress: bool):
     run_plan(results, plan(settings["models"], settings["precisions"], settings["compare"]), run_one, progress)
 
 
-def run_plan(results: dict, configs: List[dict], run_one: Callable, progress: bool):
-    """run_one(entry, config) for each configuration, behind a progress bar. A failure is recorded
-    in its entry and the next configuration runs; Ctrl-C stops and keeps what was gathered."""
-    from tqdm import tqdm
-
-    bandwidth = results["environment"]["memory_bandwidth_gbs"]
-    bar = tqdm(configs, desc="openelm bench", unit="config", file=sys.stderr, disable=not progress)
-    try:
-        for config in bar:
-            label, origin = describe(config["spec"])
-            bar.set_postfix_str(f"{label} {config['precision']}")
-            entry = {
-                "model": label,
-                "source": origin,
-                "precision": config["precision"],
-                "role": config.get("role", "benchmark"),
-                "implementations": {},
-                "error": None,
-            }
-            results["configurations"].append(entry)
-            try:
-                run_one(entry, config)
-            except KeyboardInterrupt:
-                entry["error"] = "interrupted"
-                raise
-            except Exception as e:  # a failed configuration is reported, the others still run
-                entry["error"] = str(e) if isinstance(e, OpenELMError) else f"{type(e).__name__}: {e}"
-            finally:
-                if "decode_bytes_per_token" in entry:
-                    summarize(entry, bandwidth)
-    except KeyboardInterrupt:
-        results["interrupted"] = True
-    finally:
-        bar.close()
-
-
 def check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend):
     checks = [
         (len(models) > 0, "--models is empty: name sizes (270M,450M,1.1B,3B) or checkpoint folders"),
         (
-            backend == "coreml" or all(p in PRECISIONS for p in precisions),
+            backend in PACKAGE_BACKENDS or all(p in PRECISIONS for p in precisions),
             f"unknown precision in {','.join(precisions)}: choose from {','.join(PRECISIONS)}",
         ),
         (prompt_tokens >= 1 and generation_tokens >= 1, "-p and -g must be at least 1"),
         (trials >= 1 and warmup >= 0, "--trials must be at least 1 and --warmup at least 0"),
         (compare in (None, "mlx-lm"), f"--compare {compare}: only mlx-lm is supported"),
-        (backend in ("mlx", "coreml"), f"--backend {backend}: choose mlx or coreml"),
-        (not (compare and backend == "coreml"), "--compare mlx-lm times MLX models: drop it with --backend coreml"),
+        (backend in ("mlx", *PACKAGE_BACKENDS), f"--backend {backend}: choose mlx, coreml or coreai"),
+        (not (compare and backend != "mlx"), f"--compare mlx-lm times MLX models: drop it with --backend {backend}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -248,7 +199,7 @@ def add_arguments(parser):
         default="270M",
         help="comma-separated sizes (270M,450M,1.1B,3B: random "
         "weights of the real shapes) or checkpoint folders / Hub repos; .mlpackage paths "
-        "with --backend coreml (default: 270M)",
+        "with --backend coreml, .aimodel paths with --backend coreai (default: 270M)",
     )
     parser.add_argument(
         "--precisions",
@@ -267,9 +218,10 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--backend",
-        choices=["mlx", "coreml"],
+        choices=["mlx", *PACKAGE_BACKENDS],
         default="mlx",
-        help="mlx, or coreml to time an exported package (macOS only)",
+        help="mlx; coreml times an exported .mlpackage with Core ML (macOS only); coreai times an exported "
+        ".aimodel with Apple's Core AI runtime (on Linux its reference runtime: not device speed)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
     parser.add_argument(

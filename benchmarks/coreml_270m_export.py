@@ -39,7 +39,7 @@ def run(compress: str = "int4", context: int = 2048, prefill_length: int = 128) 
         n_params = write_270m_checkpoint(tmp / "OpenELM-270M-random")
         out = tmp / f"OpenELM-270M-{compress}.mlpackage"
         code = (
-            "import json, sys; from openelm_mlx.convert.coreml_export import export_coreml; "
+            "import json, sys; from openelm_mlx.convert.coreml.export import export_coreml; "
             f"print(json.dumps(export_coreml({str(tmp / 'OpenELM-270M-random')!r}, {str(out)!r}, "
             f"context={context}, prefill_length={prefill_length}, compress={compress!r})))"
         )

@@ -11,7 +11,7 @@ from typing import List
 from openelm_mlx.errors import OpenELMError
 
 FILES = ("results.json", "results.csv", "results.md", "chart.png")
-NAMES = {"openelm_mlx": "openelm-mlx", "mlx_lm": "mlx-lm", "coreml": "Core ML"}
+NAMES = {"openelm_mlx": "openelm-mlx", "mlx_lm": "mlx-lm", "coreml": "Core ML", "coreai": "Core AI"}
 CSV_FIELDS = [
     "model",
     "precision",
@@ -124,6 +124,8 @@ def markdown(results: dict) -> str:
         if not c.get("error"):
             sources.setdefault(c["source"], []).append(c["model"])
     lines += [f"- Weights of {', '.join(dict.fromkeys(models))}: {src}." for src, models in sources.items()]
+    runtimes = {c["runtime"] for c in results["configurations"] if c.get("runtime")}  # package backends
+    lines += [f"- Packages run by {runtime}." for runtime in sorted(runtimes)]
     if results["interrupted"]:
         lines.append("- **Interrupted**: only the configurations gathered so far are shown.")
     lines += [

@@ -56,3 +56,34 @@ def assert_clean_error(result, *fragments, exit=1):
     assert len(lines) == 1 and lines[0].startswith(f"openelm {command}: error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+MASSIVE_LAYER, MASSIVE_CHANNEL = 1, 7
+
+
+@pytest.fixture(scope="session")
+def massive_activation_checkpoint(tmp_path_factory, tokenizer_file) -> Path:
+    """tiny_config() with a "massive activation" as real LLMs have them: at the first token (BOS)
+    only, one FFN output channel of layer MASSIVE_LAYER reaches ~1e5, past float16's 65504.
+    How: embedding channel 5 is +20 for BOS and -2 for every other token; FFN unit 3 of that layer
+    reads only channel 5 (gate and up rows 36 * e_5), so silu(gate) * up is ~1e5 at BOS and ~0
+    elsewhere; proj_2 passes unit 3 to output channel MASSIVE_CHANNEL alone, with weight 1."""
+    import mlx.core as mx
+    import numpy as np
+
+    from openelm_mlx.benchmarks.synthetic import random_weights
+
+    config = tiny_config()
+    w = {k: np.array(v) for k, v in random_weights(config).items()}
+    emb = w["transformer.token_embeddings.weight"]
+    emb[:, 5] = -2.0
+    emb[config.bos_token_id, 5] = 20.0
+    proj_1 = w[f"transformer.layers.{MASSIVE_LAYER}.ffn.proj_1.weight"]
+    for row in (3, proj_1.shape[0] // 2 + 3):  # gate row 3, up row 3
+        proj_1[row] = 0.0
+        proj_1[row, 5] = 36.0
+    proj_2 = w[f"transformer.layers.{MASSIVE_LAYER}.ffn.proj_2.weight"]
+    proj_2[:, 3] = 0.0
+    proj_2[MASSIVE_CHANNEL, 3] = 1.0
+    folder = tmp_path_factory.mktemp("massive") / "OpenELM-tiny-massive"
+    return write_checkpoint(folder, config, weights={k: mx.array(v) for k, v in w.items()}, tokenizer=tokenizer_file)

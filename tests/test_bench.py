@@ -388,9 +388,9 @@ def test_quantized_checkpoint_runs_at_its_own_precision(quantizable_checkpoint, 
 
 
 def test_coreml_trial_feeds_greedy_tokens_back():
-    from openelm_mlx.benchmarks.coreml_bench import time_package
+    from openelm_mlx.benchmarks.package_bench import time_package
 
-    class Runner:  # the interface of convert.coreml_runtime.CoreMLRunner
+    class Runner:  # the interface of convert.runner.PackageRunner
         calls = []
 
         def reset(self):

@@ -16,10 +16,12 @@ pytest.importorskip("coremltools")
 from conftest import tiny_config  # noqa: E402
 
 from openelm_mlx.apps.cli import main as cli  # noqa: E402
-from openelm_mlx.convert.coreml_export import export_coreml, tokenizer_path  # noqa: E402
-from openelm_mlx.convert.coreml_runtime import CoreMLRunner  # noqa: E402
-from openelm_mlx.convert.coreml_verify import LOGITS_RTOL, verify_coreml  # noqa: E402
-from openelm_mlx.convert.mil_executor import MILExecutor  # noqa: E402
+from openelm_mlx.convert.coreml.executor import MILExecutor  # noqa: E402
+from openelm_mlx.convert.coreml.export import export_coreml  # noqa: E402
+from openelm_mlx.convert.coreml.runtime import CoreMLRunner  # noqa: E402
+from openelm_mlx.convert.coreml.verify import verify_coreml  # noqa: E402
+from openelm_mlx.convert.package import tokenizer_path  # noqa: E402
+from openelm_mlx.convert.verify import LOGITS_RTOL  # noqa: E402
 from openelm_mlx.errors import OpenELMError  # noqa: E402
 from openelm_mlx.loader import load_model  # noqa: E402
 
@@ -83,7 +85,9 @@ def test_spec_functions_states_metadata(tiny_checkpoint, packages):
     meta = dict(spec.description.metadata.userDefined)
     assert meta["openelm.bos_token_id"] == "1" and meta["openelm.eos_token_id"] == "2"
     assert meta["openelm.context_length"] == str(CONTEXT) and meta["openelm.prefill_length"] == str(PREFILL)
-    assert meta["openelm.compression"] == "none" and meta["openelm.source_model"] == str(tiny_checkpoint)
+    assert (
+        meta["openelm.compression"] == "none" and meta["openelm.source_model"] == tiny_checkpoint.name
+    )  # never a local path
     assert "<|assistant|>" in meta["openelm.chat_template"] and meta["openelm.toolkit_version"]
     assert tokenizer_path(summary["output"]).read_bytes() == (tiny_checkpoint / "tokenizer.model").read_bytes()
     # One copy of the fp16 weights shared by both functions (two would be > 4 bytes/parameter).
@@ -112,7 +116,7 @@ def test_executor_against_original_fp32_weights(tiny_checkpoint, packages):
     ref = np.array(model(mx.array([tokens]), cache=cache)[0, -1])
     got = runner.prefill(tokens)
     assert runner.position == len(tokens)
-    assert np.abs(got - ref).max() < LOGITS_RTOL * max(1, np.abs(ref).max())
+    assert np.abs(got - ref).max() < LOGITS_RTOL["float16"] * max(1, np.abs(ref).max())
     for _ in range(3):
         token = int(ref.argmax())
         ref = np.array(model(mx.array([[token]]), cache=cache)[0, -1])
@@ -187,7 +191,7 @@ def test_context_is_enforced(tiny_checkpoint, packages, tmp_path):
     with pytest.raises(OpenELMError, match="do not fit"):
         runner.decode(7)
     with pytest.raises(OpenELMError, match="exceed the package's context"):
-        verify_coreml(packages(tiny_checkpoint)["output"], tiny_checkpoint, steps=CONTEXT)
+        verify_coreml(packages(tiny_checkpoint)["output"], tiny_checkpoint, steps=CONTEXT, prompt="the sea")
     with pytest.raises(OpenELMError, match="max_context_length"):
         export_coreml(tiny_checkpoint, tmp_path / "big.mlpackage", context=tiny_config().max_context_length + 1)
 
@@ -240,4 +244,39 @@ def test_coreml_runtime_matches_executor(tiny_checkpoint, packages):
     a, b = CoreMLRunner(out, "coreml"), CoreMLRunner(out, "mil-reference")
     tokens = list(range(3, 3 + PREFILL + 3))
     ref = b.prefill(tokens)
-    assert np.abs(a.prefill(tokens) - ref).max() < LOGITS_RTOL * max(1, np.abs(ref).max())
+    assert np.abs(a.prefill(tokens) - ref).max() < LOGITS_RTOL["float16"] * max(1, np.abs(ref).max())
+
+
+MASSIVE_PROMPT = "A journey of a thousand miles begins with a single step."  # no near-ties in its greedy run
+
+
+def test_massive_activation_stays_finite(massive_activation_checkpoint, tmp_path):
+    """One FFN output channel reaches ~1e5 at BOS (conftest): past float16's 65504, so a float16
+    proj_2 output would be inf and every later logit NaN. The export scales that layer's `up` down
+    by 2**-k and its output back up in float32 (numerics.py): finite, within tolerance, greedy equal."""
+    from conftest import MASSIVE_CHANNEL, MASSIVE_LAYER
+
+    from openelm_mlx.convert.numerics import FLOAT16_MAX, calibration_peaks
+    from openelm_mlx.tokenizer import Tokenizer
+
+    model, _ = load_model(massive_activation_checkpoint, "float32")
+    tokens = Tokenizer(massive_activation_checkpoint / "tokenizer.model").encode(MASSIVE_PROMPT)
+    peaks = calibration_peaks(model, tokens)
+    assert FLOAT16_MAX < peaks[MASSIVE_LAYER]["proj_2"] < 2e5  # ~1e5: overflows float16 without the fix
+    assert all(p["proj_2"] < 10 for i, p in enumerate(peaks) if i != MASSIVE_LAYER)
+    h = model.transformer.token_embeddings(mx.array([tokens]))
+    for layer in model.layers[: MASSIVE_LAYER + 1]:
+        h = layer(h, "causal")
+    assert (
+        float(mx.abs(h[0, 0, MASSIVE_CHANNEL])) > FLOAT16_MAX and float(mx.abs(h[0, 1:, MASSIVE_CHANNEL]).max()) < 100
+    )
+
+    summary = export_coreml(
+        massive_activation_checkpoint, tmp_path / "massive.mlpackage", context=96, prefill_length=16
+    )
+    exponents = summary["ffn_scale_exponents"]
+    assert exponents[MASSIVE_LAYER] == 6 and sum(exponents) == 6  # 9.7e4 / 2**6 <= 65504 / 32
+    report = verify_coreml(summary["output"], massive_activation_checkpoint, steps=16, prompt=MASSIVE_PROMPT)
+    (mil,) = report.backends
+    assert report.ok and len(mil.steps) == 17 and mil.agreement == 1.0
+    assert max(s.max_abs_diff for s in mil.steps) < mil.tolerance

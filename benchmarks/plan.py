@@ -1,0 +1,63 @@
+"""The benchmark loop shared by `openelm bench`'s backends (bench.py for MLX models,
+package_bench.py for exported packages): one entry per configuration, failures recorded."""
+
+import sys
+from typing import Callable, List
+
+from openelm_mlx.errors import OpenELMError
+
+from . import timing
+from .subjects import describe
+
+OURS, MLX_LM = "openelm_mlx", "mlx_lm"
+# Like llama-bench's, a warm-up prefills the whole prompt (first-call allocations, compiled
+# kernels for that shape) but decodes only a few tokens: every decode step has the same shapes.
+WARMUP_DECODE_TOKENS = 4
+
+
+def summarize(entry: dict, bandwidth_gbs: float):
+    """Median and spread per implementation, roofline, and paired ratios ours / mlx-lm."""
+    impls = {name: r for name, r in entry["implementations"].items() if r.get("trials")}
+    for result in impls.values():
+        result["summary"] = timing.summarize(result["trials"])
+        decode = result["summary"]["decode_tps"]["median"]
+        result["achieved_gbs"] = decode * entry["decode_bytes_per_token"] / 1e9
+        result["roofline"] = timing.roofline(decode, entry["decode_bytes_per_token"], bandwidth_gbs)
+    if OURS in impls and MLX_LM in impls:
+        entry["ratios"] = timing.paired_ratios(impls[OURS]["trials"], impls[MLX_LM]["trials"])
+
+
+def run_plan(results: dict, configs: List[dict], run_one: Callable, progress: bool):
+    """run_one(entry, config) for each configuration, behind a progress bar. A failure is recorded
+    in its entry and the next configuration runs; Ctrl-C stops and keeps what was gathered."""
+    from tqdm import tqdm
+
+    bandwidth = results["environment"]["memory_bandwidth_gbs"]
+    bar = tqdm(configs, desc="openelm bench", unit="config", file=sys.stderr, disable=not progress)
+    try:
+        for config in bar:
+            label, origin = describe(config["spec"])
+            bar.set_postfix_str(f"{label} {config['precision']}")
+            entry = {
+                "model": label,
+                "source": origin,
+                "precision": config["precision"],
+                "role": config.get("role", "benchmark"),
+                "implementations": {},
+                "error": None,
+            }
+            results["configurations"].append(entry)
+            try:
+                run_one(entry, config)
+            except KeyboardInterrupt:
+                entry["error"] = "interrupted"
+                raise
+            except Exception as e:  # a failed configuration is reported, the others still run
+                entry["error"] = str(e) if isinstance(e, OpenELMError) else f"{type(e).__name__}: {e}"
+            finally:
+                if "decode_bytes_per_token" in entry:
+                    summarize(entry, bandwidth)
+    except KeyboardInterrupt:
+        results["interrupted"] = True
+    finally:
+        bar.close()

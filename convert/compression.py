@@ -1,0 +1,115 @@
+"""Weight compression, the same math for both exporters: symmetric linear quantization (int8 per
+output channel, int4 per block along the input axis) and palettization (a k-means look-up table
+per group of 16 output channels). Weights are [out, in] as in the checkpoint; each exporter lays
+the arrays out the way its decompression op wants them."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from openelm_mlx.errors import OpenELMError
+
+BITS = {"int8": 8, "int4": 4, "palettize4": 4, "palettize6": 6}  # bits per stored value
+PALETTE_GROUP = 16  # output channels sharing one LUT (coremltools' per_grouped_channel default)
+KMEANS_ITERATIONS = 30
+
+
+@dataclass
+class Quantized:
+    """weight = data * scale, one scale per block of `block` input values in an output row."""
+
+    data: np.ndarray  # int8 [out, in], values in -(2**(bits-1) - 1) .. 2**(bits-1) - 1
+    scale: np.ndarray  # [out, in // block], in the compute precision
+    bits: int
+
+    @property
+    def block(self) -> int:
+        return self.data.shape[1] // self.scale.shape[1]
+
+
+@dataclass
+class Palettized:
+    """weight[r, c] = lut[r // PALETTE_GROUP, indices[r, c]]."""
+
+    indices: np.ndarray  # uint8 [out, in], values < 2**bits
+    lut: np.ndarray  # [out // PALETTE_GROUP, 2**bits], in the compute precision
+    bits: int
+
+
+def compress(name: str, weight: np.ndarray, compression: str, block_size: int, scale_dtype):
+    """The stored form of the float32 [out, in] weight `name`: itself in `scale_dtype` for "none",
+    else a Quantized or Palettized whose scales or LUT are `scale_dtype`."""
+    out, n = weight.shape
+    if compression == "int4" and n % block_size:
+        raise OpenELMError(f"--block-size {block_size} does not divide the {n} inputs of {name}: choose another")
+    if compression.startswith("palettize") and out % PALETTE_GROUP:
+        raise OpenELMError(f"{name} has {out} rows, not a multiple of {PALETTE_GROUP}: it cannot be palettized")
+    if compression == "none":
+        return weight.astype(scale_dtype)
+    if compression.startswith("palettize"):
+        return palettize(weight, BITS[compression], scale_dtype)
+    return quantize(weight, BITS[compression], block_size if compression == "int4" else n, scale_dtype)
+
+
+def decompress(stored) -> np.ndarray:
+    """float32 [out, in] of a stored weight (what the package computes with)."""
+    if isinstance(stored, Quantized):
+        scale = np.repeat(stored.scale.astype(np.float32), stored.block, axis=1)
+        return stored.data.astype(np.float32) * scale
+    if isinstance(stored, Palettized):
+        rows = np.arange(stored.indices.shape[0]) // PALETTE_GROUP
+        return stored.lut.astype(np.float32)[rows[:, None], stored.indices]
+    return np.asarray(stored, np.float32)
+
+
+def quantize(weight: np.ndarray, bits: int, block: int, scale_dtype) -> Quantized:
+    out, n = weight.shape
+    qmax = 2 ** (bits - 1) - 1
+    blocks = weight.reshape(out, n // block, block)
+    scale = (np.abs(blocks).max(axis=-1) / qmax).astype(scale_dtype)
+    # Round with the stored (rounded) scale, so data * scale is the closest the package can hold.
+    safe = np.where(scale == 0, 1, scale).astype(np.float32)[..., None]
+    data = np.clip(np.round(blocks / safe), -qmax, qmax).astype(np.int8).reshape(out, n)
+    return Quantized(data, scale, bits)
+
+
+def palettize(weight: np.ndarray, bits: int, lut_dtype) -> Palettized:
+    """1-D k-means (Lloyd's algorithm) per group of PALETTE_GROUP rows, all groups at once.
+    Written here rather than taken from scikit-learn: in one dimension each cluster is an interval
+    of the sorted values, so an iteration is a vectorized search and prefix sums (seconds for a
+    270M model, where one KMeans per group takes minutes), and the coreai extra needs no sklearn."""
+    out, n = weight.shape
+    k = 2**bits
+    groups = weight.reshape(out // PALETTE_GROUP, PALETTE_GROUP * n).astype(np.float64)
+    ordered = np.sort(groups, axis=1)
+    prefix = np.concatenate([np.zeros((len(groups), 1)), np.cumsum(ordered, axis=1)], axis=1)
+    lut = np.quantile(ordered, (np.arange(k) + 0.5) / k, axis=1).T  # [groups, k], ascending
+    rows = np.arange(len(groups))[:, None]
+    for _ in range(KMEANS_ITERATIONS):
+        # cluster j holds the sorted values between the midpoints around lut[:, j]
+        ends = _search_rows(ordered, (lut[:, 1:] + lut[:, :-1]) / 2)
+        ends = np.concatenate([np.zeros((len(groups), 1), int), ends, np.full((len(groups), 1), ordered.shape[1])], 1)
+        counts = np.diff(ends, axis=1)
+        sums = prefix[rows, ends[:, 1:]] - prefix[rows, ends[:, :-1]]
+        new = np.sort(np.where(counts > 0, sums / np.maximum(counts, 1), lut), axis=1)
+        if np.array_equal(new, lut):
+            break
+        lut = new
+    lut = lut.astype(lut_dtype)
+    midpoints = (lut[:, 1:].astype(np.float64) + lut[:, :-1]) / 2
+    indices = _search_rows(groups, midpoints, sorted_rows=False).astype(np.uint8)  # value -> its nearest entry
+    return Palettized(indices.reshape(out, n), lut, bits)
+
+
+def _search_rows(values: np.ndarray, edges: np.ndarray, sorted_rows: bool = True) -> np.ndarray:
+    """Per row (np.searchsorted row by row, in one call: row r is shifted by r * span so that rows
+    do not overlap): for sorted rows, how many values lie below each edge; otherwise, for each
+    value, how many edges lie at or below it (a value on a midpoint goes up in both)."""
+    low = min(values.min(), edges.min())
+    span = max(values.max(), edges.max()) - low + 1.0
+    shift = np.arange(len(values))[:, None] * span
+    if sorted_rows:
+        flat = (values - low + shift).ravel()
+        return np.searchsorted(flat, edges - low + shift) - np.arange(len(values))[:, None] * values.shape[1]
+    flat = (edges - low + shift).ravel()
+    return np.searchsorted(flat, values - low + shift, side="right") - np.arange(len(values))[:, None] * edges.shape[1]

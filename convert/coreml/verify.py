@@ -1,0 +1,39 @@
+"""`openelm verify-coreml`: run a saved Core ML package and compare it with the MLX model (see
+convert/verify.py). Core ML exists on macOS only, so everywhere the package is also run by the
+numpy MIL executor (executor.py), which reads the program and weights from disk."""
+
+import sys
+
+import numpy as np
+
+from ..package import require
+from ..verify import add_verify_arguments, print_report, verify_package
+
+
+def verify_coreml(package, model, steps: int = 16, prompt=None, tokenizer=None):
+    require("coremltools", "coreml")
+    from .runtime import CoreMLRunner
+
+    reference = CoreMLRunner(package, "mil-reference")  # loads and checks the package first
+
+    def package_weights(names):
+        """Decompressed float32 weights, from the saved program's `decode` function."""
+        consts = reference.executor.constants("decode")
+        wanted = {name.replace(".", "_"): name for name in names}  # graph.weight's op names
+        return {wanted[key]: value.astype(np.float32) for key, value in consts.items() if key in wanted}
+
+    runners = [("mil-reference", lambda: reference)]
+    skipped = []
+    if sys.platform == "darwin":
+        runners.append(("coreml", lambda: CoreMLRunner(package, "coreml")))
+    else:
+        skipped.append("coreml (Core ML runs on macOS 15+ only)")
+    return verify_package(package, model, reference.info, package_weights, runners, skipped, steps, prompt, tokenizer)
+
+
+def add_arguments(parser):
+    add_verify_arguments(parser, ".mlpackage", "export-coreml")
+
+
+def main(args) -> int:
+    return print_report(verify_coreml(args.package, args.model, args.steps, args.prompt, args.tokenizer))

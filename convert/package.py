@@ -1,0 +1,348 @@
+"""The one description of an exported OpenELM package, shared by the Core ML and Core AI exporters.
+
+Both packages have the same contract: functions `prefill` (1..prefill_length tokens) and `decode`
+(one token) over one copy of the weights; inputs `input_ids` int32 [1, S] and `position` int32 [1];
+output `logits` of the last token [1, vocab]; per-layer states `k_cache_{i}` / `v_cache_{i}`
+[1, kv_heads_i, context, head_dim] (keys after RoPE); the causal mask built inside from `position`;
+the same `openelm.*` metadata; the tokenizer beside the package. What differs is only how each op
+is spelled (convert/coreml/graph.py, convert/coreai/graph.py)."""
+
+import importlib
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Union
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from openelm_mlx import __version__
+from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.errors import OpenELMError
+from openelm_mlx.loader import load_model
+from openelm_mlx.tokenizer import CHAT_TEMPLATE, Tokenizer, find_tokenizer
+
+from .compression import Palettized, Quantized, compress
+from .numerics import ffn_scale_exponents, fold_ffn_scales
+
+FUNCTIONS = ("prefill", "decode")
+EMBEDDING = "transformer.token_embeddings.weight"
+FINAL_NORM = "transformer.norm.weight"
+COMPUTE_DTYPES = {"float16": np.float16, "float32": np.float32}  # --compute-precision
+
+
+@dataclass
+class Layer:
+    """One transformer block's shape, and its FFN output scale (numerics.py): proj_1's `up` rows
+    are stored times 2**-ffn_scale_exponent and the FFN output is multiplied back in float32."""
+
+    q_heads: int
+    kv_heads: int
+    ffn_dim: int
+    ffn_scale_exponent: int
+
+
+def block_names(i: int) -> Dict[str, str]:
+    """model.py's parameter names of transformer block i, by role."""
+    p = f"transformer.layers.{i}."
+    return {
+        "attn_norm": p + "attn_norm.weight",
+        "qkv_proj": p + "attn.qkv_proj.weight",
+        "q_norm": p + "attn.q_norm.weight",
+        "k_norm": p + "attn.k_norm.weight",
+        "out_proj": p + "attn.out_proj.weight",
+        "ffn_norm": p + "ffn_norm.weight",
+        "proj_1": p + "ffn.proj_1.weight",
+        "proj_2": p + "ffn.proj_2.weight",
+    }
+
+
+def is_norm(name: str) -> bool:
+    """RMSNorm weights stay float32 and uncompressed: they are tiny and scale float32 activations."""
+    return name.endswith("norm.weight")
+
+
+@dataclass
+class PackageDescription:
+    """Everything an exporter needs, backend-neutral: shapes per layer, the weights as they are
+    stored (FFN scales folded in, compressed where asked), RoPE tables and the metadata."""
+
+    config: OpenELMConfig
+    source: str
+    context: int
+    prefill_length: int
+    compression: str
+    block_size: int
+    compute_precision: str  # "float16" or "float32": matmuls, attention, KV cache, logits
+    layers: List[Layer]
+    weights: Dict[str, Union[np.ndarray, Quantized, Palettized]]  # HF name -> stored form
+    rope_cos: np.ndarray  # [context, head_dim] float32
+    rope_sin: np.ndarray  # sign-folded: rope(x) = x * cos + swap_halves(x) * sin
+
+    @property
+    def compute_dtype(self):
+        return COMPUTE_DTYPES[self.compute_precision]
+
+    def metadata(self, tokenizer: Tokenizer) -> Dict[str, str]:
+        """The openelm.* keys both packages carry (Core ML: userDefined metadata; Core AI:
+        metadata.json), all strings. PackageInfo reads them back."""
+        return {
+            "openelm.bos_token_id": str(tokenizer.bos_id),
+            "openelm.eos_token_id": str(tokenizer.eos_id),
+            "openelm.context_length": str(self.context),
+            "openelm.prefill_length": str(self.prefill_length),
+            "openelm.vocab_size": str(self.config.vocab_size),
+            "openelm.chat_template": CHAT_TEMPLATE,
+            "openelm.source_model": self.source,
+            "openelm.compression": self.compression,
+            "openelm.block_size": str(self.block_size) if self.compression == "int4" else "",
+            "openelm.compute_precision": self.compute_precision,
+            "openelm.ffn_scale_exponents": json.dumps([layer.ffn_scale_exponent for layer in self.layers]),
+            "openelm.num_parameters": str(self.config.num_parameters()),
+            "openelm.toolkit_version": __version__,
+            "openelm.config": json.dumps(self.config.to_dict()),
+        }
+
+
+def describe(
+    model_source,
+    context: Optional[int],
+    prefill_length: int,
+    compression: str,
+    block_size: int,
+    compute_precision: str,
+    compressions,
+):
+    """Load `model_source` (anything openelm_mlx.load accepts), check the export settings (the
+    exporter's `compressions`), and describe the package: (PackageDescription, the model's folder)."""
+    if compute_precision not in COMPUTE_DTYPES:
+        raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
+    if compression not in compressions:
+        raise OpenELMError(f"unknown compression '{compression}': choose one of {', '.join(compressions)}")
+    if compression == "int4" and block_size <= 0:
+        raise OpenELMError(f"--block-size must be positive, got {block_size}")
+    model, folder = load_model(model_source, dtype="float32")
+    config = model.config
+    context = context or config.max_context_length
+    if not 1 <= context <= config.max_context_length:
+        raise OpenELMError(
+            f"--context {context} is outside 1..{config.max_context_length} (the model's max_context_length)"
+        )
+    if not 1 <= prefill_length <= context:
+        raise OpenELMError(f"--prefill-length {prefill_length} must be between 1 and --context ({context})")
+    scale_exponents = ffn_scale_exponents(model, compute_precision)
+    weights = fold_ffn_scales(model_weights(model), scale_exponents)
+    del model
+    stored = {
+        name: w if is_norm(name) else compress(name, w, compression, block_size, COMPUTE_DTYPES[compute_precision])
+        for name, w in weights.items()
+    }
+    layers = [
+        Layer(q, kv, ffn, k)
+        for q, kv, ffn, k in zip(config.num_query_heads, config.num_kv_heads, config.ffn_dims, scale_exponents)
+    ]
+    cos, sin = rope_tables(config, context)
+    description = PackageDescription(
+        config,
+        source_name(model_source),
+        context,
+        prefill_length,
+        compression,
+        block_size,
+        compute_precision,
+        layers,
+        stored,
+        cos,
+        sin,
+    )
+    return description, folder
+
+
+def require(module: str, extra: str):
+    """Import an optional extra's module, or say in one line how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise OpenELMError(f"{module} is not installed: pip install 'openelm-mlx[{extra}]'") from None
+
+
+def source_name(model_source) -> str:
+    """What the metadata records as the source: a repo id or the folder's name, never a local path."""
+    text = str(model_source)
+    path = Path(text).expanduser()
+    return path.resolve().name if path.exists() else text
+
+
+def model_weights(model) -> Dict[str, np.ndarray]:
+    """HF-named float32 numpy weights of an MLX Model; quantized layers are dequantized."""
+    params = dict(tree_flatten(model.parameters()))
+    q = model.config.quantization or {}
+    out = {}
+    for name, value in params.items():
+        base = name.rsplit(".", 1)[0]
+        if name.endswith((".scales", ".biases")):
+            continue
+        if f"{base}.scales" in params:
+            value = mx.dequantize(
+                value,
+                params[f"{base}.scales"],
+                params.get(f"{base}.biases"),
+                group_size=q["group_size"],
+                bits=q["bits"],
+            )
+        out[name] = np.array(value.astype(mx.float32))
+    return out
+
+
+def rope_tables(config: OpenELMConfig, context: int):
+    """cos and sign-folded sin, [context, head_dim] float32: rope(x) = x*cos + swap_halves(x)*sin."""
+    hd = config.head_dim
+    inv_freq = config.rope_freq_constant ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    angles = np.arange(context, dtype=np.float64)[:, None] * inv_freq[None, :]
+    cos, sin = np.cos(angles), np.sin(angles)
+    return (np.concatenate([cos, cos], 1).astype(np.float32), np.concatenate([-sin, sin], 1).astype(np.float32))
+
+
+@dataclass
+class PackageInfo:
+    """The openelm.* metadata of an exported package, read back (PackageDescription.metadata)."""
+
+    context: int
+    prefill_length: int
+    vocab_size: int
+    bos_token_id: int
+    eos_token_id: int
+    compression: str
+    block_size: int  # int4 only, else 0
+    compute_precision: str
+    ffn_scale_exponents: List[int]
+    source_model: str
+    chat_template: str
+    config: dict
+
+    @classmethod
+    def from_metadata(cls, meta: Dict[str, str], package, command: str) -> "PackageInfo":
+        try:
+            return cls(
+                context=int(meta["openelm.context_length"]),
+                prefill_length=int(meta["openelm.prefill_length"]),
+                vocab_size=int(meta["openelm.vocab_size"]),
+                bos_token_id=int(meta["openelm.bos_token_id"]),
+                eos_token_id=int(meta["openelm.eos_token_id"]),
+                compression=meta["openelm.compression"],
+                block_size=int(meta["openelm.block_size"] or 0),
+                compute_precision=meta["openelm.compute_precision"],
+                ffn_scale_exponents=[int(k) for k in json.loads(meta["openelm.ffn_scale_exponents"])],
+                source_model=meta["openelm.source_model"],
+                chat_template=meta["openelm.chat_template"],
+                config=json.loads(meta["openelm.config"]),
+            )
+        except (KeyError, ValueError, TypeError) as e:
+            raise OpenELMError(f"{package} has no openelm metadata ({e}): export it with `openelm {command}`") from None
+
+
+def tokenizer_path(package) -> Path:
+    """OUT.mlpackage or OUT.aimodel -> OUT.tokenizer.model, the tokenizer written beside it."""
+    package = Path(package)
+    return package.with_name(package.stem + ".tokenizer.model")
+
+
+def package_tokenizer(package, tokenizer=None) -> Tokenizer:
+    """The tokenizer written beside the package by the exporter, or `tokenizer`."""
+    beside = tokenizer_path(package)
+    return find_tokenizer(None, tokenizer or (beside if beside.is_file() else None))
+
+
+def check_output(output, suffix: str, force: bool) -> Path:
+    """Refuse a wrong suffix, or an existing output without --force, before any work is done."""
+    output = Path(output)
+    if output.suffix != suffix:
+        raise OpenELMError(f"output '{output}' must end in {suffix}")
+    for path in (output, tokenizer_path(output)):
+        if path.exists() and not force:
+            raise OpenELMError(f"{path} exists: pass --force to overwrite it")
+    return output
+
+
+@contextmanager
+def staged_package(output: Path, tokenizer: Tokenizer) -> Iterator[Path]:
+    """A path in a temporary folder beside OUTPUT to write the package to. When the block ends
+    without error, the package and the tokenizer beside it replace OUTPUT and OUT.tokenizer.model
+    (--force was checked by check_output); on error nothing at OUTPUT changes."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
+        staged = Path(tmp) / output.name
+        yield staged
+        shutil.copyfile(tokenizer.path, Path(tmp) / "tokenizer.model")
+        for path in (output, tokenizer_path(output)):
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        staged.rename(output)
+        (Path(tmp) / "tokenizer.model").rename(tokenizer_path(output))
+
+
+def package_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def export_summary(description: PackageDescription, output: Path, seconds: float) -> dict:
+    size = package_size(output)
+    n_params = description.config.num_parameters()
+    return {
+        "output": str(output),
+        "tokenizer": str(tokenizer_path(output)),
+        "compression": description.compression,
+        "compute_precision": description.compute_precision,
+        "context": description.context,
+        "prefill_length": description.prefill_length,
+        "ffn_scale_exponents": [layer.ffn_scale_exponent for layer in description.layers],
+        "bytes": size,
+        "parameters": n_params,
+        "bytes_per_parameter": size / n_params,
+        "seconds": seconds,
+    }
+
+
+def export_from_args(export, args, **extra):
+    """The export commands' main: `export` (export_coreml or export_coreai) with the shared
+    options (add_export_arguments) and `extra` ones, then its one-line summary."""
+    summary = export(
+        args.model,
+        args.output,
+        context=args.context,
+        prefill_length=args.prefill_length,
+        compress=args.compress,
+        block_size=args.block_size,
+        force=args.force,
+        tokenizer=args.tokenizer,
+        progress=True,
+        **extra,
+    )
+    print(
+        f"wrote {summary['output']} ({summary['bytes'] / 2**20:.1f} MiB, "
+        f"{summary['bytes_per_parameter']:.3f} bytes/parameter, {summary['compression']}, "
+        f"{summary['compute_precision']} compute) and {summary['tokenizer']} in {summary['seconds']:.1f} s"
+    )
+
+
+def add_export_arguments(parser, suffix: str, compressions):
+    parser.add_argument("model", help="model folder or Hugging Face repo id (MLX folders may be quantized)")
+    parser.add_argument(
+        "-o", "--output", required=True, help=f"OUT{suffix} (the tokenizer goes to OUT.tokenizer.model)"
+    )
+    parser.add_argument(
+        "--context", type=int, default=None, help="KV-cache length in tokens (default: the model's max_context_length)"
+    )
+    parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call (default 128)")
+    parser.add_argument(
+        "--compress", choices=compressions, default="none", help="weight compression (default none: 16-bit)"
+    )
+    parser.add_argument("--block-size", type=int, default=32, help="int4 block size along the input axis (default 32)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.model if the model folder has none")
+    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
