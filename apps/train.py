@@ -19,7 +19,6 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
-from tqdm import tqdm
 
 from openelm_mlx.apps.train_checkpoint import load_checkpoint, save_checkpoint, start_run
 from openelm_mlx.apps.train_data import batch_at, encode_documents, train_tokenizer, validation_windows
@@ -28,6 +27,7 @@ from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.model import Model
 from openelm_mlx.model_folder import write_model_folder
+from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import Tokenizer
 
 
@@ -144,7 +144,9 @@ def optimize(model, optimizer, cfg: TrainConfig, state, output, train_tokens, va
         return loss
 
     start, tokens_per_step = time.perf_counter() - state["seconds"], cfg.batch_size * cfg.context
-    bar = tqdm(range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, unit="step", dynamic_ncols=True)
+    bar = progress_bar(
+        range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, unit="step", dynamic_ncols=True
+    )
     for i in bar:
         loss = step(batch_at(train_tokens, i, cfg.seed, cfg.batch_size, cfg.context))
         mx.eval(loss, compiled_state)

@@ -1,7 +1,6 @@
 """The benchmark loop shared by `openelm bench`'s backends (bench.py for MLX models,
 package_bench.py for exported packages): one entry per configuration, failures recorded."""
 
-import sys
 from typing import Callable, List
 
 from openelm_mlx.errors import OpenELMError
@@ -30,10 +29,10 @@ def summarize(entry: dict, bandwidth_gbs: float):
 def run_plan(results: dict, configs: List[dict], run_one: Callable, progress: bool):
     """run_one(entry, config) for each configuration, behind a progress bar. A failure is recorded
     in its entry and the next configuration runs; Ctrl-C stops and keeps what was gathered."""
-    from tqdm import tqdm
+    from openelm_mlx.progress import progress_bar
 
     bandwidth = results["environment"]["memory_bandwidth_gbs"]
-    bar = tqdm(configs, desc="openelm bench", unit="config", file=sys.stderr, disable=not progress)
+    bar = progress_bar(configs, show=progress, desc="openelm bench", unit="config")
     try:
         for config in bar:
             label, origin = describe(config["spec"])

@@ -12,12 +12,12 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
-from tqdm import tqdm
 
 from . import __version__
 from .config import OpenELMConfig
 from .loader import DTYPES
 from .outputs import staged_output
+from .progress import progress_bar
 from .tokenizer import CHAT_TEMPLATE, Tokenizer
 
 MAX_SHARD_BYTES = 5 * 1024**3
@@ -177,7 +177,7 @@ def write_weights(folder: Path, plan: List[Entry], weights, dtype, bits, group_s
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     if len(shards) == 1:
         names = ["model.safetensors"]
-    progress = tqdm(total=len(weights), unit="tensor", desc="writing", leave=False)
+    progress = progress_bar(total=len(weights), unit="tensor", desc="writing", leave=False)
     pending: Dict[str, mx.array] = {}
     for file, entries in zip(names, shards):
         with open(folder / file, "wb") as f:

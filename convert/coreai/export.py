@@ -5,12 +5,10 @@ The steps, one function each: describe the model (package.describe: load, check,
 compress), build both functions into one module (graph.py), save it with the openelm.* metadata
 beside the output and move it into place (package.staged_package)."""
 
-import sys
 import time
 from typing import Optional
 
-from tqdm import tqdm
-
+from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import find_tokenizer
 
 from ..package import (
@@ -46,7 +44,7 @@ def export_coreai(
     require("coreai.authoring", "coreai")
     start = time.perf_counter()
     output = check_output(output, ".aimodel", force)
-    bar = tqdm(total=3, desc="export-coreai", unit="step", file=sys.stderr, disable=not progress)
+    bar = progress_bar(total=3, show=progress, desc="export-coreai", unit="step")
     with bar:
         bar.set_postfix_str("load, calibrate, compress")
         desc, folder = describe(

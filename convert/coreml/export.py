@@ -7,15 +7,14 @@ it beside the output and move it into place (package.staged_package)."""
 
 import contextlib
 import io
-import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from openelm_mlx import __version__
+from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import find_tokenizer
 
 from ..package import (
@@ -55,7 +54,7 @@ def export_coreml(
     start = time.perf_counter()
     output = check_output(output, ".mlpackage", force)
     steps = ["describe", "build prefill", "build decode", "assemble", "write"]
-    bar = tqdm(total=len(steps), desc="export-coreml", unit="step", file=sys.stderr, disable=not progress)
+    bar = progress_bar(total=len(steps), show=progress, desc="export-coreml", unit="step")
     with bar:
         bar.set_postfix_str("load, calibrate, compress")
         desc, folder = describe(model_source, context, prefill_length, compress, block_size, "float16", COMPRESSIONS)
