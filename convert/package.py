@@ -10,7 +10,6 @@ is spelled (convert/coreml/graph.py, convert/coreai/graph.py)."""
 import importlib
 import json
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,11 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from openelm_mlx import __version__
+from openelm_mlx import __version__, outputs
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import load_model
+from openelm_mlx.model_folder import source_name
 from openelm_mlx.tokenizer import CHAT_TEMPLATE, Tokenizer, find_tokenizer
 
 from .compression import Palettized, Quantized, compress
@@ -170,13 +170,6 @@ def require(module: str, extra: str):
         raise OpenELMError(f"{module} is not installed: pip install 'openelm-mlx[{extra}]'") from None
 
 
-def source_name(model_source) -> str:
-    """What the metadata records as the source: a repo id or the folder's name, never a local path."""
-    text = str(model_source)
-    path = Path(text).expanduser()
-    return path.resolve().name if path.exists() else text
-
-
 def model_weights(model) -> Dict[str, np.ndarray]:
     """HF-named float32 numpy weights of an MLX Model; quantized layers are dequantized."""
     params = dict(tree_flatten(model.parameters()))
@@ -258,33 +251,23 @@ def package_tokenizer(package, tokenizer=None) -> Tokenizer:
 
 
 def check_output(output, suffix: str, force: bool) -> Path:
-    """Refuse a wrong suffix, or an existing output without --force, before any work is done."""
+    """Refuse a wrong suffix, or an existing package or tokenizer without --force, before any work."""
     output = Path(output)
     if output.suffix != suffix:
         raise OpenELMError(f"output '{output}' must end in {suffix}")
     for path in (output, tokenizer_path(output)):
-        if path.exists() and not force:
-            raise OpenELMError(f"{path} exists: pass --force to overwrite it")
+        outputs.check_output(path, force)
     return output
 
 
 @contextmanager
-def staged_package(output: Path, tokenizer: Tokenizer) -> Iterator[Path]:
-    """A path in a temporary folder beside OUTPUT to write the package to. When the block ends
-    without error, the package and the tokenizer beside it replace OUTPUT and OUT.tokenizer.model
-    (--force was checked by check_output); on error nothing at OUTPUT changes."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as tmp:
-        staged = Path(tmp) / output.name
-        yield staged
-        shutil.copyfile(tokenizer.path, Path(tmp) / "tokenizer.model")
-        for path in (output, tokenizer_path(output)):
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-        staged.rename(output)
-        (Path(tmp) / "tokenizer.model").rename(tokenizer_path(output))
+def staged_package(output: Path, tokenizer: Tokenizer, force: bool, reads) -> Iterator[Path]:
+    """A temporary path beside OUTPUT to write the package to. When the block ends without error,
+    the package and the tokenizer beside it are placed together (outputs.py: never over something
+    that appeared meanwhile, --force never over what the export reads); on error nothing is."""
+    with outputs.staged_outputs([output, tokenizer_path(output)], force, reads) as (package, tok):
+        yield package
+        shutil.copyfile(tokenizer.path, tok)
 
 
 def package_size(path: Path) -> int:

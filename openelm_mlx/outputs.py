@@ -6,7 +6,7 @@ renamex_np's RENAME_EXCL on macOS): a file or folder that appeared at the output
 (another process, the user) is never replaced, and of two runs writing the same output one succeeds
 and the other gets an error. `--force` replaces an existing output only after the new one is
 complete, and never an output that is or holds what the run reads (its inputs, the current folder).
-A killed run (kill -9) leaves only `.NAME.openelm-partial-PID-XXXX` beside the output: recognizable,
+A killed run (kill -9) leaves only `.NAME.openelm-partial-PID-XXXX[.suffix]` beside the output: recognizable,
 never read, and removed by the next run that writes NAME once PID is gone.
 """
 
@@ -156,7 +156,8 @@ def staged_outputs(outputs: Sequence, force: bool = False, reads: Iterable = ())
         for output in outputs:
             created += _make_parents(output)
             _clean_stale(output)
-            temps.append(output.with_name(f".{output.name}{PARTIAL}{os.getpid()}-{os.urandom(3).hex()}"))
+            # the output's suffix last again: some writers insist on it (coremltools: .mlpackage)
+            temps.append(output.with_name(f".{output.name}{PARTIAL}{os.getpid()}-{os.urandom(3).hex()}{output.suffix}"))
         yield temps
         for tmp, output in zip(temps, outputs):
             if not os.path.lexists(tmp):

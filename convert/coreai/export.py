@@ -52,7 +52,7 @@ def export_coreai(
         )
         tok = find_tokenizer(folder, tokenizer)
         bar.update()
-        with staged_package(output, tok) as staged:
+        with staged_package(output, tok, force, reads=[folder, tok.path]) as staged:
             bar.set_postfix_str("build prefill and decode")
             program = build_program(desc)
             bar.update()

@@ -7,6 +7,7 @@ it beside the output and move it into place (package.staged_package)."""
 
 import contextlib
 import io
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -60,18 +61,23 @@ def export_coreml(
         desc, folder = describe(model_source, context, prefill_length, compress, block_size, "float16", COMPRESSIONS)
         tok = find_tokenizer(folder, tokenizer)
         bar.update()
-        with staged_package(output, tok) as staged:
+        with staged_package(output, tok, force, reads=[folder, tok.path]) as staged:
             write_package(desc, desc.metadata(tok), staged, bar)
     return export_summary(desc, output, time.perf_counter() - start)
 
 
 def write_package(desc: PackageDescription, metadata: dict, path: Path, bar):
-    """Both functions converted, assembled into one package at `path` (weights deduplicated)."""
+    """Both functions converted, assembled into one package at `path` (weights deduplicated); the
+    single-function packages go to a scratch folder beside it."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f"{path.name}.parts-") as tmp:
+        _write_package(desc, metadata, path, Path(tmp), bar)
+
+
+def _write_package(desc: PackageDescription, metadata: dict, path: Path, tmp: Path, bar):
     import coremltools as ct
 
     from .graph import build_function
 
-    tmp = path.parent
     for name, seq_len in zip(FUNCTIONS, (None, 1)):
         bar.set_postfix_str(f"{name}: build, convert")
         with quiet():
