@@ -99,35 +99,38 @@ def train(
             raise OpenELMError(f"no text file at {path}")
     if cfg.warmup >= cfg.steps:
         raise OpenELMError(f"--warmup ({cfg.warmup}) must be smaller than --steps ({cfg.steps})")
-    start_run(output, asdict(cfg), resume, force)
+    with start_run(output, asdict(cfg), resume, force, reads=[text, val_text]):  # the run's lock, held to the end
+        tokenizer_file = output / "tokenizer.model"
+        tokenizer = (
+            Tokenizer(tokenizer_file)
+            if tokenizer_file.is_file()
+            else train_tokenizer(Path(text), output, cfg.vocab_size)
+        )
+        train_tokens = encode_documents(tokenizer, Path(text).read_text())
+        val_tokens = encode_documents(tokenizer, Path(val_text).read_text()) if val_text else None
+        if len(train_tokens) <= cfg.context + 1:
+            raise OpenELMError(f"{text} has only {len(train_tokens)} tokens, fewer than --context {cfg.context}")
 
-    tokenizer_file = output / "tokenizer.model"
-    tokenizer = (
-        Tokenizer(tokenizer_file) if tokenizer_file.is_file() else train_tokenizer(Path(text), output, cfg.vocab_size)
-    )
-    train_tokens = encode_documents(tokenizer, Path(text).read_text())
-    val_tokens = encode_documents(tokenizer, Path(val_text).read_text()) if val_text else None
-    if len(train_tokens) <= cfg.context + 1:
-        raise OpenELMError(f"{text} has only {len(train_tokens)} tokens, fewer than --context {cfg.context}")
+        config = cfg.model_config(tokenizer)
+        mx.random.seed(cfg.seed)
+        model, optimizer = Model(config), cfg.optimizer()
+        state = {"config": asdict(cfg), "step": 0, "seconds": 0.0, "train_loss": [], "val_loss": []}
+        if resume:
+            state = load_checkpoint(output, model, optimizer)
+        optimizer.init(model.trainable_parameters())  # keeps the moments a checkpoint restored
+        print(
+            f"model: {config.num_parameters() / 1e6:.2f}M parameters, q heads {config.num_query_heads}, "
+            f"ffn {config.ffn_dims}; {len(train_tokens) / 1e6:.2f}M training tokens"
+        )
+        optimize(model, optimizer, cfg, state, output, train_tokens, val_tokens, checkpoint_every, eval_every)
 
-    config = cfg.model_config(tokenizer)
-    mx.random.seed(cfg.seed)
-    model, optimizer = Model(config), cfg.optimizer()
-    state = {"config": asdict(cfg), "step": 0, "seconds": 0.0, "train_loss": [], "val_loss": []}
-    if resume:
-        state = load_checkpoint(output, model, optimizer)
-    optimizer.init(model.trainable_parameters())  # keeps the moments a checkpoint restored
-    print(
-        f"model: {config.num_parameters() / 1e6:.2f}M parameters, q heads {config.num_query_heads}, "
-        f"ffn {config.ffn_dims}; {len(train_tokens) / 1e6:.2f}M training tokens"
-    )
-    optimize(model, optimizer, cfg, state, output, train_tokens, val_tokens, checkpoint_every, eval_every)
-
-    weights = dict(tree_flatten(model.parameters()))
-    folder = write_model_folder(output / "model", config, weights, mx.float32, output, tokenizer, force=True)
-    plot_losses(state, output / "loss_curve.png")
-    print(f"trained {state['step']} steps in {state['seconds'] / 60:.1f} min; model in {folder}")
-    return folder
+        weights = dict(tree_flatten(model.parameters()))
+        folder = write_model_folder(
+            output / "model", config, weights, mx.float32, output, tokenizer, force=True, reads=[text, val_text]
+        )
+        plot_losses(state, output / "loss_curve.png")
+        print(f"trained {state['step']} steps in {state['seconds'] / 60:.1f} min; model in {folder}")
+        return folder
 
 
 def optimize(model, optimizer, cfg: TrainConfig, state, output, train_tokens, val_tokens, checkpoint_every, eval_every):

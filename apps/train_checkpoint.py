@@ -1,6 +1,7 @@
 """The run folder of `openelm train`: train_state.json (settings, step, losses) and checkpoint/
 (weights, AdamW's moments, the step), so that `--resume` continues exactly where a run stopped."""
 
+import fcntl
 import json
 import shutil
 from pathlib import Path
@@ -9,26 +10,48 @@ import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.files import read_json
+from openelm_mlx.outputs import check_output, remove
 
 STATE = "train_state.json"
+LOCK = ".openelm-train.lock"
 
 
-def start_run(output: Path, settings: dict, resume: bool, force: bool):
-    """Refuse to mix runs: --resume needs the same settings, a new run an empty folder (or --force)."""
+def start_run(output: Path, settings: dict, resume: bool, force: bool, reads=()):
+    """Refuse to mix runs: --resume needs the same settings, a new run an empty folder (or --force,
+    which never deletes a folder that holds the training text or the current folder). Returns the
+    run's lock: while it is held, a second `openelm train` into the same folder is refused; the
+    system releases it when the process ends, however it ends."""
     if resume:
         if not (output / STATE).is_file():
             raise OpenELMError(f"--resume: no {STATE} in {output}: start without --resume")
-        saved = json.loads((output / STATE).read_text())["config"]
+        saved = read_state(output / STATE)["config"]
         changed = [f"{k} {saved.get(k)} -> {v}" for k, v in settings.items() if saved.get(k) != v]
         if changed:
             raise OpenELMError(
                 f"--resume with other settings than the run in {output} ({'; '.join(changed)}): use the same ones"
             )
-    elif output.exists() and any(output.iterdir()):
+    elif output.exists() and (not output.is_dir() or any(p.name != LOCK for p in output.iterdir())):
         if not force:
             raise OpenELMError(f"{output} is not empty: pass --resume to continue the run or --force to start over")
-        shutil.rmtree(output)
+        check_output(output, force, reads)
+        lock = lock_run(output)  # not while another run writes there
+        lock.close()
+        remove(output)
     output.mkdir(parents=True, exist_ok=True)
+    return lock_run(output)
+
+
+def lock_run(output: Path):
+    lock = open(output / LOCK, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise OpenELMError(
+            f"another `openelm train` is writing {output}: wait for it or choose another folder"
+        ) from None
+    return lock
 
 
 def save_checkpoint(output: Path, model, optimizer, state: dict):
@@ -50,4 +73,11 @@ def load_checkpoint(output: Path, model, optimizer) -> dict:
         raise OpenELMError(f"--resume: no checkpoint in {output}: start without --resume")
     model.load_weights(str(folder / "model.safetensors"))
     optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-    return json.loads((folder / STATE).read_text())
+    return read_state(folder / STATE)
+
+
+def read_state(path: Path) -> dict:
+    state = read_json(path)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise OpenELMError(f"{path} is not the state of an `openelm train` run: start without --resume")
+    return state

@@ -100,6 +100,25 @@ def test_refusals(tmp_path, texts, straight_run):
         train_app.train(tmp_path / "missing.txt", tmp_path / "new", **TINY)
 
 
+def test_force_never_deletes_the_training_text_and_one_run_per_folder(tmp_path, texts):
+    from openelm_mlx.apps.train_checkpoint import lock_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    text = run / "train.txt"  # the user keeps the text inside the run folder
+    text.write_bytes(texts[0].read_bytes())
+    with pytest.raises(OpenELMError, match="which this run reads"):
+        train_app.train(text, run, force=True, **TINY)
+    assert text.read_bytes() == texts[0].read_bytes()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with lock_run(busy):  # another `openelm train` is writing there
+        for retry in ({"force": True}, {}):
+            with pytest.raises(OpenELMError, match="another `openelm train` is writing"):
+                train_app.train(texts[0], busy, **retry, **TINY)
+    assert [p.name for p in busy.iterdir()] == [".openelm-train.lock"]
+
+
 def direct_nll(model, tokens, context):
     """Sum of -log p over every token but the first, window by window, with numpy softmax."""
     total = 0.0
