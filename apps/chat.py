@@ -1,13 +1,13 @@
 """`openelm chat`: a REPL for Instruct models that keeps the KV cache across turns."""
 
 import sys
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
-from mlx_lm.models.cache import make_prompt_cache
-
+from openelm_mlx.cache import make_cache
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.generate import GenerationChunk, check_sampling, fit_context, stream_generate
+from openelm_mlx.generate import DEFAULT_MAX_TOKENS, GenerationChunk, fit_context, stream_generate
 from openelm_mlx.model import Model
+from openelm_mlx.sample import Sampling
 from openelm_mlx.tokenizer import Tokenizer, chat_prompt
 
 from .generate import add_model_arguments, add_sampling_arguments, load_for_cli, sampling_options
@@ -16,38 +16,59 @@ HELP = "type a message; /reset starts over, /quit (or Ctrl-D) leaves, Ctrl-C sto
 
 
 class ChatSession:
-    """A conversation whose tokens stay in the KV cache: each turn feeds only what is new."""
+    """A conversation whose tokens stay in the KV cache: each turn feeds only what is new. When
+    the context fills, the oldest turns are dropped and the rest is fed again."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, system: Optional[str] = None):
         self.model, self.tokenizer, self.system = model, tokenizer, system
+        self.dropped_turns = 0  # turns dropped to fit the context, over the whole session
         self.reset()
 
     def reset(self):
-        self.cache = make_prompt_cache(self.model)
+        self.cache = make_cache(self.model)
         self.tokens: List[int] = []  # the conversation so far, as the template tokenizes it
+        self.messages: List[Dict[str, str]] = []  # the finished turns as text: user, assistant, ...
+
+    def encode_all(self, user: str) -> List[int]:
+        """The whole conversation, system message first, ending with the new user message."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return self.tokenizer.encode(chat_prompt(system + self.messages + [{"role": "user", "content": user}]))
 
     def turn_tokens(self, user: str) -> List[int]:
         if not self.tokens:
-            messages = [{"role": "system", "content": self.system}] if self.system else []
-            return self.tokenizer.encode(chat_prompt(messages + [{"role": "user", "content": user}]))
+            return self.encode_all(user)
         # The previous reply ended with "</s>"; the template puts a newline after it.
         return self.tokenizer.encode("\n" + chat_prompt([{"role": "user", "content": user}]), bos=False)
 
-    def send(self, user: str, **sampling) -> Iterator[GenerationChunk]:
+    def send(self, user: str, max_tokens: Optional[int] = None, **sampling) -> Iterator[GenerationChunk]:
+        context = self.model.config.max_context_length
+        reply_room = min(DEFAULT_MAX_TOKENS, context // 2) if max_tokens is None else max_tokens
         new = self.turn_tokens(user)
+        if len(self.tokens) + len(new) + reply_room > context and self.messages:
+            # Drop the oldest turns until the rest, fed again from the start, leaves room for a reply.
+            self.tokens, self.cache = [], make_cache(self.model)
+            while True:
+                self.messages = self.messages[2:]  # the oldest user message and its reply
+                self.dropped_turns += 1
+                new = self.encode_all(user)
+                if not self.messages or len(new) + reply_room <= context:
+                    break
         pending = self.tokens[self._cached() :] + new
-        fit_context(pending, sampling.get("max_tokens", 256), self.model.config.max_context_length, self._cached())
+        pending, max_tokens = fit_context(pending, max_tokens, context, self._cached())
         self.tokens += new
+        reply = []
         try:
-            for chunk in stream_generate(self.model, self.tokenizer, pending, cache=self.cache, **sampling):
+            for chunk in stream_generate(self.model, self.tokenizer, pending, max_tokens, cache=self.cache, **sampling):
                 if chunk.token is not None:
                     self.tokens.append(chunk.token)
+                reply.append(chunk.text)
                 yield chunk
         finally:
             # The reply's "</s>" (sampled, or added when cut short) closes the turn as the
             # template does; the cache may or may not hold it yet.
             self.tokens.append(self.tokenizer.eos_id)
             self._sync_cache()
+            self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": "".join(reply)}]
 
     def _cached(self) -> int:
         return min(c.offset for c in self.cache)
@@ -61,17 +82,18 @@ class ChatSession:
 
 def add_arguments(parser):
     add_model_arguments(parser)
-    add_sampling_arguments(parser, max_tokens=512)
+    add_sampling_arguments(parser)
     parser.add_argument("--system", help="system message")
 
 
 def main(args):
-    check_sampling(args.max_tokens, args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty)
+    model, tokenizer, draft = load_for_cli(args)
+    Sampling(args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty).check(tokenizer.vocab_size)
     import readline  # noqa: F401  (arrow keys and history in input())
 
-    model, tokenizer = load_for_cli(args)
     session = ChatSession(model, tokenizer, args.system)
     print(HELP, file=sys.stderr)
+    told = False
     while True:
         try:
             user = input(">> ")
@@ -80,6 +102,9 @@ def main(args):
             return 0
         except KeyboardInterrupt:
             print()
+            continue
+        except UnicodeDecodeError:
+            print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
             continue
         if user.strip() in ("/quit", "/exit"):
             return 0
@@ -90,7 +115,14 @@ def main(args):
         if not user.strip():
             continue
         try:
-            for chunk in session.send(user, **sampling_options(args)):
+            for chunk in session.send(user, draft_model=draft, **sampling_options(args)):
+                if session.dropped_turns and not told:
+                    told = True
+                    print(
+                        f"(the conversation outgrew the model's context of {model.config.max_context_length} tokens: "
+                        "the oldest turns are dropped to make room)",
+                        file=sys.stderr,
+                    )
                 print(chunk.text, end="", flush=True)
         except KeyboardInterrupt:
             print(" [stopped]", end="")

@@ -2,10 +2,11 @@
 
 import sys
 
+from openelm_mlx.checkpoint import resolve_source
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.generate import stream_generate
-from openelm_mlx.loader import DTYPES, load
-from openelm_mlx.tokenizer import chat_prompt
+from openelm_mlx.generate import DEFAULT_NUM_DRAFT, stream_generate
+from openelm_mlx.loader import DEMO_MODEL, DTYPES, load
+from openelm_mlx.tokenizer import chat_prompt, is_instruct_model
 
 DEFAULT_PROMPT = "Once upon a time"
 
@@ -26,15 +27,36 @@ def add_model_arguments(parser):
     )
 
 
-def add_sampling_arguments(parser, max_tokens=256):
-    parser.add_argument("--max-tokens", type=int, default=max_tokens)
+def add_sampling_arguments(parser):
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        help="tokens to generate (default: 256, or what remains of the model's context if less)",
+    )
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy and deterministic")
     parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0 or 1: off)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top probability")
-    parser.add_argument("--repetition-penalty", type=float, help="e.g. 1.2, as Apple's model cards recommend")
-    parser.add_argument("--seed", type=int, help="random seed for sampling")
+    parser.add_argument(
+        "--repetition-penalty", type=float, help="e.g. 1.2, as Apple's model cards recommend (default: off)"
+    )
+    parser.add_argument("--seed", type=int, help="random seed for sampling (default: MLX's own)")
     parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    parser.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="K",
+        help="speculative decoding without a second model: draft up to K tokens by finding the last tokens "
+        "earlier in the text (lossless; pays off when the output copies or repeats; 0: off)",
+    )
+    parser.add_argument(
+        "--draft-model",
+        help="speculative decoding with a smaller OpenELM that shares the tokenizer (folder or repo id; lossless)",
+    )
+    parser.add_argument(
+        "--num-draft", type=int, help=f"tokens the draft model proposes per step (default: {DEFAULT_NUM_DRAFT})"
+    )
 
 
 def sampling_options(args) -> dict:
@@ -47,26 +69,48 @@ def sampling_options(args) -> dict:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop=args.stop,
+        prompt_lookup=args.prompt_lookup,
+        num_draft=DEFAULT_NUM_DRAFT if args.num_draft is None else args.num_draft,
     )
 
 
 def load_for_cli(args):
+    """(model, tokenizer, draft model or None) for generate and chat."""
+    speculative = args.prompt_lookup or args.draft_model
     if getattr(args, "backend", "mlx") != "mlx":
+        if speculative:
+            raise OpenELMError("--prompt-lookup and --draft-model need --backend mlx")
         from openelm_mlx.convert.runner import load_package
 
-        return load_package(args.model, args.backend, args.tokenizer)
+        return (*load_package(args.model, args.backend, args.tokenizer), None)
+    if args.num_draft is not None and not args.draft_model:
+        raise OpenELMError("--num-draft needs --draft-model")
     if args.model is None:
         print(
             "openelm: no --model given, using the small demo model shipped with openelm-mlx "
-            "(a few million parameters, for trying the toolkit offline; pass --model for a real OpenELM)",
+            "(a few million parameters, context 256 tokens, for trying the toolkit offline; pass --model for a real OpenELM)",
             file=sys.stderr,
         )
-    return load(args.model, tokenizer=args.tokenizer, dtype=args.dtype)
+    folder = resolve_source(DEMO_MODEL if args.model is None else args.model)
+    model, tokenizer = load(folder, tokenizer=args.tokenizer, dtype=args.dtype)
+    if getattr(args, "chat", True) and not is_instruct_model(args.model or folder, folder):
+        print(
+            "openelm: warning: this does not look like an Instruct model; chat replies may not follow", file=sys.stderr
+        )
+    draft = None
+    if args.draft_model:
+        draft, draft_tokenizer = load(args.draft_model, tokenizer=args.tokenizer, dtype=args.dtype)
+        if draft_tokenizer.sp.serialized_model_proto() != tokenizer.sp.serialized_model_proto():
+            raise OpenELMError(
+                f"the draft model's tokenizer ({draft_tokenizer.path}) differs from the model's ({tokenizer.path}): "
+                "a draft model must share the model's tokenizer"
+            )
+    return model, tokenizer, draft
 
 
 def add_arguments(parser):
     parser.add_argument("prompt_text", nargs="?", metavar="PROMPT", help="the prompt (or --prompt, or stdin)")
-    parser.add_argument("--prompt", "-p", help="the prompt")
+    parser.add_argument("--prompt", "-p", help="the prompt (default: standard input, else 'Once upon a time')")
     add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the Instruct chat template")
@@ -84,10 +128,22 @@ def add_arguments(parser):
     )
 
 
+def utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise OpenELMError(f"{where} is not valid UTF-8 (byte {e.start}): give the text in UTF-8") from None
+
+
 def read_prompt(args) -> str:
+    if args.prompt is not None and args.prompt_text is not None:
+        raise OpenELMError("give the prompt once: as an argument or with --prompt, not both")
     prompt = args.prompt if args.prompt is not None else args.prompt_text
-    if prompt is None and not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+    if prompt is not None:
+        # Python hands undecodable argument bytes over as lone surrogates; they get their bytes back.
+        prompt = utf8(prompt.encode("utf-8", "surrogateescape"), "the prompt")
+    elif not sys.stdin.isatty():
+        prompt = utf8(sys.stdin.buffer.read(), "the prompt on standard input")
     if not prompt:
         print(f"openelm: no prompt given, continuing {DEFAULT_PROMPT!r}", file=sys.stderr)
         prompt = DEFAULT_PROMPT
@@ -98,12 +154,16 @@ def main(args):
     prompt = read_prompt(args)
     if args.system and not args.chat:
         raise OpenELMError("--system needs --chat")
-    model, tokenizer = load_for_cli(args)
+    model, tokenizer, draft = load_for_cli(args)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = chat_prompt(messages + [{"role": "user", "content": prompt}])
     stats = None
-    for chunk in stream_generate(model, tokenizer, prompt, truncate=args.truncate, **sampling_options(args)):
+    options = sampling_options(args)
+    for chunk in stream_generate(model, tokenizer, prompt, truncate=args.truncate, draft_model=draft, **options):
+        if stats is None and chunk.stats.prompt_dropped:
+            dropped, kept = chunk.stats.prompt_dropped, chunk.stats.prompt_tokens
+            print(f"openelm: --truncate dropped the prompt's first {dropped} tokens, kept {kept}", file=sys.stderr)
         sys.stdout.write(chunk.text)
         sys.stdout.flush()
         stats = chunk.stats

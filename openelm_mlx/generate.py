@@ -1,30 +1,47 @@
-"""Text generation: mlx-lm's generation loop and samplers, OpenELM's tokenizer, honest timings."""
+"""Text generation: the token loop (plain or speculative), stop strings, honest timings.
+
+The loop is written here, not taken from mlx-lm's generate_step: importing mlx-lm costs ~3 s of
+start-up, and speculative decoding needs the distributions that generate_step does not return.
+"""
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
+from .cache import make_cache
 from .errors import OpenELMError
-from .model import Model
+from .sample import Sampling
+from .speculative import DraftModel, PromptLookup, verify
 from .tokenizer import Tokenizer
+
+DEFAULT_MAX_TOKENS = 256  # when not given: this many, or what remains of the context if less
+DEFAULT_NUM_DRAFT = 4  # tokens a draft model proposes per step
+PREFILL_STEP = 2048  # prompt tokens per forward pass: bounds the activations' memory
 
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    prompt_dropped: int = 0  # tokens cut from the prompt's start by truncate=True
     prompt_tps: float = 0.0  # prompt tokens / time to first token
     generation_tokens: int = 0
     generation_tps: float = 0.0  # tokens after the first / time since the first
     time_to_first_token: float = 0.0  # seconds
     peak_memory_gb: float = 0.0
+    drafted: int = 0  # speculative decoding: tokens proposed, and how many the model accepted
+    accepted: int = 0
     finish_reason: Optional[str] = None  # "eos", "stop", "length"
 
     def summary(self) -> str:
+        speculation = ""
+        if self.drafted:
+            share = self.accepted / self.drafted
+            speculation = f" ({self.accepted} of {self.drafted} drafted tokens accepted, {share:.0%})"
         return (
             f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
-            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s | "
+            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s{speculation} | "
             f"time to first token: {self.time_to_first_token * 1000:.0f} ms | "
             f"peak memory: {self.peak_memory_gb:.2f} GB"
         )
@@ -37,28 +54,22 @@ class GenerationChunk:
     stats: GenerationStats
 
 
-def check_sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty):
-    checks = [
-        (max_tokens >= 1, f"--max-tokens must be at least 1, got {max_tokens}"),
-        (temp >= 0, f"--temp must be >= 0 (0 is greedy), got {temp}"),
-        (0 <= top_p <= 1, f"--top-p must be in [0, 1], got {top_p}"),
-        (top_k >= 0, f"--top-k must be >= 0 (0 turns it off), got {top_k}"),
-        (0 <= min_p <= 1, f"--min-p must be in [0, 1], got {min_p}"),
-        (
-            repetition_penalty is None or repetition_penalty > 0,
-            f"--repetition-penalty must be > 0 (1 turns it off), got {repetition_penalty}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise OpenELMError(message)
-
-
-def fit_context(prompt: List[int], max_tokens: int, context: int, cached: int = 0, truncate: bool = False) -> List[int]:
-    """The prompt, checked (or cut from the front, keeping BOS) against the context length."""
+def fit_context(
+    prompt: List[int], max_tokens: Optional[int], context: int, cached: int = 0, truncate: bool = False
+) -> Tuple[List[int], int]:
+    """(the prompt, tokens to generate): checked against the context, or with truncate=True cut
+    from the front, keeping BOS. max_tokens=None generates DEFAULT_MAX_TOKENS or what remains."""
+    room = context - cached - len(prompt)
+    if max_tokens is None:
+        if room >= 1 or not truncate:
+            max_tokens = max(1, min(DEFAULT_MAX_TOKENS, room))
+        else:
+            max_tokens = min(DEFAULT_MAX_TOKENS, (context - cached) // 2)
+    if max_tokens < 1:
+        raise OpenELMError(f"--max-tokens must be at least 1, got {max_tokens}")
     need = cached + len(prompt) + max_tokens
     if need <= context:
-        return prompt
+        return prompt, max_tokens
     if not truncate:
         raise OpenELMError(
             f"{len(prompt)} prompt tokens + {cached} cached + {max_tokens} to generate = {need} "
@@ -67,7 +78,7 @@ def fit_context(prompt: List[int], max_tokens: int, context: int, cached: int = 
     keep = context - cached - max_tokens - 1
     if keep < 1:
         raise OpenELMError(f"--max-tokens {max_tokens} leaves no room for a prompt in a context of {context}")
-    return prompt[:1] + prompt[-keep:]
+    return prompt[:1] + prompt[-keep:], max_tokens
 
 
 class StopMatcher:
@@ -91,11 +102,81 @@ class StopMatcher:
         return out, False
 
 
+def check_finite(finite: mx.array, n: int):
+    """Stop on inf/NaN logits instead of printing garbage: the usual cause is float16 overflow."""
+    if not finite.item():
+        raise OpenELMError(
+            f"the model's logits are not finite (inf or NaN) at generated token {n + 1}: float16 overflows past "
+            "65504 and OpenELM's activations reach ~1e5; use --dtype float32 (or bfloat16)"
+        )
+
+
+def prefill(model, tokens: List[int], cache: list):
+    """Feed tokens into the cache, PREFILL_STEP at a time; their logits are never computed."""
+    for start in range(0, len(tokens), PREFILL_STEP):
+        model(mx.array(tokens[start : start + PREFILL_STEP])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+
+
+def generate_tokens(model, tokens: List[int], cache: list, max_tokens: int, sampling: Sampling) -> Iterator[int]:
+    """Token ids after `tokens`, one model call each. The next step is queued before the current
+    token is handed out (mx.async_eval), so the host's work overlaps the device's, as in mlx-lm."""
+    history = mx.array(tokens) if sampling.penalizes else None  # what the repetition penalty reads
+
+    def step(ids: mx.array):
+        nonlocal history
+        logits = model(ids[None], cache=cache)[0, -1:]
+        logprobs = sampling.logprobs(logits, [history])
+        token = sampling.sample(logprobs)
+        if history is not None:
+            history = mx.concatenate([history, token])
+        return token, mx.isfinite(logits).all()
+
+    prefill(model, tokens[:-1], cache)
+    token, finite = step(mx.array(tokens[-1:]))
+    mx.async_eval(token, finite)
+    for n in range(max_tokens):
+        if n + 1 < max_tokens:
+            next_token, next_finite = step(token)
+            mx.async_eval(next_token, next_finite)
+        check_finite(finite, n)
+        yield token.item()
+        if n + 1 < max_tokens:
+            token, finite = next_token, next_finite
+
+
+def speculate(
+    model, tokens: List[int], cache: list, max_tokens: int, sampling: Sampling, drafter, stats
+) -> Iterator[int]:
+    """Token ids after `tokens`, drafted and verified; counts drafted/accepted into stats."""
+    prefill(model, tokens[:-1], cache)
+    context = list(tokens)  # the cache holds all of it but the last token
+    n = 0
+    while n < max_tokens:
+        k = min(drafter.size, max_tokens - n - 1)
+        draft, q = drafter.propose(context, k) if k > 0 else ([], None)
+        logits = model(mx.array(context[-1:] + draft)[None], cache=cache)[0]
+        seen = [mx.array(context + draft[:i]) for i in range(len(draft) + 1)] if sampling.penalizes else []
+        logprobs = sampling.logprobs(logits, seen)
+        check_finite(mx.isfinite(logits).all(), n)
+        new = verify(logprobs, draft, q, sampling)
+        accepted = len(new) - 1
+        stats.drafted += len(draft)
+        stats.accepted += accepted
+        for c in cache:
+            c.trim(len(draft) - accepted)
+        drafter.rollback(len(context) + accepted)
+        for token in new:
+            context.append(token)
+            n += 1
+            yield token
+
+
 def stream_generate(
-    model: Model,
+    model,
     tokenizer: Tokenizer,
     prompt: Union[str, List[int]],
-    max_tokens: int = 256,
+    max_tokens: Optional[int] = None,
     temp: float = 0.0,
     top_p: float = 0.0,
     top_k: int = 0,
@@ -105,43 +186,44 @@ def stream_generate(
     stop: Sequence[str] = (),
     cache: Optional[list] = None,
     truncate: bool = False,
+    prompt_lookup: int = 0,
+    draft_model=None,
+    num_draft: int = DEFAULT_NUM_DRAFT,
 ) -> Iterator[GenerationChunk]:
     """Yield text as it is generated. A str prompt gets BOS; a token list is used as is, which
-    lets a chat continue a cache (`cache`, from mlx_lm's make_prompt_cache) turn after turn."""
-    from mlx_lm.generate import generate_step
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+    lets a chat continue a `cache` (from openelm_mlx.cache.make_cache) turn after turn.
 
-    check_sampling(max_tokens, temp, top_p, top_k, min_p, repetition_penalty)
+    max_tokens=None generates up to 256 tokens, fewer if the context has less room. Speculative
+    decoding, lossless (the same text greedily, the same distribution when sampling):
+    prompt_lookup=K drafts up to K tokens by matching the last tokens against the text so far;
+    draft_model (a smaller OpenELM with the same tokenizer) drafts num_draft tokens."""
+    sampling = Sampling(temp, top_p, top_k, min_p, repetition_penalty)
+    sampling.check(tokenizer.vocab_size)
+    drafter = make_drafter(model, sampling, prompt_lookup, draft_model, num_draft)
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not tokens:
         raise OpenELMError("the prompt is empty")
     cached = cache[0].offset if cache else 0
-    tokens = fit_context(tokens, max_tokens, model.config.max_context_length, cached, truncate)
+    fitted, max_tokens = fit_context(tokens, max_tokens, model.config.max_context_length, cached, truncate)
     if seed is not None:
         mx.random.seed(seed)
+    cache = make_cache(model) if cache is None else cache
 
-    sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
-    processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
-    detokenizer = tokenizer.detokenizer(context=tokens)
+    detokenizer = tokenizer.detokenizer(context=fitted)
     stopper = StopMatcher(stop)
-    stats = GenerationStats(prompt_tokens=len(tokens), finish_reason="length")
-
+    stats = GenerationStats(prompt_tokens=len(fitted), prompt_dropped=len(tokens) - len(fitted), finish_reason="length")
     mx.reset_peak_memory()
     start = time.perf_counter()
-    steps = generate_step(
-        mx.array(tokens),
-        model,
-        max_tokens=max_tokens,
-        sampler=sampler,
-        logits_processors=processors,
-        prompt_cache=cache,
-    )
-    for n, (token, _) in enumerate(steps):
+    if drafter is None:
+        steps = generate_tokens(model, fitted, cache, max_tokens, sampling)
+    else:
+        steps = speculate(model, fitted, cache, max_tokens, sampling, drafter, stats)
+    for n, token in enumerate(steps):
         now = time.perf_counter()
         if n == 0:
             first = now
             stats.time_to_first_token = now - start
-            stats.prompt_tps = len(tokens) / stats.time_to_first_token
+            stats.prompt_tps = len(fitted) / stats.time_to_first_token
         else:
             stats.generation_tps = n / (now - first)
         stats.generation_tokens = n + 1
@@ -159,6 +241,26 @@ def stream_generate(
     yield GenerationChunk(text + stopper.pending, None, stats)
 
 
-def generate(model: Model, tokenizer: Tokenizer, prompt: Union[str, List[int]], **kwargs) -> str:
+def make_drafter(model, sampling: Sampling, prompt_lookup: int, draft_model, num_draft: int):
+    """What proposes tokens for speculative decoding, or None for plain decoding."""
+    if prompt_lookup and draft_model is not None:
+        raise OpenELMError("--prompt-lookup and --draft-model are alternatives: pass one")
+    if prompt_lookup:
+        if not 1 <= prompt_lookup <= 64:
+            raise OpenELMError(f"--prompt-lookup must be from 1 to 64 draft tokens, got {prompt_lookup}")
+        return PromptLookup(prompt_lookup)
+    if draft_model is None:
+        return None
+    if not 1 <= num_draft <= 64:
+        raise OpenELMError(f"--num-draft must be from 1 to 64 tokens, got {num_draft}")
+    if draft_model.config.vocab_size != model.config.vocab_size:
+        raise OpenELMError(
+            f"the draft model's vocab_size {draft_model.config.vocab_size} differs from the model's "
+            f"{model.config.vocab_size}: a draft model must share the model's tokenizer"
+        )
+    return DraftModel(draft_model, sampling, num_draft)
+
+
+def generate(model, tokenizer: Tokenizer, prompt: Union[str, List[int]], **kwargs) -> str:
     """The whole completion as one string (see stream_generate for the options)."""
     return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, **kwargs))

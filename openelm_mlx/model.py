@@ -4,7 +4,6 @@ from typing import Any, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.activations import swiglu  # silu(gate) * up, one compiled kernel
 
 from .config import OpenELMConfig
 
@@ -23,6 +22,12 @@ def linear(layer, x: mx.array) -> mx.array:
     if isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding)):
         return layer.as_linear(x)
     return layer(x)
+
+
+@mx.compile
+def swiglu(gate: mx.array, up: mx.array) -> mx.array:
+    """silu(gate) * up as one fused kernel (as mlx-lm's, written here: importing mlx-lm costs ~3 s)."""
+    return nn.silu(gate) * up
 
 
 class Attention(nn.Module):
@@ -55,8 +60,20 @@ class Attention(nn.Module):
             k, v = cache.update_and_fetch(k, v)
 
         # GQA: query head j reads kv head j // (n_heads / n_kv_heads), as the fast kernel does.
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        if hasattr(cache, "bits"):
+            out = quantized_attention(q, k, v, self.scale, mask, cache)
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return linear(self.out_proj, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def quantized_attention(q, k, v, scale, mask, cache) -> mx.array:
+    """Attention over mlx-lm's quantized KV cache (mlx_lm generate_step(..., kv_bits=...) swaps it
+    in): keys and values come as (packed, scales, biases). Only mlx-lm makes such a cache, so
+    mlx-lm is already imported when this runs, and its kernel serves."""
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention
+
+    return quantized_scaled_dot_product_attention(q, k, v, scale, mask, cache.group_size, cache.bits)
 
 
 class FeedForward(nn.Module):

@@ -89,8 +89,9 @@ def test_chat_session_cache_equals_recomputing_the_conversation(loaded):
     conversation = session.tokens[: -len(second) - 1]  # before turn 2's reply and its closing eos
     fresh = [c.token for c in stream_generate(model, tok, conversation, max_tokens=12) if c.token is not None]
     assert second == fresh
-    # The cache holds the conversation, less the closing eos when the reply was cut by length.
-    assert {c.offset for c in session.cache} <= {len(session.tokens) - 1, len(session.tokens)}
+    # The cache holds the conversation, less what was never fed: the reply's last token (sampled
+    # from the step before) and the closing eos. The next turn feeds them first.
+    assert {c.offset for c in session.cache} <= {len(session.tokens) - 2, len(session.tokens) - 1}
     session.reset()
     assert session.tokens == [] and session.cache[0].offset == 0
 
