@@ -1,0 +1,196 @@
+"""Speculative decoding is lossless: greedy text equal to plain decoding, token for token, and
+sampled tokens distributed as the model's own distribution (a chi-square test over many seeds
+against the exact probabilities). Also mlx-lm's quantized KV cache driving our model."""
+
+import importlib
+import math
+from collections import Counter
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import tiny_config
+from mlx_lm.generate import generate_step
+from mlx_lm.models import openelm as mlx_lm_openelm
+
+from openelm_mlx import Model, OpenELMConfig, generate, load
+from openelm_mlx.benchmarks.synthetic import random_weights, write_checkpoint
+from openelm_mlx.cache import make_cache
+from openelm_mlx.generate import GenerationStats, generate_tokens, speculate, stream_generate
+from openelm_mlx.sample import Sampling
+from openelm_mlx.speculative import DraftModel, PromptLookup
+
+PROMPTS = ["Once upon a time", "the sea and the stars and the sea and the", "In the beginning"]
+
+
+@pytest.fixture(scope="module")
+def target(tiny_checkpoint):
+    return load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def draft_checkpoint(tmp_path_factory, tokenizer_file):
+    """A smaller model (2 layers, other random weights) with the same tokenizer."""
+    config = tiny_config(layers=2)
+    return write_checkpoint(
+        tmp_path_factory.mktemp("draft") / "OpenELM-draft", config, random_weights(config, seed=7), tokenizer_file
+    )
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_prompt_lookup_greedy_equals_plain_decoding(target, k):
+    model, tok = target
+    for prompt in PROMPTS:
+        plain = [c.token for c in stream_generate(model, tok, prompt, max_tokens=40)]
+        chunks = list(stream_generate(model, tok, prompt, max_tokens=40, prompt_lookup=k))
+        assert [c.token for c in chunks] == plain
+    assert chunks[-1].stats.drafted > 0  # the repetitive prompt gets drafts
+
+
+def test_draft_model_greedy_equals_the_target_alone(target, draft_checkpoint):
+    model, tok = target
+    draft, _ = load(draft_checkpoint)
+    for prompt in PROMPTS:
+        alone = generate(model, tok, prompt, max_tokens=30)
+        chunks = list(stream_generate(model, tok, prompt, max_tokens=30, draft_model=draft, num_draft=3))
+        assert "".join(c.text for c in chunks) == alone
+        assert chunks[-1].stats.drafted > 0
+
+
+def test_a_quantized_copy_drafts_for_its_float_self(target, tiny_checkpoint, tmp_path):
+    """The usual pairing when no smaller model exists: it agrees often, and the text is the target's.
+    (8-bit here: the random tiny model's near-flat logits make 4-bit flip its greedy picks.)"""
+    from openelm_mlx.convert.hf_to_mlx import convert
+
+    model, tok = target
+    draft, _ = load(convert(tiny_checkpoint, tmp_path / "q8", bits=8))
+    chunks = list(stream_generate(model, tok, PROMPTS[0], max_tokens=30, draft_model=draft))
+    assert "".join(c.text for c in chunks) == generate(model, tok, PROMPTS[0], max_tokens=30)
+    stats = chunks[-1].stats
+    assert stats.accepted > 0.8 * stats.drafted
+
+
+def test_demo_model_prompt_lookup_cli_is_byte_identical():
+    """`openelm generate --prompt-lookup 8` on the shipped model: the same bytes as plain
+    decoding, and the statistics line reports the drafts."""
+    from conftest import run_cli
+
+    plain = run_cli("generate", "--max-tokens", "80")
+    lookup = run_cli("generate", "--max-tokens", "80", "--prompt-lookup", "8")
+    assert plain.returncode == lookup.returncode == 0, lookup.stderr
+    assert lookup.stdout == plain.stdout and len(plain.stdout) > 100
+    assert "drafted tokens accepted" in lookup.stderr
+
+
+# --- sampling keeps the model's distribution ------------------------------------------------
+
+VOCAB = 12
+PROMPT = [1, 3, 4, 5, 3, 4, 5, 3, 4]  # "3 4" recurs: prompt lookup drafts 5, 3, ...
+RUNS = 1000
+
+
+def small_model(seed: int, layers: int = 2) -> Model:
+    """A random model with a tiny vocabulary (so the joint of two tokens has 144 outcomes) and
+    logits scaled so that the distributions are neither flat nor certain."""
+    config = OpenELMConfig.layerwise(layers, 32, 8, vocab_size=VOCAB, ffn_dim_divisor=8, max_context_length=64)
+    mx.random.seed(seed)
+    model = Model(config)
+    emb = model.transformer.token_embeddings
+    emb.weight = emb.weight * 0.7
+    mx.eval(model.parameters())
+    return model
+
+
+def exact_pairs(model: Model, temp: float) -> np.ndarray:
+    """P(first two generated tokens = (a, b)), computed from the model's logits."""
+
+    def probs(tokens):
+        logits = model(mx.array([tokens]))[0, -1].astype(mx.float32) / temp
+        return np.array(mx.softmax(logits))
+
+    p1 = probs(PROMPT)
+    return np.stack([p1[a] * probs(PROMPT + [a]) for a in range(VOCAB)])
+
+
+def chi_square_passes(counts: Counter, expected_p: np.ndarray, n: int) -> bool:
+    """Pearson's test at p = 0.001 (cells expected below 5 pooled); the critical value from the
+    Wilson-Hilferty approximation of the chi-square quantile."""
+    observed = np.zeros_like(expected_p)
+    for (a, b), c in counts.items():
+        observed[a, b] = c
+    expected = expected_p * n
+    small = expected < 5
+    obs = np.append(observed[~small], observed[small].sum())
+    exp = np.append(expected[~small], expected[small].sum())
+    stat = ((obs - exp) ** 2 / np.maximum(exp, 1e-12)).sum()
+    df = len(obs) - 1
+    critical = df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3
+    return stat < critical
+
+
+def sampled_pairs(model: Model, make_drafter, temp: float) -> Counter:
+    sampling = Sampling(temp=temp)
+    counts = Counter()
+    for seed in range(RUNS):
+        mx.random.seed(seed)
+        drafter = make_drafter()
+        tokens = speculate(model, PROMPT, make_cache(model), 2, sampling, drafter, GenerationStats())
+        counts[(next(tokens), next(tokens))] += 1
+    return counts
+
+
+@pytest.mark.parametrize("drafter", ["prompt-lookup", "draft-model"])
+def test_sampling_with_speculation_keeps_the_model_distribution(drafter):
+    model = small_model(seed=0)
+    temp = 0.8
+    draft = small_model(seed=1, layers=1)
+    make = {
+        "prompt-lookup": lambda: PromptLookup(4),
+        "draft-model": lambda: DraftModel(draft, Sampling(temp=temp), 2),
+    }[drafter]
+    exact = exact_pairs(model, temp)
+    assert exact.max() < 0.5 and (exact > 0.005).sum() > 20  # a distribution worth testing
+    assert chi_square_passes(sampled_pairs(model, make, temp), exact, RUNS)
+
+
+def test_the_chi_square_test_catches_a_biased_sampler(monkeypatch):
+    """The test above has power: drafts kept without the acceptance rule fail it."""
+    gen = importlib.import_module("openelm_mlx.generate")  # the package's `generate` is the function
+
+    def keep_every_draft(logprobs, draft, q, sampling):
+        return draft + [sampling.sample(logprobs[len(draft) :]).item()]
+
+    model = small_model(seed=0)
+    monkeypatch.setattr(gen, "verify", keep_every_draft)
+    biased = sampled_pairs(model, lambda: PromptLookup(4), 0.8)
+    assert not chi_square_passes(biased, exact_pairs(model, 0.8), RUNS)
+
+
+# --- mlx-lm driving our model ---------------------------------------------------------------
+
+
+def test_mlx_lm_quantized_kv_cache_matches_mlx_lm_openelm():
+    """generate_step(..., kv_bits=8) on our model gives mlx-lm's OpenELM's tokens and logits."""
+    config = OpenELMConfig.layerwise(3, 128, 32, vocab_size=384, ffn_dim_divisor=32, max_context_length=256)
+    weights = [(k, mx.array(v)) for k, v in random_weights(config, seed=3).items()]
+    ours = Model(config)
+    ours.load_weights(weights)
+    ref = mlx_lm_openelm.Model(mlx_lm_openelm.ModelArgs.from_dict(config.to_dict()))
+    ref.load_weights(weights)
+    prompt = mx.array(np.random.default_rng(0).integers(0, config.vocab_size, 20))
+
+    def run(model):
+        steps = generate_step(prompt, model, max_tokens=12, kv_bits=8, kv_group_size=32, quantized_kv_start=0)
+        return [(token, logprobs) for token, logprobs in steps]
+
+    a, b = run(ours), run(ref)
+    assert [t for t, _ in a] == [t for t, _ in b]
+    assert max(mx.abs(x - y).max().item() for (_, x), (_, y) in zip(a, b)) <= 1e-4
+
+
+def test_plain_loop_feeds_every_token_but_the_last():
+    """generate_tokens leaves the cache at prompt + generated - 1: the last token is never fed."""
+    model = small_model(seed=0)
+    cache = make_cache(model)
+    out = list(generate_tokens(model, PROMPT, cache, 5, Sampling()))
+    assert len(out) == 5 and cache[0].offset == len(PROMPT) + 4
