@@ -7,7 +7,6 @@ from openelm_mlx.cache import make_cache
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.generate import DEFAULT_MAX_TOKENS, GenerationChunk, fit_context, stream_generate
 from openelm_mlx.model import Model
-from openelm_mlx.sample import Sampling
 from openelm_mlx.tokenizer import Tokenizer, chat_prompt
 
 from .generate import add_model_arguments, add_sampling_arguments, load_for_cli, sampling_options
@@ -88,7 +87,11 @@ def add_arguments(parser):
 
 def main(args):
     model, tokenizer, draft = load_for_cli(args)
-    Sampling(args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty).check(tokenizer.vocab_size)
+    context = model.config.max_context_length
+    if args.max_tokens is not None and not 1 <= args.max_tokens < context:
+        raise OpenELMError(
+            f"--max-tokens must be from 1 to {context - 1} (the model's context is {context}), got {args.max_tokens}"
+        )
     import readline  # noqa: F401  (arrow keys and history in input())
 
     session = ChatSession(model, tokenizer, args.system)
@@ -119,7 +122,7 @@ def main(args):
                 if session.dropped_turns and not told:
                     told = True
                     print(
-                        f"(the conversation outgrew the model's context of {model.config.max_context_length} tokens: "
+                        f"(the conversation outgrew the model's context of {context} tokens: "
                         "the oldest turns are dropped to make room)",
                         file=sys.stderr,
                     )

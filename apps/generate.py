@@ -4,8 +4,9 @@ import sys
 
 from openelm_mlx.checkpoint import resolve_source
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.generate import DEFAULT_NUM_DRAFT, stream_generate
+from openelm_mlx.generate import DEFAULT_NUM_DRAFT, make_drafter, stream_generate
 from openelm_mlx.loader import DEMO_MODEL, DTYPES, load
+from openelm_mlx.sample import Sampling, check_seed
 from openelm_mlx.tokenizer import chat_prompt, is_instruct_model
 
 DEFAULT_PROMPT = "Once upon a time"
@@ -75,14 +76,16 @@ def sampling_options(args) -> dict:
 
 
 def load_for_cli(args):
-    """(model, tokenizer, draft model or None) for generate and chat."""
+    """(model, tokenizer, draft model or None) for generate and chat, the options checked."""
     speculative = args.prompt_lookup or args.draft_model
     if getattr(args, "backend", "mlx") != "mlx":
         if speculative:
             raise OpenELMError("--prompt-lookup and --draft-model need --backend mlx")
         from openelm_mlx.convert.runner import load_package
 
-        return (*load_package(args.model, args.backend, args.tokenizer), None)
+        model, tokenizer = load_package(args.model, args.backend, args.tokenizer)
+        check_options(args, model, tokenizer, None)
+        return model, tokenizer, None
     if args.num_draft is not None and not args.draft_model:
         raise OpenELMError("--num-draft needs --draft-model")
     if args.model is None:
@@ -93,10 +96,6 @@ def load_for_cli(args):
         )
     folder = resolve_source(DEMO_MODEL if args.model is None else args.model)
     model, tokenizer = load(folder, tokenizer=args.tokenizer, dtype=args.dtype)
-    if getattr(args, "chat", True) and not is_instruct_model(args.model or folder, folder):
-        print(
-            "openelm: warning: this does not look like an Instruct model; chat replies may not follow", file=sys.stderr
-        )
     draft = None
     if args.draft_model:
         draft, draft_tokenizer = load(args.draft_model, tokenizer=args.tokenizer, dtype=args.dtype)
@@ -105,7 +104,22 @@ def load_for_cli(args):
                 f"the draft model's tokenizer ({draft_tokenizer.path}) differs from the model's ({tokenizer.path}): "
                 "a draft model must share the model's tokenizer"
             )
+    check_options(args, model, tokenizer, draft)
+    if getattr(args, "chat", True) and not is_instruct_model(args.model or folder, folder):
+        print(
+            "openelm: warning: this does not look like an Instruct model; chat replies may not follow", file=sys.stderr
+        )
     return model, tokenizer, draft
+
+
+def check_options(args, model, tokenizer, draft):
+    """Refuse bad sampling and speculation options once, before anything is generated."""
+    sampling = Sampling(args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty)
+    sampling.check(tokenizer.vocab_size)
+    check_seed(args.seed)
+    make_drafter(model, sampling, args.prompt_lookup, draft, sampling_options(args)["num_draft"])
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise OpenELMError(f"--max-tokens must be at least 1, got {args.max_tokens}")
 
 
 def add_arguments(parser):

@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from .cache import make_cache
 from .errors import OpenELMError
-from .sample import Sampling
+from .sample import Sampling, check_seed
 from .speculative import DraftModel, PromptLookup, verify
 from .tokenizer import Tokenizer
 
@@ -199,6 +199,7 @@ def stream_generate(
     draft_model (a smaller OpenELM with the same tokenizer) drafts num_draft tokens."""
     sampling = Sampling(temp, top_p, top_k, min_p, repetition_penalty)
     sampling.check(tokenizer.vocab_size)
+    check_seed(seed)
     drafter = make_drafter(model, sampling, prompt_lookup, draft_model, num_draft)
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not tokens:

@@ -92,6 +92,12 @@ class Sampling:
         return logits
 
 
+def check_seed(seed: Optional[int]):
+    """MLX's random seed is an unsigned 64-bit integer."""
+    if seed is not None and not 0 <= seed < 2**64:
+        raise OpenELMError(f"--seed must be from 0 to 2**64 - 1, got {seed}")
+
+
 def _top_p(logprobs: mx.array, top_p: float) -> mx.array:
     """Keep the most likely tokens whose probabilities add up to top_p (at least one)."""
     ordered = mx.sort(logprobs, axis=-1)
