@@ -86,12 +86,8 @@ def add_arguments(parser):
 
 
 def main(args):
-    model, tokenizer, draft = load_for_cli(args)
+    model, tokenizer, draft = load_for_cli(args, chat=True)
     context = model.config.max_context_length
-    if args.max_tokens is not None and not 1 <= args.max_tokens < context:
-        raise OpenELMError(
-            f"--max-tokens must be from 1 to {context - 1} (the model's context is {context}), got {args.max_tokens}"
-        )
     import readline  # noqa: F401  (arrow keys and history in input())
 
     session = ChatSession(model, tokenizer, args.system)
@@ -100,13 +96,14 @@ def main(args):
     while True:
         try:
             user = input(">> ")
+            user.encode("utf-8")  # bytes that are not UTF-8 arrive as lone surrogates (or fail to decode)
         except EOFError:
             print()
             return 0
         except KeyboardInterrupt:
             print()
             continue
-        except UnicodeDecodeError:
+        except UnicodeError:
             print("error: that line is not valid UTF-8; type it again", file=sys.stderr)
             continue
         if user.strip() in ("/quit", "/exit"):

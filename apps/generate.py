@@ -75,7 +75,7 @@ def sampling_options(args) -> dict:
     )
 
 
-def load_for_cli(args):
+def load_for_cli(args, chat: bool):
     """(model, tokenizer, draft model or None) for generate and chat, the options checked."""
     speculative = args.prompt_lookup or args.draft_model
     if getattr(args, "backend", "mlx") != "mlx":
@@ -84,7 +84,7 @@ def load_for_cli(args):
         from openelm_mlx.convert.runner import load_package
 
         model, tokenizer = load_package(args.model, args.backend, args.tokenizer)
-        check_options(args, model, tokenizer, None)
+        check_options(args, model, tokenizer, None, chat)
         return model, tokenizer, None
     if args.num_draft is not None and not args.draft_model:
         raise OpenELMError("--num-draft needs --draft-model")
@@ -104,22 +104,28 @@ def load_for_cli(args):
                 f"the draft model's tokenizer ({draft_tokenizer.path}) differs from the model's ({tokenizer.path}): "
                 "a draft model must share the model's tokenizer"
             )
-    check_options(args, model, tokenizer, draft)
-    if getattr(args, "chat", True) and not is_instruct_model(args.model or folder, folder):
+    check_options(args, model, tokenizer, draft, chat)
+    if chat and not is_instruct_model(args.model or folder, folder):
         print(
             "openelm: warning: this does not look like an Instruct model; chat replies may not follow", file=sys.stderr
         )
     return model, tokenizer, draft
 
 
-def check_options(args, model, tokenizer, draft):
-    """Refuse bad sampling and speculation options once, before anything is generated."""
+def check_options(args, model, tokenizer, draft, chat: bool):
+    """Refuse bad sampling and speculation options once, before anything is generated. A chat
+    needs room for its messages besides the reply."""
     sampling = Sampling(args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty)
     sampling.check(tokenizer.vocab_size)
     check_seed(args.seed)
     make_drafter(model, sampling, args.prompt_lookup, draft, sampling_options(args)["num_draft"])
+    context = model.config.max_context_length
     if args.max_tokens is not None and args.max_tokens < 1:
         raise OpenELMError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if chat and args.max_tokens is not None and args.max_tokens >= context:
+        raise OpenELMError(
+            f"--max-tokens must be from 1 to {context - 1} (the model's context is {context}), got {args.max_tokens}"
+        )
 
 
 def add_arguments(parser):
@@ -168,7 +174,7 @@ def main(args):
     prompt = read_prompt(args)
     if args.system and not args.chat:
         raise OpenELMError("--system needs --chat")
-    model, tokenizer, draft = load_for_cli(args)
+    model, tokenizer, draft = load_for_cli(args, chat=args.chat)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = chat_prompt(messages + [{"role": "user", "content": prompt}])

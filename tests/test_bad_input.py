@@ -17,6 +17,7 @@ import mlx.core as mx
 import pytest
 from bad_input import GENERATE, Row, Work, category, nothing, tree
 from bad_input_checkpoints import CHECKPOINT_ROWS
+from bad_input_generation import GENERATION
 from conftest import assert_clean_error, run_cli, tiny_config
 
 from openelm_mlx.benchmarks.synthetic import train_tokenizer, write_checkpoint
@@ -40,7 +41,7 @@ OPTIONS = category(
     ),
 )
 
-ROWS = CHECKPOINT_ROWS + OPTIONS
+ROWS = CHECKPOINT_ROWS + OPTIONS + GENERATION
 
 # --- the runner -----------------------------------------------------------------------------
 

@@ -2,6 +2,10 @@
 shipped demo model (context 256) produce text, chat keeps going when its context fills, and the
 notices a user needs (truncation, a base model in chat, float16 overflow) are there."""
 
+import os
+import subprocess
+import sys
+
 from conftest import assert_clean_error, run_cli
 
 from openelm_mlx import load
@@ -57,3 +61,25 @@ def test_float16_overflow_stops_generation_naming_the_dtype(massive_activation_c
     assert_clean_error(result, "not finite", "--dtype float32")
     ok = run_cli("generate", "--model", massive_activation_checkpoint, "-p", "hi", "--max-tokens", "4")
     assert ok.returncode == 0, ok.stderr
+
+
+def test_text_that_is_not_utf8_on_stdin_or_in_chat(tiny_checkpoint):
+    """Undecodable bytes: the prompt on stdin is one clear error; a chat line is refused and the
+    chat goes on."""
+    command = [sys.executable, "-m", "openelm_mlx"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bad = subprocess.run(
+        [*command, "generate", "--model", str(tiny_checkpoint)], input=b"a\xffb", capture_output=True, env=env
+    )
+    assert bad.returncode == 1 and bad.stderr.decode().strip().splitlines() == [
+        "openelm generate: error: the prompt on standard input is not valid UTF-8 (byte 1): give the text in UTF-8"
+    ]
+    chat = subprocess.run(
+        [*command, "chat", "--model", str(tiny_checkpoint), "--max-tokens", "4"],
+        input=b"a\xffb\nhello\n",
+        capture_output=True,
+        env=env,
+    )
+    assert chat.returncode == 0 and b"Traceback" not in chat.stderr
+    assert b"that line is not valid UTF-8" in chat.stderr
+    assert len([r for r in chat.stdout.split(b">> ") if r.strip()]) == 1  # the reply to "hello"
