@@ -14,6 +14,7 @@ from openelm_mlx.errors import OpenELMError
 from . import timing
 from .machine import machine_info
 from .plan import MLX_LM, OURS, WARMUP_DECODE_TOKENS, run_plan
+from .speculation import run_speculation, speculation_settings
 from .subjects import GROUP_SIZE, PRECISIONS, activation_dtype, build_subject, load_source, mlx_lm_twin
 
 SCHEMA = "openelm-bench/1"
@@ -115,6 +116,9 @@ def run_benchmark(
     backend: str = "mlx",
     seed: int = 0,
     progress: bool = True,
+    prompt_lookup: Optional[int] = None,
+    draft_model: Optional[str] = None,
+    num_draft: Optional[int] = None,
 ) -> dict:
     """Benchmark every (model, precision) and return the results (see results.json). A failing
     configuration is recorded with its error; Ctrl-C stops and returns what was gathered."""
@@ -123,6 +127,7 @@ def run_benchmark(
         raise OpenELMError(f"a {backend} package's precision was fixed when it was exported: drop --precisions")
     precisions = ["package"] if packages else list(precisions or default_precisions())
     check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend)
+    speculation = speculation_settings(prompt_lookup, draft_model, num_draft, backend, generation_tokens)
     if backend == "mlx" and len(models) == 1:  # a lone broken checkpoint: say so before measuring
         load_source(models[0], seed)
     settings = dict(
@@ -136,6 +141,7 @@ def run_benchmark(
         backend=backend,
         seed=seed,
         group_size=GROUP_SIZE,
+        speculation=speculation,
     )
     results = {
         "schema": SCHEMA,
@@ -143,12 +149,15 @@ def run_benchmark(
         "settings": settings,
         "environment": machine_info(),
         "configurations": [],
+        "speculation": [],  # with --prompt-lookup or --draft-model: speculation.py, instead of the configurations
         "interrupted": False,
     }
     if packages:
         from .package_bench import run_packages
 
         run_packages(results, progress)
+    elif speculation:
+        run_speculation(results, progress)
     else:
         run_mlx(results, progress)
     if hasattr(os, "getloadavg"):  # other processes' load shows up in the spread: record it
@@ -231,6 +240,15 @@ def add_arguments(parser):
         help="folder for results.json/.csv/.md and chart.png (default: openelm-bench-DATE-TIME)",
     )
     parser.add_argument("--force", action="store_true", help="overwrite results already in --out")
+    parser.add_argument(
+        "--prompt-lookup",
+        type=int,
+        metavar="K",
+        help="time speculative decoding with prompt lookup (up to K drafted tokens) against plain decoding, "
+        "on a free-generation and a copying task, instead of prompt and generation speed",
+    )
+    parser.add_argument("--draft-model", metavar="M", help="the same, drafted by model M (a size, a folder or a repo)")
+    parser.add_argument("--num-draft", type=int, metavar="K", help="tokens the draft model proposes (default: 4)")
 
 
 def main(args) -> int:
@@ -248,13 +266,16 @@ def main(args) -> int:
         compare=args.compare,
         backend=args.backend,
         seed=args.seed,
+        prompt_lookup=args.prompt_lookup,
+        draft_model=args.draft_model,
+        num_draft=args.num_draft,
     )
     print(markdown(results))
     written = write_results(results, out, force=True)
     print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     if results["interrupted"]:
         return 130
-    if all(c["error"] for c in results["configurations"]):
+    if all(c["error"] for c in results["configurations"] + results["speculation"]):
         print("openelm bench: error: no configuration could be timed (see the errors above)", file=sys.stderr)
         return 1
     return 0

@@ -1,7 +1,7 @@
 """The benchmark loop shared by `openelm bench`'s backends (bench.py for MLX models,
 package_bench.py for exported packages): one entry per configuration, failures recorded."""
 
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 from openelm_mlx.errors import OpenELMError
 
@@ -26,12 +26,27 @@ def summarize(entry: dict, bandwidth_gbs: float):
         entry["ratios"] = timing.paired_ratios(impls[OURS]["trials"], impls[MLX_LM]["trials"])
 
 
-def run_plan(results: dict, configs: List[dict], run_one: Callable, progress: bool):
-    """run_one(entry, config) for each configuration, behind a progress bar. A failure is recorded
-    in its entry and the next configuration runs; Ctrl-C stops and keeps what was gathered."""
+def run_plan(
+    results: dict,
+    configs: List[dict],
+    run_one: Callable,
+    progress: bool,
+    key: str = "configurations",
+    finish: Optional[Callable] = None,
+):
+    """run_one(entry, config) for each configuration, behind a progress bar; entries go to
+    results[key], and finish(entry) summarizes each (trials and all). A failure is recorded in its
+    entry and the next configuration runs; Ctrl-C stops and keeps what was gathered. A config's
+    "fields" replace the timing entries' role and implementations (speculation.py has others)."""
     from openelm_mlx.progress import progress_bar
 
     bandwidth = results["environment"]["memory_bandwidth_gbs"]
+    if finish is None:
+
+        def finish(entry):
+            if "decode_bytes_per_token" in entry:
+                summarize(entry, bandwidth)
+
     bar = progress_bar(configs, show=progress, desc="openelm bench", unit="config")
     try:
         for config in bar:
@@ -41,11 +56,10 @@ def run_plan(results: dict, configs: List[dict], run_one: Callable, progress: bo
                 "model": label,
                 "source": origin,
                 "precision": config["precision"],
-                "role": config.get("role", "benchmark"),
-                "implementations": {},
+                **config.get("fields", {"role": config.get("role", "benchmark"), "implementations": {}}),
                 "error": None,
             }
-            results["configurations"].append(entry)
+            results[key].append(entry)
             try:
                 run_one(entry, config)
             except KeyboardInterrupt:
@@ -54,8 +68,7 @@ def run_plan(results: dict, configs: List[dict], run_one: Callable, progress: bo
             except Exception as e:  # a failed configuration is reported, the others still run
                 entry["error"] = str(e) if isinstance(e, OpenELMError) else f"{type(e).__name__}: {e}"
             finally:
-                if "decode_bytes_per_token" in entry:
-                    summarize(entry, bandwidth)
+                finish(entry)
     except KeyboardInterrupt:
         results["interrupted"] = True
     finally:

@@ -10,6 +10,8 @@ from typing import List
 
 from openelm_mlx.errors import OpenELMError
 
+from .spec_report import SPECULATION_CSV_FIELDS, settings_line, speculation_lines, speculation_rows
+
 FILES = ("results.json", "results.csv", "results.md", "chart.png")
 NAMES = {"openelm_mlx": "openelm-mlx", "mlx_lm": "mlx-lm", "coreml": "Core ML", "coreai": "Core AI"}
 CSV_FIELDS = [
@@ -107,12 +109,19 @@ def _gb(n) -> str:
 
 def markdown(results: dict) -> str:
     s, env = results["settings"], results["environment"]
+    speculation = s.get("speculation")
+    if speculation:
+        setting = settings_line(s)
+    else:
+        setting = (
+            f"- Settings: prompt {s['prompt_tokens']} tokens (pp{s['prompt_tokens']}), {s['generation_tokens']} "
+            f"generated (tg{s['generation_tokens']}), {s['trials']} trials after {s['warmup']} warm-up (whole prompt, ≤ 4 decode steps), "
+            f"backend {s['backend']}, seed {s['seed']}; figures are the median ± sample stdev over trials."
+        )
     lines = [
         f"## openelm bench: {env.get('gpu') or env['chip']}, {env['device']}",
         "",
-        f"- Settings: prompt {s['prompt_tokens']} tokens (pp{s['prompt_tokens']}), {s['generation_tokens']} "
-        f"generated (tg{s['generation_tokens']}), {s['trials']} trials after {s['warmup']} warm-up (whole prompt, ≤ 4 decode steps), "
-        f"backend {s['backend']}, seed {s['seed']}; figures are the median ± sample stdev over trials.",
+        setting,
         f"- Machine: {env['cpu_count']} CPU cores, {_gb(env['memory_bytes'])} memory, {env['os']}; "
         f"MLX {env['mlx']} on {env['device']}, mlx-lm {env['mlx_lm']}; BLAS: {env['blas']['name']}; "
         f"memory bandwidth {env['memory_bandwidth_gbs']} GB/s ({env['memory_bandwidth_source']}); "
@@ -120,7 +129,7 @@ def markdown(results: dict) -> str:
         f"{_loads(env.get('load_average_end'))} at the end.",
     ]
     sources = {}
-    for c in results["configurations"]:
+    for c in results["configurations"] + results.get("speculation", []):
         if not c.get("error"):
             sources.setdefault(c["source"], []).append(c["model"])
     lines += [f"- Weights of {', '.join(dict.fromkeys(models))}: {src}." for src, models in sources.items()]
@@ -128,6 +137,8 @@ def markdown(results: dict) -> str:
     lines += [f"- Packages run by {runtime}." for runtime in sorted(runtimes)]
     if results["interrupted"]:
         lines.append("- **Interrupted**: only the configurations gathered so far are shown.")
+    if speculation:
+        return "\n".join(lines + speculation_lines(results))
     lines += [
         "",
         "| model | precision | implementation | prompt tok/s | generation tok/s | TTFT ms | inter-token ms (median / p90) "
@@ -192,9 +203,11 @@ def markdown(results: dict) -> str:
 
 def to_csv(results: dict) -> str:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    speculation = results["settings"].get("speculation")
+    fields = SPECULATION_CSV_FIELDS if speculation else CSV_FIELDS
+    writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows(results))
+    writer.writerows(speculation_rows(results) if speculation else rows(results))
     return buffer.getvalue()
 
 

@@ -156,6 +156,7 @@ def test_results_schema(results):
         "backend": "mlx",
         "seed": 0,
         "group_size": 64,
+        "speculation": None,
     }
     env = results["environment"]
     for key in (
