@@ -151,9 +151,13 @@ def speculate(
     """Token ids after `tokens`, drafted and verified; counts drafted/accepted into stats."""
     prefill(model, tokens[:-1], cache)
     context = list(tokens)  # the cache holds all of it but the last token
+    # Draft length, as in Hugging Face's assisted generation: +2 after a draft kept whole, -1 after
+    # a rejection, so text the drafter guesses badly wastes fewer rows (each costs ~a forward pass
+    # of one token with the mlx[cpu] wheel's reference BLAS; benchmarks/results/speculation-*).
+    size = drafter.size
     n = 0
     while n < max_tokens:
-        k = min(drafter.size, max_tokens - n - 1)
+        k = min(size, max_tokens - n - 1)
         draft, q = drafter.propose(context, k) if k > 0 else ([], None)
         logits = model(mx.array(context[-1:] + draft)[None], cache=cache)[0]
         seen = [mx.array(context + draft[:i]) for i in range(len(draft) + 1)] if sampling.penalizes else []
@@ -163,6 +167,8 @@ def speculate(
         accepted = len(new) - 1
         stats.drafted += len(draft)
         stats.accepted += accepted
+        if draft:
+            size = min(drafter.size, size + 2) if accepted == len(draft) else max(1, size - 1)
         for c in cache:
             c.trim(len(draft) - accepted)
         drafter.rollback(len(context) + accepted)

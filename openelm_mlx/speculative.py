@@ -23,18 +23,20 @@ import numpy as np
 from .cache import make_cache
 from .sample import Sampling
 
-MAX_NGRAM = 3  # prompt lookup tries the last 3 tokens, then 2, then 1
+# Prompt lookup tries the last 3 tokens, then 2. A single token recurs too often by chance: on free
+# text most of its drafts were rejected (benchmarks/results/speculation-*).
+MAX_NGRAM, MIN_NGRAM = 3, 2
 
 
 class PromptLookup:
-    """Drafts by finding the last MAX_NGRAM..1 tokens earlier in the context."""
+    """Drafts by finding the last MAX_NGRAM..MIN_NGRAM tokens earlier in the context."""
 
     def __init__(self, size: int):
         self.size = size
 
     def propose(self, context: List[int], k: int) -> Tuple[List[int], Optional[mx.array]]:
         tokens = np.asarray(context)
-        for n in range(min(MAX_NGRAM, len(tokens) - 1), 0, -1):
+        for n in range(min(MAX_NGRAM, len(tokens) - 1), MIN_NGRAM - 1, -1):
             windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
             starts = np.flatnonzero((windows == tokens[-n:]).all(axis=1)) + n  # where a continuation begins
             if starts.size:
