@@ -4,6 +4,7 @@ package_bench.py for exported packages): one entry per configuration, failures r
 from typing import Callable, List
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.progress import progress_bar
 
 from . import timing
 from .subjects import describe
@@ -29,8 +30,6 @@ def summarize(entry: dict, bandwidth_gbs: float):
 def run_plan(results: dict, configs: List[dict], run_one: Callable, progress: bool):
     """run_one(entry, config) for each configuration, behind a progress bar. A failure is recorded
     in its entry and the next configuration runs; Ctrl-C stops and keeps what was gathered."""
-    from openelm_mlx.progress import progress_bar
-
     bandwidth = results["environment"]["memory_bandwidth_gbs"]
     bar = progress_bar(configs, show=progress, desc="openelm bench", unit="config")
     try:
