@@ -89,7 +89,7 @@ def test_sharded_source_and_output_index(tmp_path, tokenizer_file, monkeypatch):
     assert diff(logits(b), logits(mlx_lm_load_model(out)[0])) <= 1e-4
 
 
-def test_corenet_mlx_export(tmp_path, tiny_checkpoint, reference_logits):
+def test_corenet_mlx_export(tmp_path):
     """Apple's corenet export: no `transformer.` prefix, a 32128-row embedding, weights.safetensors."""
     config = tiny_config(vocab_size=32000, layers=2)
     weights = random_weights(config, seed=6)
