@@ -32,7 +32,7 @@ SUBCOMMANDS = {
     "bench": ("openelm_mlx.benchmarks.bench", "benchmark prompt and generation speed"),
 }
 # Optional dependencies -> the extra that installs them.
-EXTRAS = {"coremltools": "coreml", "sklearn": "coreml", "coreai": "coreai", "matplotlib": "bench"}
+EXTRAS = {"coremltools": "coreml", "coreai": "coreai", "matplotlib": "bench"}
 
 
 class Parser(argparse.ArgumentParser):

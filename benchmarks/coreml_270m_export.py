@@ -19,15 +19,15 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from openelm_mlx.benchmarks.synthetic import train_tokenizer, write_checkpoint
+from openelm_mlx.config import OpenELMConfig
+
 RESULTS = Path(__file__).parent / "results" / "coreml_270m_export.json"
 TARGET_BYTES_PER_PARAMETER = {"int4": 0.6}
 
 
 def write_270m_checkpoint(folder: Path) -> int:
     """A 270M-shaped Hugging Face checkpoint with float16 random weights and a tokenizer."""
-    from openelm_mlx.benchmarks.synthetic import train_tokenizer, write_checkpoint
-    from openelm_mlx.config import OpenELMConfig
-
     config = OpenELMConfig.preset("270M")
     write_checkpoint(folder, config, tokenizer=train_tokenizer(folder, config.vocab_size), dtype=mx.float16)
     return config.num_parameters()

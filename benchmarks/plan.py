@@ -4,6 +4,7 @@ package_bench.py for exported packages): one entry per configuration, failures r
 from typing import Callable, List, Optional
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.progress import progress_bar
 
 from . import timing
 from .subjects import describe
@@ -38,8 +39,6 @@ def run_plan(
     results[key], and finish(entry) summarizes each (trials and all). A failure is recorded in its
     entry and the next configuration runs; Ctrl-C stops and keeps what was gathered. A config's
     "fields" replace the timing entries' role and implementations (speculation.py has others)."""
-    from openelm_mlx.progress import progress_bar
-
     bandwidth = results["environment"]["memory_bandwidth_gbs"]
     if finish is None:
 

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import mlx.core as mx
+import sentencepiece as spm
 from mlx.utils import tree_flatten
+from sentencepiece import sentencepiece_model_pb2
 
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.model import Model
@@ -77,9 +79,6 @@ def train_tokenizer(folder: Path, vocab_size: int = 384, text: str = TEXT) -> Pa
     encodes) trained on a few lines: folder/tokenizer.model with exactly `vocab_size` pieces. A few
     lines support a few hundred pieces; a larger vocabulary (32000 for the released shapes) is
     padded with UNUSED pieces that the encoder never emits."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     corpus = folder / "corpus.txt"

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
+from openelm_mlx.cache import make_cache
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import load_model
 from openelm_mlx.model import Model
@@ -143,9 +144,7 @@ def prompt_tokens(tokenizer, prompt: Optional[str], context: int, steps: int) ->
 
 def compare(runner, reference, tokens: List[int], steps: int, backend: str, rtol: float) -> BackendReport:
     """Prefill `tokens`, then `steps` decode steps fed with MLX's greedy tokens (teacher forcing)."""
-    from mlx_lm.models.cache import make_prompt_cache  # here: importing mlx-lm takes ~2 s
-
-    cache = make_prompt_cache(reference)
+    cache = make_cache(reference)
     report = BackendReport(backend, tolerance=0.0)
     feed = tokens
     for k in range(steps + 1):

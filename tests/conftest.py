@@ -1,12 +1,20 @@
 """Shared fixtures: tiny OpenELM checkpoints in the exact Hugging Face layout, and a tokenizer,
 from the synthetic-checkpoint kit that the benchmarks use too."""
 
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from openelm_mlx.benchmarks.synthetic import train_tokenizer, write_checkpoint
 from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.convert.coreai.export import export_coreai
+from openelm_mlx.convert.coreml.export import export_coreml
 
 
 def tiny_config(vocab_size: int = 384, layers: int = 4, **kwargs) -> OpenELMConfig:
@@ -28,12 +36,31 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_file) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("hf") / "OpenELM-tiny", tiny_config(), tokenizer=tokenizer_file)
 
 
+@pytest.fixture
+def cli_here(capsys, monkeypatch):
+    """`openelm ARGS` in this process, for checks where a new interpreter adds nothing (what a
+    terminal shows of native libraries, imports and the environment need run_cli); returns a
+    CompletedProcess as run_cli does, so assert_clean_error applies."""
+    from openelm_mlx.apps.cli import main
+
+    monkeypatch.setenv("OPENELM_TOKENIZER", "")
+
+    def run(*args):
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(
+            [sys.executable, "-m", "openelm_mlx", *map(str, args)], code, captured.out, captured.err
+        )
+
+    return run
+
+
 def run_cli(*args, env=None, input=None, timeout=120, cwd=None):
     """`openelm ARGS` in a subprocess (in `cwd`), offline; returns the CompletedProcess."""
-    import os
-    import subprocess
-    import sys
-
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPENELM_TOKENIZER": "", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "openelm_mlx", *map(str, args)],
@@ -56,6 +83,40 @@ def assert_clean_error(result, *fragments, exit=1):
     assert len(lines) == 1 and lines[0].startswith(f"openelm {command}: error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+EXPORT_CONTEXT, EXPORT_PREFILL = 96, 16  # of the shared exports: 3 prefill blocks fit a test prompt
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """Core ML and Core AI exports, each made once per test run on first use and shared by the test
+    modules and by pytest-xdist's workers (a folder of the run and a lock per export: a worker that
+    wants an export another is writing waits for it): exported(kind, source, compress, precision)
+    -> the exporter's summary. Core ML packages compute in float16 only."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if worker else base) / "shared-exports"
+    folder.mkdir(exist_ok=True)
+
+    def get(kind, source, compress="none", precision="float16"):
+        # by content: each worker writes its own tiny checkpoint, equal to the others' (fixed seeds)
+        digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(source).iterdir()))).hexdigest()[:16]
+        name = f"{Path(source).name}-{digest}-{compress}-{precision}-{kind}"  # OUT.tokenizer.model apiece
+        done = folder / f"{name}.json"
+        with open(folder / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not done.exists():
+                settings = dict(context=EXPORT_CONTEXT, prefill_length=EXPORT_PREFILL, compress=compress)
+                if kind == "coreml":
+                    assert precision == "float16"
+                    summary = export_coreml(source, folder / f"{name}.mlpackage", **settings)
+                else:
+                    summary = export_coreai(source, folder / f"{name}.aimodel", compute_precision=precision, **settings)
+                done.write_text(json.dumps(summary))
+            return json.loads(done.read_text())
+
+    return get
 
 
 MASSIVE_LAYER, MASSIVE_CHANNEL = 1, 7

@@ -391,7 +391,7 @@ def test_quantized_checkpoint_runs_at_its_own_precision(quantizable_checkpoint, 
 def test_coreml_trial_feeds_greedy_tokens_back():
     from openelm_mlx.benchmarks.package_bench import time_package
 
-    class Runner:  # the interface of convert.runner.PackageRunner
+    class Runner:  # the interface of convert.package_runner.PackageRunner
         calls = []
 
         def reset(self):

@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config
+from conftest import tiny_config
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from openelm_mlx import generate, load
@@ -89,7 +89,7 @@ def test_sharded_source_and_output_index(tmp_path, tokenizer_file, monkeypatch):
     assert diff(logits(b), logits(mlx_lm_load_model(out)[0])) <= 1e-4
 
 
-def test_corenet_mlx_export(tmp_path, tiny_checkpoint, reference_logits):
+def test_corenet_mlx_export(tmp_path):
     """Apple's corenet export: no `transformer.` prefix, a 32128-row embedding, weights.safetensors."""
     config = tiny_config(vocab_size=32000, layers=2)
     weights = random_weights(config, seed=6)
@@ -109,15 +109,15 @@ def test_corenet_mlx_export(tmp_path, tiny_checkpoint, reference_logits):
     assert diff(mlx_lm_load_model(out)[0](tokens), a) <= 1e-4
 
 
-def test_cli_convert_and_generate(tiny_checkpoint, tmp_path):
+def test_cli_convert_and_generate(tiny_checkpoint, tmp_path, cli_here):
     out = tmp_path / "q8"
-    result = run_cli(
+    result = cli_here(
         "convert", tiny_checkpoint, "-o", out, "--bits", "8", "--dtype", "float32", "--chat-template", "instruct"
     )
     assert result.returncode == 0, result.stderr
     assert "bits per weight (Instruct: chat template in tokenizer_config.json)" in result.stdout
     assert chat_template_of(out) == TOKENIZER_CHAT_TEMPLATE
-    gen = run_cli("generate", "--model", out, "--max-tokens", "12", "--prompt", "Once upon a time")
+    gen = cli_here("generate", "--model", out, "--max-tokens", "12", "--prompt", "Once upon a time")
     assert gen.returncode == 0, gen.stderr
     model, tokenizer = load(out)
     assert gen.stdout == generate(model, tokenizer, "Once upon a time", max_tokens=12) + "\n"

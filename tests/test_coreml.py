@@ -13,9 +13,10 @@ from mlx.utils import tree_flatten
 
 pytest.importorskip("coremltools")
 
-from conftest import tiny_config  # noqa: E402
+from conftest import EXPORT_CONTEXT, EXPORT_PREFILL, tiny_config  # noqa: E402
 
 from openelm_mlx.apps.cli import main as cli  # noqa: E402
+from openelm_mlx.benchmarks.synthetic import write_checkpoint  # noqa: E402
 from openelm_mlx.convert.coreml.executor import MILExecutor  # noqa: E402
 from openelm_mlx.convert.coreml.export import export_coreml  # noqa: E402
 from openelm_mlx.convert.coreml.runtime import CoreMLRunner  # noqa: E402
@@ -25,27 +26,13 @@ from openelm_mlx.convert.verify import LOGITS_RTOL  # noqa: E402
 from openelm_mlx.errors import OpenELMError  # noqa: E402
 from openelm_mlx.loader import load_model  # noqa: E402
 
-CONTEXT, PREFILL = 96, 16
+CONTEXT, PREFILL = EXPORT_CONTEXT, EXPORT_PREFILL
 
 
-@pytest.fixture(scope="module")
-def packages(tmp_path_factory):
-    """Exports of the tiny checkpoint, made once per compression on first use."""
-    folder = tmp_path_factory.mktemp("coreml")
-    made = {}
-
-    def get(source, compress="none"):
-        if compress not in made:
-            made[compress] = export_coreml(
-                source,
-                folder / f"tiny-{compress}.mlpackage",
-                context=CONTEXT,
-                prefill_length=PREFILL,
-                compress=compress,
-            )
-        return made[compress]
-
-    return get
+@pytest.fixture
+def packages(exported):
+    """The shared Core ML exports (conftest): packages(source, compress) -> the export's summary."""
+    return lambda source, compress="none": exported("coreml", source, compress)
 
 
 def spec_of(package):
@@ -220,16 +207,18 @@ def test_executor_refuses_unknown_op(tmp_path):
         MILExecutor(tmp_path / "sin.mlpackage").run("main", {"x": np.zeros(2, np.float32)}, {})
 
 
-def test_export_from_quantized_mlx_folder(tiny_checkpoint, tmp_path):
-    """A 4-bit MLX folder is dequantized, then exported; verify compares with that same folder."""
-    model, _ = load_model(tiny_checkpoint, "float32")
+def test_export_from_quantized_mlx_folder(tokenizer_file, tmp_path):
+    """A 4-bit MLX folder is dequantized, then exported; verify compares with that same folder.
+    Two layers: the quantized source is the point, not the depth (an export takes seconds a layer)."""
+    source = write_checkpoint(tmp_path / "f32", tiny_config(layers=2), tokenizer=tokenizer_file)
+    model, _ = load_model(source, "float32")
     nn.quantize(model, group_size=32, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear))
     folder = tmp_path / "q4"
     folder.mkdir()
     config = model.config.to_dict() | {"quantization": {"group_size": 32, "bits": 4}}
     (folder / "config.json").write_text(json.dumps(config))
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    shutil.copy(tiny_checkpoint / "tokenizer.model", folder / "tokenizer.model")
+    shutil.copy(tokenizer_file, folder / "tokenizer.model")
     out = export_coreml(folder, tmp_path / "q4.mlpackage", context=64, prefill_length=32)["output"]
     report = verify_coreml(out, folder, steps=2)
     assert report.ok and report.backends[0].agreement == 1.0

@@ -2,39 +2,32 @@
 same sampling and statistics code as MLX."""
 
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import assert_clean_error, run_cli
+from conftest import EXPORT_CONTEXT, assert_clean_error
 
 from openelm_mlx import generate, load
 
 PROMPT = "the quick brown fox jumps over the lazy dog and the stars"  # > one 16-token prefill block
 
 
-@pytest.fixture(scope="module")
-def package(tiny_checkpoint, tmp_path_factory):
+@pytest.fixture
+def package(tiny_checkpoint, exported):
     pytest.importorskip("coremltools")
-    from openelm_mlx.convert.coreml.export import export_coreml
-
-    out = tmp_path_factory.mktemp("pkg") / "tiny.mlpackage"
-    export_coreml(tiny_checkpoint, out, context=64, prefill_length=16)
-    return out
+    return Path(exported("coreml", tiny_checkpoint)["output"])
 
 
-@pytest.fixture(scope="module")
-def coreai_model(tiny_checkpoint, tmp_path_factory):
-    pytest.importorskip("coreai.runtime")
-    from openelm_mlx.convert.coreai.export import export_coreai
-
-    out = tmp_path_factory.mktemp("aimodel") / "tiny.aimodel"
-    export_coreai(tiny_checkpoint, out, context=64, prefill_length=16, compute_precision="float32")
-    return out
+@pytest.fixture
+def coreai_model(tiny_checkpoint, exported):
+    pytest.importorskip("coreai.runtime")  # wheels for macOS arm64 and Linux x86-64, Python 3.11+
+    return Path(exported("coreai", tiny_checkpoint, precision="float32")["output"])
 
 
 @pytest.mark.parametrize("backend", ["mil-reference", "coreai"])
-def test_package_backend_generates_what_mlx_generates(request, tiny_checkpoint, backend):
+def test_package_backend_generates_what_mlx_generates(request, cli_here, tiny_checkpoint, backend):
     model_path = request.getfixturevalue("package" if backend == "mil-reference" else "coreai_model")
-    result = run_cli("generate", "--model", model_path, "--backend", backend, "-p", PROMPT, "--max-tokens", "10")
+    result = cli_here("generate", "--model", model_path, "--backend", backend, "-p", PROMPT, "--max-tokens", "10")
     assert result.returncode == 0, result.stderr
     model, tokenizer = load(tiny_checkpoint)
     assert len(tokenizer.encode(PROMPT)) > 16
@@ -43,22 +36,22 @@ def test_package_backend_generates_what_mlx_generates(request, tiny_checkpoint, 
 
 
 @pytest.mark.parametrize("backend", ["mil-reference", "coreai"])
-def test_package_context_is_enforced(request, backend):
+def test_package_context_is_enforced(request, cli_here, backend):
     model_path = request.getfixturevalue("package" if backend == "mil-reference" else "coreai_model")
-    result = run_cli(
-        "generate", "--model", model_path, "--backend", backend, "-p", "the sea " * 20, "--max-tokens", "30"
+    result = cli_here(
+        "generate", "--model", model_path, "--backend", backend, "-p", "the sea " * 20, "--max-tokens", "60"
     )
-    assert_clean_error(result, "exceeds the model's context of 64")
+    assert_clean_error(result, f"exceeds the model's context of {EXPORT_CONTEXT}")
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs on macOS")
-def test_coreml_backend_needs_macos(package):
-    assert_clean_error(run_cli("generate", "--model", package, "--backend", "coreml", "-p", "hi"), "macOS")
+def test_coreml_backend_needs_macos(package, cli_here):
+    assert_clean_error(cli_here("generate", "--model", package, "--backend", "coreml", "-p", "hi"), "macOS")
 
 
 @pytest.mark.parametrize("backend,suffix", [("mil-reference", ".mlpackage"), ("coreai", ".aimodel")])
-def test_backend_needs_its_package(tiny_checkpoint, backend, suffix):
+def test_backend_needs_its_package(tiny_checkpoint, cli_here, backend, suffix):
     assert_clean_error(
-        run_cli("generate", "--model", tiny_checkpoint, "--backend", backend, "-p", "hi"), f"runs {suffix} packages"
+        cli_here("generate", "--model", tiny_checkpoint, "--backend", backend, "-p", "hi"), f"runs {suffix} packages"
     )
-    assert_clean_error(run_cli("generate", "--backend", backend, "-p", "hi"), f"needs --model OUT{suffix}")
+    assert_clean_error(cli_here("generate", "--backend", backend, "-p", "hi"), f"needs --model OUT{suffix}")

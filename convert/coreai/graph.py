@@ -130,7 +130,7 @@ def attention(desc: PackageDescription, layer: Layer, w: dict, x, step: dict, k_
     return C.cast(C.batch_matmul(out, w["out_proj"]), np.float32), tokens
 
 
-def feed_forward(desc: PackageDescription, layer: Layer, w: dict, x):
+def feed_forward(layer: Layer, w: dict, x):
     """compute-dtype [S, d] -> float32 [S, d]: SwiGLU, its `up` stored 2**-k smaller (numerics.py)."""
     gate, up = C.split(C.batch_matmul(x, w["proj_1"]), u32([layer.ffn_dim] * 2), np.int32(1))  # first half: gate
     out = C.cast(C.batch_matmul(C.mul(C.silu(gate), up), w["proj_2"]), np.float32)
@@ -145,7 +145,7 @@ def transformer_block(desc: PackageDescription, i: int, h, weights: dict, step: 
     layer, eps, dtype = desc.layers[i], desc.config.rms_norm_eps, desc.compute_dtype
     attn, tokens = attention(desc, layer, w, C.cast(rms_norm(h, w["attn_norm"], eps), dtype), step, *handles)
     h = C.broadcasting_add(h, attn)
-    return C.broadcasting_add(h, feed_forward(desc, layer, w, C.cast(rms_norm(h, w["ffn_norm"], eps), dtype))), tokens
+    return C.broadcasting_add(h, feed_forward(layer, w, C.cast(rms_norm(h, w["ffn_norm"], eps), dtype))), tokens
 
 
 def positions(desc: PackageDescription, input_ids, position, seq_len) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 from openelm_mlx.errors import OpenELMError
 
 from ..package import FUNCTIONS, PackageInfo, require
-from ..runner import PackageRunner
+from ..package_runner import PackageRunner
 
 
 def check_integrity(package: Path):

@@ -7,7 +7,8 @@ from pathlib import Path
 from openelm_mlx.errors import OpenELMError
 
 from ..package import PackageInfo, require
-from ..runner import PackageRunner
+from ..package_runner import PackageRunner
+from .executor import MILExecutor
 
 
 def package_info(package) -> PackageInfo:
@@ -39,8 +40,6 @@ class CoreMLRunner(PackageRunner):
                 for f in ("prefill", "decode")
             }
         else:
-            from .executor import MILExecutor
-
             self.executor = MILExecutor(self.package)
         self.reset()
 

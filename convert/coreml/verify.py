@@ -8,11 +8,11 @@ import numpy as np
 
 from ..package import require
 from ..verify import add_verify_arguments, print_report, verify_package
+from .runtime import CoreMLRunner
 
 
 def verify_coreml(package, model, steps: int = 16, prompt=None, tokenizer=None):
     require("coremltools", "coreml")
-    from .runtime import CoreMLRunner
 
     reference = CoreMLRunner(package, "mil-reference")  # loads and checks the package first
 
