@@ -1,0 +1,79 @@
+"""model.linear(): the CPU dequantize-then-BLAS path is taken only where the BLAS makes it pay off,
+and gives what MLX's quantized kernel gives."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from openelm_mlx import model
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+@pytest.fixture
+def blas(monkeypatch):
+    """Set the policy's verdict for one test (and restore the process's own afterwards)."""
+    monkeypatch.setattr(model, "_fast_blas", None)
+    return lambda fast: monkeypatch.setattr(model, "_fast_blas", fast)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_both_paths_agree(blas, monkeypatch, bits, kind):
+    mx.random.seed(0)
+    layer = nn.Linear(128, 96, bias=False) if kind == "linear" else nn.Embedding(96, 128)
+    layer = layer.to_quantized(group_size=64, bits=bits)
+    x = mx.random.normal((1, model.DEQUANTIZE_MIN_TOKENS * 2, 128))
+    calls = []
+    dequantize = mx.dequantize
+    monkeypatch.setattr(mx, "dequantize", lambda *a, **k: calls.append(1) or dequantize(*a, **k))
+    out = {}
+    for fast in (True, False):
+        blas(fast)
+        with mx.stream(mx.cpu):
+            out[fast] = model.linear(layer, x)
+    assert calls == [1]  # the fast BLAS dequantized, the slow one kept the quantized kernel
+    assert mx.abs(out[True] - out[False]).max().item() < 1e-4
+
+
+def test_few_tokens_keep_the_quantized_kernel(blas, monkeypatch):
+    blas(True)
+    monkeypatch.setattr(mx, "dequantize", lambda *a, **k: pytest.fail("dequantized a single token"))
+    layer = nn.Linear(128, 64, bias=False).to_quantized(group_size=64, bits=4)
+    model.linear(layer, mx.zeros((1, 1, 128)))
+
+
+@pytest.mark.parametrize(
+    "library, fast",
+    [
+        (OPENBLAS, True),
+        ("/opt/intel/oneapi/mkl/lib/libmkl_rt.so.2", True),
+        ("Accelerate", True),
+        ("/venv/lib/python3.11/site-packages/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0", False),  # reference
+        ("/usr/lib/x86_64-linux-gnu/blas/libblas.so.3", False),  # Debian's reference BLAS
+        ("", False),  # not found: keep mlx-lm's path
+    ],
+)
+def test_policy_by_library(blas, monkeypatch, library, fast):
+    monkeypatch.setattr(model, "sgemm_library", lambda: library)
+    assert model.dequantize_pays_off() is fast
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the dynamic linker's lookup is Linux's")
+def test_the_library_mlx_calls_is_found():
+    """Default install: the mlx[cpu] wheel's bundled BLAS; with OpenBLAS preloaded: OpenBLAS."""
+    code = "from openelm_mlx import model; print(model.sgemm_library())"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    if "mlx_cpu.libs" not in found:
+        pytest.skip(f"not the mlx[cpu] wheel: {found}")
+    assert Path(found).name.startswith("libblas")
+    if not os.path.exists(OPENBLAS):
+        pytest.skip("OpenBLAS not installed (apt-get install libopenblas0-pthread)")
+    env = {**os.environ, "LD_PRELOAD": OPENBLAS}
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert found.stdout.strip() == os.path.realpath(OPENBLAS)
