@@ -5,8 +5,6 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
-
 from .errors import OpenELMError
 from .files import boolean, each, field_problem, integer, number, obj, one_of, optional, read_json, shown, text
 
@@ -85,7 +83,11 @@ def make_divisible(v: float, divisor: int) -> int:
 def layer_multipliers(start: float, stop: float, layers: int) -> List[float]:
     """corenet's per-layer multipliers, `[round(v, 2) for v in np.linspace(start, stop, layers)]`,
     computed as corenet computes them: numpy's linspace and numpy's rounding (scale by 100, round
-    half to even), which differ from Python's exact decimal round() on values like 2.775."""
+    half to even), which differ from Python's exact decimal round() on values like 2.775.
+    numpy is imported here, not at the top: `openelm generate` loads this module but never needs
+    numpy, whose import costs ~0.1-0.6 s."""
+    import numpy as np
+
     return np.linspace(start, stop, layers).round(2).tolist()
 
 
