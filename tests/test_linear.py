@@ -10,7 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from openelm_mlx import model
+from openelm_mlx import OpenELMConfig, model
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
@@ -77,3 +77,30 @@ def test_the_library_mlx_calls_is_found():
     env = {**os.environ, "LD_PRELOAD": OPENBLAS}
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert found.stdout.strip() == os.path.realpath(OPENBLAS)
+
+
+@pytest.mark.parametrize("fast, same", [(False, True), (True, False)])
+def test_without_a_fast_blas_the_graph_is_mlx_lms(blas, tmp_path, fast, same):
+    """Where dequantizing does not pay off, a quantized prefill runs mlx-lm's graph op for op."""
+    import re
+    from collections import Counter
+
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from openelm_mlx.benchmarks.subjects import build_subject, mlx_lm_twin
+    from openelm_mlx.benchmarks.synthetic import random_weights
+    from openelm_mlx.benchmarks.timing import prefill_logits
+
+    blas(fast)
+    # every width a multiple of the group size 64, so that every layer quantizes
+    config = OpenELMConfig.layerwise(2, 128, 16, vocab_size=384, ffn_dim_divisor=64, max_context_length=256)
+    ours = build_subject(config, lambda: random_weights(config, seed=1), "q4")
+    prompt = mx.array([list(range(3, 3 + 2 * model.DEQUANTIZE_MIN_TOKENS))])
+    ops = []
+    for subject in (ours, mlx_lm_twin(ours)):
+        dot = tmp_path / "graph.dot"
+        with mx.stream(mx.cpu):
+            mx.export_to_dot(str(dot), prefill_logits(subject, prompt, make_prompt_cache(subject)))
+        ops.append(Counter(re.findall(r'label ="(\w+)"', dot.read_text())))
+    assert ops[0]["QuantizedMatmul"] > 0 or fast
+    assert (ops[0] == ops[1]) is same
