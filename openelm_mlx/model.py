@@ -1,5 +1,7 @@
 """OpenELM in MLX: parameter names follow the Hugging Face checkpoint, so weights load as they are."""
 
+import os
+import sys
 from typing import Any, List, Optional
 
 import mlx.core as mx
@@ -22,9 +24,7 @@ _fast_blas: Optional[bool] = None
 def sgemm_library() -> str:
     """The file whose cblas_sgemm MLX's CPU matmuls call ('' if not found): one in the process's
     global scope (LD_PRELOAD) wins over libmlx's own dependency, as in the dynamic linker."""
-    import ctypes
-    import os
-    import sys
+    import ctypes  # here: only a quantized CPU prefill asks, once per process
 
     if sys.platform == "darwin":
         return "Accelerate"
