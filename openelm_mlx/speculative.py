@@ -18,7 +18,6 @@ and it would bring mlx-lm's 3 s import into start-up.
 from typing import List, Optional, Tuple
 
 import mlx.core as mx
-import numpy as np
 
 from .cache import make_cache
 from .sample import Sampling
@@ -35,6 +34,8 @@ class PromptLookup:
         self.size = size
 
     def propose(self, context: List[int], k: int) -> Tuple[List[int], Optional[mx.array]]:
+        import numpy as np  # only --prompt-lookup needs it: every `openelm generate` imports this module
+
         tokens = np.asarray(context)
         for n in range(min(MAX_NGRAM, len(tokens) - 1), MIN_NGRAM - 1, -1):
             windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
