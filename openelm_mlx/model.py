@@ -1,12 +1,11 @@
 """OpenELM in MLX: parameter names follow the Hugging Face checkpoint, so weights load as they are."""
 
-import os
-import sys
 from typing import Any, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import blas
 from .config import OpenELMConfig
 
 # Below this many tokens a quantized matmul is cheaper than dequantizing its weight.
@@ -17,48 +16,12 @@ DEQUANTIZE_MIN_TOKENS = 16
 # 16x mlx-lm's prefill with OpenBLAS preloaded, but 0.81x with the mlx[cpu] wheel's bundled
 # reference BLAS (~6 GFLOP/s), which is no faster than MLX's quantized kernel. An unknown BLAS
 # keeps MLX's quantized kernel: mlx-lm's own path, so never slower than mlx-lm.
-FAST_BLAS = ("openblas", "mkl", "blis", "accelerate", "veclib", "armpl")  # in the library's path
-_fast_blas: Optional[bool] = None
-
-
-def sgemm_library() -> str:
-    """The file whose cblas_sgemm MLX's CPU matmuls call ('' if not found): one in the process's
-    global scope (LD_PRELOAD) wins over libmlx's own dependency, as in the dynamic linker."""
-    import ctypes  # here: only a quantized CPU prefill asks, once per process
-
-    if sys.platform == "darwin":
-        return "Accelerate"
-
-    class DlInfo(ctypes.Structure):
-        _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p)] + [("s", ctypes.c_void_p)] * 2
-
-    with open("/proc/self/maps") as maps:
-        libmlx = next((line.split()[-1] for line in maps if line.rstrip().endswith("/libmlx.so")), None)
-    for scope in (None, libmlx):
-        try:
-            address = ctypes.cast(ctypes.CDLL(scope, os.RTLD_NOLOAD | os.RTLD_LAZY).cblas_sgemm, ctypes.c_void_p)
-            info = DlInfo()
-            if ctypes.CDLL(None).dladdr(address, ctypes.byref(info)):
-                return os.path.realpath(info.fname.decode())
-        except (OSError, AttributeError):  # not in this scope, or no libmlx.so (another build)
-            continue
-    return ""
-
-
-def dequantize_pays_off() -> bool:
-    """Whether MLX's CPU matmuls use a fast BLAS (looked up once per process)."""
-    global _fast_blas
-    if _fast_blas is None:
-        _fast_blas = any(name in sgemm_library().lower() for name in FAST_BLAS)
-    return _fast_blas
-
-
 def linear(layer, x: mx.array) -> mx.array:
     """x through a linear layer (or the tied embedding used as one). For a quantized layer over
     many tokens on a CPU with a fast BLAS, dequantize once and use BLAS: MLX's CPU kernel does one
     matrix-vector product per token (15x slower for 128 tokens with OpenBLAS)."""
     quantized = isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    if quantized and x.shape[-2] >= DEQUANTIZE_MIN_TOKENS and mx.default_device() == mx.cpu and dequantize_pays_off():
+    if quantized and x.shape[-2] >= DEQUANTIZE_MIN_TOKENS and mx.default_device() == mx.cpu and blas.fast_blas():
         w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
         return x @ w.T.astype(x.dtype)
     if isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding)):

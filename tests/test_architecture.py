@@ -39,8 +39,6 @@ LAZY_IMPORTS = {
     ("openelm_mlx.tokenizer", "huggingface_hub.errors"): "keeps start-up fast",
     # Only mlx-lm makes a quantized KV cache, so mlx-lm is imported already when it is attended.
     ("openelm_mlx.model", "mlx_lm.models.base"): "never loads mlx-lm on our own paths",
-    # Only a quantized prefill on a CPU asks which BLAS MLX calls (model.sgemm_library), once.
-    ("openelm_mlx.model", "ctypes"): "keeps start-up fast",
     # Only a preset's layer-wise multipliers need numpy (0.35-0.7 s to import under load).
     ("openelm_mlx.config", "numpy"): "keeps start-up fast",
     ("openelm_mlx.speculative", "numpy"): "keeps start-up fast",

@@ -10,21 +10,20 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from openelm_mlx import OpenELMConfig, model
+from openelm_mlx import OpenELMConfig, blas, model
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 
 @pytest.fixture
-def blas(monkeypatch):
+def set_blas(monkeypatch):
     """Set the policy's verdict for one test (and restore the process's own afterwards)."""
-    monkeypatch.setattr(model, "_fast_blas", None)
-    return lambda fast: monkeypatch.setattr(model, "_fast_blas", fast)
+    return lambda fast: monkeypatch.setattr(blas, "fast_blas", lambda: fast)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("kind", ["linear", "embedding"])
-def test_both_paths_agree(blas, monkeypatch, bits, kind):
+def test_both_paths_agree(set_blas, monkeypatch, bits, kind):
     mx.random.seed(0)
     layer = nn.Linear(128, 96, bias=False) if kind == "linear" else nn.Embedding(96, 128)
     layer = layer.to_quantized(group_size=64, bits=bits)
@@ -34,15 +33,15 @@ def test_both_paths_agree(blas, monkeypatch, bits, kind):
     monkeypatch.setattr(mx, "dequantize", lambda *a, **k: calls.append(1) or dequantize(*a, **k))
     out = {}
     for fast in (True, False):
-        blas(fast)
+        set_blas(fast)
         with mx.stream(mx.cpu):
             out[fast] = model.linear(layer, x)
     assert calls == [1]  # the fast BLAS dequantized, the slow one kept the quantized kernel
     assert mx.abs(out[True] - out[False]).max().item() < 1e-4
 
 
-def test_few_tokens_keep_the_quantized_kernel(blas, monkeypatch):
-    blas(True)
+def test_few_tokens_keep_the_quantized_kernel(set_blas, monkeypatch):
+    set_blas(True)
     monkeypatch.setattr(mx, "dequantize", lambda *a, **k: pytest.fail("dequantized a single token"))
     layer = nn.Linear(128, 64, bias=False).to_quantized(group_size=64, bits=4)
     model.linear(layer, mx.zeros((1, 1, 128)))
@@ -59,15 +58,14 @@ def test_few_tokens_keep_the_quantized_kernel(blas, monkeypatch):
         ("", False),  # not found: keep mlx-lm's path
     ],
 )
-def test_policy_by_library(blas, monkeypatch, library, fast):
-    monkeypatch.setattr(model, "sgemm_library", lambda: library)
-    assert model.dequantize_pays_off() is fast
+def test_policy_by_library(library, fast):
+    assert blas.is_fast(library) is fast
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the dynamic linker's lookup is Linux's")
 def test_the_library_mlx_calls_is_found():
     """Default install: the mlx[cpu] wheel's bundled BLAS; with OpenBLAS preloaded: OpenBLAS."""
-    code = "from openelm_mlx import model; print(model.sgemm_library())"
+    code = "from openelm_mlx import blas; print(blas.sgemm_library())"
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     if "mlx_cpu.libs" not in found:
         pytest.skip(f"not the mlx[cpu] wheel: {found}")
@@ -80,7 +78,7 @@ def test_the_library_mlx_calls_is_found():
 
 
 @pytest.mark.parametrize("fast, same", [(False, True), (True, False)])
-def test_without_a_fast_blas_the_graph_is_mlx_lms(blas, tmp_path, fast, same):
+def test_without_a_fast_blas_the_graph_is_mlx_lms(set_blas, tmp_path, fast, same):
     """Where dequantizing does not pay off, a quantized prefill runs mlx-lm's graph op for op
     (its products are mlx-lm's QuantizedMatmul)."""
     import re
@@ -92,7 +90,7 @@ def test_without_a_fast_blas_the_graph_is_mlx_lms(blas, tmp_path, fast, same):
     from openelm_mlx.benchmarks.synthetic import random_weights
     from openelm_mlx.benchmarks.timing import prefill_logits
 
-    blas(fast)
+    set_blas(fast)
     # every width a multiple of the group size 64, so that every layer quantizes
     config = OpenELMConfig.layerwise(2, 128, 16, vocab_size=384, ffn_dim_divisor=64, max_context_length=256)
     ours = build_subject(config, lambda: random_weights(config, seed=1), "q4")
