@@ -14,6 +14,7 @@ from openelm_mlx.files import read_json
 from openelm_mlx.outputs import check_output, remove
 
 STATE = "train_state.json"
+CHECKPOINT = "checkpoint"  # the folder --resume continues from
 LOCK = ".openelm-train.lock"
 
 
@@ -56,7 +57,7 @@ def lock_run(output: Path):
 
 def save_checkpoint(output: Path, model, optimizer, state: dict):
     """Weights, optimizer moments and the step, written to a temp folder and swapped in whole."""
-    tmp, final = output / "checkpoint.tmp", output / "checkpoint"
+    tmp, final = output / f"{CHECKPOINT}.tmp", output / CHECKPOINT
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
@@ -68,7 +69,7 @@ def save_checkpoint(output: Path, model, optimizer, state: dict):
 
 
 def load_checkpoint(output: Path, model, optimizer) -> dict:
-    folder = output / "checkpoint"
+    folder = output / CHECKPOINT
     if not (folder / STATE).is_file():
         raise OpenELMError(f"--resume: no checkpoint in {output}: start without --resume")
     model.load_weights(str(folder / "model.safetensors"))
