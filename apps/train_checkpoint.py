@@ -34,7 +34,8 @@ def start_run(output: Path, settings: dict, resume: bool, force: bool, reads=())
             )
     elif output.exists() and (not output.is_dir() or any(p.name != LOCK for p in output.iterdir())):
         if not force:
-            raise OpenELMError(f"{output} is not empty: pass --resume to continue the run or --force to start over")
+            what = "is not empty" if output.is_dir() else "is a file, not a run folder"
+            raise OpenELMError(f"{output} {what}: pass --resume to continue the run or --force to start over")
         check_output(output, force, reads)
         lock = lock_run(output)  # not while another run writes there
         lock.close()
