@@ -37,10 +37,10 @@ EXTRAS = {"coremltools": "coreml", "sklearn": "coreml", "coreai": "coreai", "mat
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default after its help, unless the help already says it or there is
-    none to show (no value, a flag that is off)."""
+    none to show (no value, a flag)."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in (action.help or "") or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
 
@@ -81,24 +81,31 @@ def _quiet_stdout():
         pass
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser(command=None):
+    """(the `openelm` parser, the parser of `command`): only the chosen command's module is
+    imported and its options added; without one, the top parser twice."""
     parser = Parser(prog="openelm", description="OpenELM on Apple Silicon with MLX, Core ML and Core AI")
     parser.add_argument("--version", action="version", version=f"openelm-mlx {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = parser
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.main)
+            chosen = sub
+    return parser, chosen
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else None
     signal.signal(signal.SIGTERM, _terminate)
     if sys.stdout is None:  # started with stdout closed (`>&-`): what it prints goes nowhere
         sys.stdout = open(os.devnull, "w")
     try:
-        chosen = parser
-        for name, (module_name, help_text) in SUBCOMMANDS.items():
-            sub = subparsers.add_parser(name, help=help_text, description=help_text)
-            if name == command:
-                module = importlib.import_module(module_name)
-                module.add_arguments(sub)
-                sub.set_defaults(run=module.main)
-                chosen = sub
+        parser, chosen = build_parser(command)
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # said by the command's parser, not the top one: `openelm COMMAND: error: ...`
             chosen.error(f"unrecognized arguments: {' '.join(unknown)}")

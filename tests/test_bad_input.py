@@ -138,3 +138,31 @@ def test_rows_are_unique_and_many():
 )
 def test_repo_id_shape(text, repo):
     assert is_repo_id(text) is repo
+
+
+# The commands of this module's rows whose every option must say what it does (generate and chat:
+# tests of their own).
+HELPED = ["convert", "export-coreml", "verify-coreml", "export-coreai", "verify-coreai", "train", "eval", "bench"]
+
+
+@pytest.mark.parametrize("command", HELPED)
+def test_every_option_has_help_with_its_default_once(command):
+    import argparse
+
+    from openelm_mlx.apps.cli import build_parser
+
+    _, parser = build_parser(command)
+    parsers = [parser]
+    for action in parser._actions:  # eval's metrics (ppl) are parsers of their own
+        if isinstance(action, argparse._SubParsersAction):
+            parsers += action.choices.values()
+    for each in parsers:
+        formatter = each._get_formatter()
+        for action in each._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            assert action.help, f"openelm {command}: {name} has no help"
+            shown = formatter._get_help_string(action) % {"default": action.default}
+            assert shown.count("default") <= 1, f"openelm {command}: {name}: {shown}"
+            assert "(default: None)" not in shown and "(default: False)" not in shown, shown
