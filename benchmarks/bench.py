@@ -279,4 +279,6 @@ def main(args) -> int:
     print(markdown(results))
     written = write_results(results, out, force=args.force)
     print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
-    return 130 if results["interrupted"] else 0
+    if results["interrupted"]:  # what was gathered is written; the status says what stopped it
+        return 143 if results["interrupted_by"] == "SIGTERM" else 130
+    return 0

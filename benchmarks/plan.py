@@ -56,7 +56,8 @@ def run_plan(results: dict, configs: List[dict], run_one: Callable, progress: bo
             finally:
                 if "decode_bytes_per_token" in entry:
                     summarize(entry, bandwidth)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the CLI raises it as a KeyboardInterrupt)
         results["interrupted"] = True
+        results["interrupted_by"] = "SIGTERM" if type(e).__name__ == "Terminated" else "SIGINT"
     finally:
         bar.close()
