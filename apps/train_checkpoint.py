@@ -60,13 +60,26 @@ def save_checkpoint(output: Path, model, optimizer, state: dict):
     """Weights, optimizer moments and the step, written to a temp folder and swapped in whole."""
     tmp, final = output / f"{CHECKPOINT}.tmp", output / CHECKPOINT
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (tmp / STATE).write_text(json.dumps(state))
+    try:
+        tmp.mkdir()
+        _save(tmp / "model.safetensors", dict(tree_flatten(model.parameters())))
+        _save(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
+        (tmp / STATE).write_text(json.dumps(state))
+    except BaseException:  # a full disk, an interrupt: the last complete checkpoint stays as it is
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     (output / STATE).write_text(json.dumps(state, indent=1))
+
+
+def _save(path: Path, arrays: dict):
+    """mx.save_safetensors, whose failures (a full disk) are a RuntimeError without the path."""
+    try:
+        mx.save_safetensors(str(path), arrays)
+    except RuntimeError as e:
+        free = shutil.disk_usage(path.parent).free
+        raise OpenELMError(f"cannot write {path}: {e} ({free:,} bytes free there)") from None
 
 
 def load_checkpoint(output: Path, model, optimizer) -> dict:

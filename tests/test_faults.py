@@ -280,6 +280,7 @@ FS_ROWS = [
     ("bench-read-only", BENCH_FP32, "ro", "cannot write {fs}/out/results.json: Read-only file system"),
     ("bench-full", BENCH_FP32, "full", "cannot write {fs}/out/results.json: No space left on device"),
     ("train-read-only", TRAIN_TO, "ro", "Read-only file system"),
+    ("train-full", TRAIN_TO, "full", "cannot write {fs}/run/checkpoint.tmp/model.safetensors"),
     ("export-coreml-read-only", ("export-coreml", "{model}", "-o", "out.mlpackage"), "ro", "Read-only file system"),
 ]
 
