@@ -13,7 +13,6 @@ from openelm_mlx.errors import OpenELMError
 from openelm_mlx.options import SEED, check_options, count
 from openelm_mlx.overflow import check_finite
 
-from . import timing
 from .machine import machine_info
 from .plan import MLX_LM, OURS, WARMUP_DECODE_TOKENS, run_plan
 from .subjects import GROUP_SIZE, PRECISIONS, activation_dtype, build_subject, load_source, mlx_lm_twin
@@ -52,6 +51,8 @@ def plan(models: Sequence[str], precisions: Sequence[str], compare: Optional[str
 def run_configuration(entry: dict, names: List[str], source: tuple, settings: dict, bandwidth_gbs: float):
     """Time one configuration into `entry` (trials land there as they finish, so an interrupt
     keeps them). Implementations alternate who goes first, trial by trial."""
+    from . import timing  # imports mlx-lm: only once something is timed, not for a refused command line
+
     config, make_weights = source
     p, g = settings["prompt_tokens"], settings["generation_tokens"]
     check_fits(config, p, g)

@@ -5,7 +5,6 @@ from typing import Callable, List
 
 from openelm_mlx.errors import OpenELMError
 
-from . import timing
 from .subjects import describe
 
 OURS, MLX_LM = "openelm_mlx", "mlx_lm"
@@ -16,6 +15,8 @@ WARMUP_DECODE_TOKENS = 4
 
 def summarize(entry: dict, bandwidth_gbs: float):
     """Median and spread per implementation, roofline, and paired ratios ours / mlx-lm."""
+    from . import timing  # imports mlx-lm: only once something was timed
+
     impls = {name: r for name, r in entry["implementations"].items() if r.get("trials")}
     for result in impls.values():
         result["summary"] = timing.summarize(result["trials"])

@@ -131,7 +131,7 @@ def describe(
         raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
         raise OpenELMError(f"unknown compression '{compression}': choose one of {', '.join(compressions)}")
-    check_options({"context": context, "prefill_length": prefill_length, "block_size": block_size}, EXPORT_OPTION_RULES)
+    check_export_options(context, prefill_length, block_size)
     model, folder = load_model(model_source, dtype="float32")
     config = model.config
     context = config.max_context_length if context is None else context
@@ -167,6 +167,12 @@ def describe(
         sin,
     )
     return description, folder
+
+
+def check_export_options(context: Optional[int], prefill_length: int, block_size: int):
+    """The exporters' numeric options in their ranges (EXPORT_OPTION_RULES), before anything is
+    imported or read; describe() checks them against the model."""
+    check_options({"context": context, "prefill_length": prefill_length, "block_size": block_size}, EXPORT_OPTION_RULES)
 
 
 def require(module: str, extra: str):
