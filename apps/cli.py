@@ -35,15 +35,27 @@ SUBCOMMANDS = {
 EXTRAS = {"coremltools": "coreml", "coreai": "coreai", "matplotlib": "bench"}
 
 
-class Parser(argparse.ArgumentParser):
-    """Every parser of the command: usage errors are one line and exit 2; help shows defaults."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default after its help, unless the help already says it or there is
+    none to show (no value, a flag)."""
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every parser of the command: usage errors are one line `openelm COMMAND: error: ...` and
+    exit 2, also from a nested parser (`openelm eval ppl`); help shows defaults."""
+
+    def __init__(self, *args, command_prog=None, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
+        self.command_prog = command_prog or self.prog
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.command_prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class Terminated(KeyboardInterrupt):
@@ -69,21 +81,34 @@ def _quiet_stdout():
         pass
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser(command=None):
+    """(the `openelm` parser, the parser of `command`): only the chosen command's module is
+    imported and its options added; without one, the top parser twice."""
     parser = Parser(prog="openelm", description="OpenELM on Apple Silicon with MLX, Core ML and Core AI")
     parser.add_argument("--version", action="version", version=f"openelm-mlx {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = parser
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(sub)
+            sub.set_defaults(run=module.main)
+            chosen = sub
+    return parser, chosen
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else None
     signal.signal(signal.SIGTERM, _terminate)
+    if sys.stdout is None:  # started with stdout closed (`>&-`): what it prints goes nowhere
+        sys.stdout = open(os.devnull, "w")
     try:
-        for name, (module_name, help_text) in SUBCOMMANDS.items():
-            sub = subparsers.add_parser(name, help=help_text, description=help_text)
-            if name == command:
-                module = importlib.import_module(module_name)
-                module.add_arguments(sub)
-                sub.set_defaults(run=module.main)
-        args = parser.parse_args(argv)
+        parser, chosen = build_parser(command)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # said by the command's parser, not the top one: `openelm COMMAND: error: ...`
+            chosen.error(f"unrecognized arguments: {' '.join(unknown)}")
         # coremltools warns on import that Core ML's runtime is missing, which on Linux is expected.
         logging.getLogger("coremltools").setLevel(logging.ERROR)
         code = args.run(args)

@@ -18,8 +18,12 @@ import numpy as np
 
 from openelm_mlx.apps.train_data import encode_documents
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.loader import DEMO_MODEL, load
+from openelm_mlx.files import optional, read_text
+from openelm_mlx.loader import DEMO_MODEL, DTYPES, load
 from openelm_mlx.model import Model
+from openelm_mlx.options import check_options, count
+from openelm_mlx.overflow import check_finite
+from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import Tokenizer
 
 DEMO_TEXT = DEMO_MODEL / "validation.txt"
@@ -55,9 +59,10 @@ def perplexity(
     context: Optional[int] = None,
     batch_size: int = 8,
     max_tokens: Optional[int] = None,
+    progress: bool = False,
 ) -> Perplexity:
     """Perplexity of `model` on `text`; `max_tokens` scores only the first that many tokens."""
-    context = context or model.config.max_context_length
+    context = model.config.max_context_length if context is None else context
     if context < 1 or batch_size < 1:
         raise OpenELMError(f"--context ({context}) and --batch-size ({batch_size}) must be at least 1")
     if context > model.config.max_context_length:
@@ -73,10 +78,11 @@ def perplexity(
     batches += [[s] for s in starts[len(full) :]]  # the shorter last window
 
     total, start = 0.0, time.perf_counter()
-    for batch in batches:
+    for batch in progress_bar(batches, show=progress, desc="eval ppl", unit="batch"):
         windows = mx.array(np.stack([tokens[s : s + context + 1] for s in batch]))
-        logits = model(windows[:, :-1]).astype(mx.float32)
-        loss = nn.losses.cross_entropy(logits, windows[:, 1:], reduction="sum")
+        logits = model(windows[:, :-1])
+        check_finite(logits, logits.dtype, "--dtype float32 (or bfloat16)")
+        loss = nn.losses.cross_entropy(logits.astype(mx.float32), windows[:, 1:], reduction="sum")
         total += loss.item()
     seconds = time.perf_counter() - start
     n = len(tokens) - 1
@@ -85,22 +91,32 @@ def perplexity(
 
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="metric", metavar="METRIC", required=True)
-    ppl = sub.add_parser("ppl", help="perplexity on a text file, one document a line")
+    ppl = sub.add_parser("ppl", help="perplexity on a text file, one document a line", command_prog=parser.prog)
     ppl.add_argument("--model", help="model folder or Hugging Face repo id (default: the demo model)")
     ppl.add_argument("--tokenizer", help="tokenizer.model file or folder (default: the model's)")
     ppl.add_argument("--text", type=Path, help="text file (default: the demo model's validation text)")
-    ppl.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    ppl.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPES],
+        help="activation dtype (auto: float32 on a CPU, float16 on a GPU, bfloat16 for 3B)",
+    )
     ppl.add_argument("--context", type=int, help="tokens per window (default: the model's context)")
     ppl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text")
+    ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text (default: all)")
+
+
+OPTION_RULES = {"context": optional(count()), "batch_size": count(1, 4096), "max_tokens": optional(count())}
 
 
 def main(args):
+    check_options(vars(args), OPTION_RULES)
     text_file = args.text or DEMO_TEXT
     if not text_file.is_file():
         raise OpenELMError(f"no text file at {text_file}: pass --text FILE")
+    text = read_text(text_file)
     model, tokenizer = load(args.model, args.tokenizer, args.dtype)
-    result = perplexity(model, tokenizer, text_file.read_text(), args.context, args.batch_size, args.max_tokens)
+    result = perplexity(model, tokenizer, text, args.context, args.batch_size, args.max_tokens, progress=True)
     print(f"model: {args.model or f'demo model ({DEMO_MODEL})'}")
     print(f"text: {text_file}, {result.tokens} tokens scored")
     print(f"perplexity: {result.perplexity:.3f} (loss {result.loss:.4f} nats/token)")

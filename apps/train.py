@@ -8,6 +8,7 @@ checkpoint/ (weights and optimizer state) and, at the end, model/ (written by th
 Data: train_data.py; checkpoints and resuming: train_checkpoint.py; the plot: train_plot.py.
 """
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -20,13 +21,16 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from openelm_mlx.apps.train_checkpoint import load_checkpoint, save_checkpoint, start_run
+from openelm_mlx.apps.train_checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, start_run
 from openelm_mlx.apps.train_data import batch_at, encode_documents, train_tokenizer, validation_windows
 from openelm_mlx.apps.train_plot import plot_losses
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.files import number, read_text
 from openelm_mlx.model import Model
 from openelm_mlx.model_folder import write_model_folder
+from openelm_mlx.options import SEED, between, check_options, count
+from openelm_mlx.outputs import remove
 from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import Tokenizer
 
@@ -50,6 +54,23 @@ class TrainConfig:
     grad_clip: float = 1.0  # maximum global gradient norm
     seed: int = 0  # initialization and batch order
 
+    def check(self):
+        """Every setting in its range (SETTING_RULES), before a byte is written."""
+        check_options(asdict(self), SETTING_RULES)
+        if self.head_dim % 2:
+            raise OpenELMError(f"--head-dim must be even (rotary embeddings pair its halves), got {self.head_dim}")
+        if self.warmup >= self.steps:
+            raise OpenELMError(f"--warmup ({self.warmup}) must be smaller than --steps ({self.steps})")
+        config = OpenELMConfig.layerwise(self.layers, self.model_dim, self.head_dim, ffn_dim_divisor=64)
+        # weights, gradients and AdamW's two moments, float32; the vocabulary at its largest
+        needed = 16 * (config.num_parameters() + (self.vocab_size - config.vocab_size) * self.model_dim)
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if needed > memory:
+            raise OpenELMError(
+                f"a model of --layers {self.layers} --model-dim {self.model_dim} needs about {needed / 1e9:.0f} GB "
+                f"to train, more than this machine's {memory / 1e9:.0f} GB: choose a smaller one"
+            )
+
     def model_config(self, tokenizer: Tokenizer) -> OpenELMConfig:
         # ffn widths in multiples of 64 (not corenet's 256) let small models keep their per-layer
         # scaling; every width stays divisible by 64, as 4/8-bit group quantization needs.
@@ -65,11 +86,49 @@ class TrainConfig:
         )
 
     def optimizer(self) -> optim.AdamW:
-        """AdamW over a linear warm-up to learning_rate, then a cosine decay to its min_lr_ratio."""
-        warmup = optim.linear_schedule(self.learning_rate / self.warmup, self.learning_rate, self.warmup)
+        """AdamW over a linear warm-up to learning_rate (none with --warmup 0), then a cosine decay
+        to its min_lr_ratio."""
         decay = optim.cosine_decay(self.learning_rate, self.steps - self.warmup, self.learning_rate * self.min_lr_ratio)
-        schedule = optim.join_schedules([warmup, decay], [self.warmup])
+        schedule = decay
+        if self.warmup:
+            warmup = optim.linear_schedule(self.learning_rate / self.warmup, self.learning_rate, self.warmup)
+            schedule = optim.join_schedules([warmup, decay], [self.warmup])
         return optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=self.weight_decay)
+
+
+# The range of every setting: far beyond the demo recipe, within what MLX and sentencepiece take
+# (a byte-fallback tokenizer holds 256 byte pieces and unk, bos, eos).
+SETTING_RULES = {
+    "layers": count(1, 1024),
+    "model_dim": count(1, 65536),
+    "head_dim": count(2, 4096),
+    "vocab_size": count(260, 1 << 20),
+    "context": count(1, 1 << 20),
+    "batch_size": count(1, 1 << 16),
+    "steps": count(),
+    "learning_rate": number(0, 10),
+    "min_lr_ratio": between(0, 1),
+    "warmup": count(0),
+    "weight_decay": between(0, 10),
+    "grad_clip": number(0, 1e6),
+    "seed": SEED,
+}
+STEP_RULES = {"checkpoint_every": count(), "eval_every": count()}
+SETTING_HELP = {
+    "layers": "transformer layers",
+    "model_dim": "model width",
+    "head_dim": "width of an attention head (even)",
+    "vocab_size": "sentencepiece pieces, trained on --text",
+    "context": "tokens per training window, and the model's context",
+    "batch_size": "windows per step",
+    "steps": "optimizer steps",
+    "learning_rate": "peak learning rate, after the warm-up",
+    "min_lr_ratio": "the cosine decay ends at learning rate x this (0 to 1)",
+    "warmup": "linear warm-up steps (0: none), fewer than --steps",
+    "weight_decay": "AdamW's weight decay",
+    "grad_clip": "largest global gradient norm",
+    "seed": f"seed of the initialization and the batch order (0 to {2**64 - 1})",
+}
 
 
 def loss_fn(model: Model, batch: mx.array) -> mx.array:
@@ -94,43 +153,56 @@ def train(
 ) -> Path:
     """Train a model on `text` into `output`; returns the written model folder."""
     cfg, output = TrainConfig(**settings), Path(output)
+    check_options({"checkpoint_every": checkpoint_every, "eval_every": eval_every}, STEP_RULES)
+    cfg.check()
     for path in (text, val_text):
         if path is not None and not Path(path).is_file():
             raise OpenELMError(f"no text file at {path}")
-    if cfg.warmup >= cfg.steps:
-        raise OpenELMError(f"--warmup ({cfg.warmup}) must be smaller than --steps ({cfg.steps})")
+    texts = [read_text(Path(path)) if path is not None else None for path in (text, val_text)]
+    created = not output.exists() or force
     with start_run(output, asdict(cfg), resume, force, reads=[text, val_text]):  # the run's lock, held to the end
-        tokenizer_file = output / "tokenizer.model"
-        tokenizer = (
-            Tokenizer(tokenizer_file)
-            if tokenizer_file.is_file()
-            else train_tokenizer(Path(text), output, cfg.vocab_size)
-        )
-        train_tokens = encode_documents(tokenizer, Path(text).read_text())
-        val_tokens = encode_documents(tokenizer, Path(val_text).read_text()) if val_text else None
-        if len(train_tokens) <= cfg.context + 1:
-            raise OpenELMError(f"{text} has only {len(train_tokens)} tokens, fewer than --context {cfg.context}")
+        try:
+            return _train(cfg, output, (text, val_text), texts, resume, checkpoint_every, eval_every)
+        except BaseException:
+            if not resume and not (output / CHECKPOINT).exists():  # nothing to resume: leave nothing
+                for path in [output] if created else list(output.iterdir()):
+                    remove(path)
+            raise
 
-        config = cfg.model_config(tokenizer)
-        mx.random.seed(cfg.seed)
-        model, optimizer = Model(config), cfg.optimizer()
-        state = {"config": asdict(cfg), "step": 0, "seconds": 0.0, "train_loss": [], "val_loss": []}
-        if resume:
-            state = load_checkpoint(output, model, optimizer)
-        optimizer.init(model.trainable_parameters())  # keeps the moments a checkpoint restored
-        print(
-            f"model: {config.num_parameters() / 1e6:.2f}M parameters, q heads {config.num_query_heads}, "
-            f"ffn {config.ffn_dims}; {len(train_tokens) / 1e6:.2f}M training tokens"
-        )
-        optimize(model, optimizer, cfg, state, output, train_tokens, val_tokens, checkpoint_every, eval_every)
 
-        weights = dict(tree_flatten(model.parameters()))
-        folder = write_model_folder(
-            output / "model", config, weights, mx.float32, output, tokenizer, force=True, reads=[text, val_text]
-        )
-        plot_losses(state, output / "loss_curve.png")
-        print(f"trained {state['step']} steps in {state['seconds'] / 60:.1f} min; model in {folder}")
-        return folder
+def _train(cfg: TrainConfig, output: Path, paths, texts, resume, checkpoint_every, eval_every) -> Path:
+    """train()'s work inside the run folder; `paths` and `texts`: the training and validation
+    text files and their contents (None for no validation text)."""
+    text = paths[0]
+    tokenizer_file = output / "tokenizer.model"
+    tokenizer = (
+        Tokenizer(tokenizer_file) if tokenizer_file.is_file() else train_tokenizer(Path(text), output, cfg.vocab_size)
+    )
+    train_tokens = encode_documents(tokenizer, texts[0])
+    val_tokens = encode_documents(tokenizer, texts[1]) if texts[1] is not None else None
+    if len(train_tokens) <= cfg.context + 1:
+        raise OpenELMError(f"{text} has only {len(train_tokens)} tokens, fewer than --context {cfg.context}")
+
+    config = cfg.model_config(tokenizer)
+    mx.random.seed(cfg.seed)
+    model, optimizer = Model(config), cfg.optimizer()
+    state = {"config": asdict(cfg), "step": 0, "seconds": 0.0, "train_loss": [], "val_loss": []}
+    if resume:
+        state = load_checkpoint(output, model, optimizer)
+    optimizer.init(model.trainable_parameters())  # keeps the moments a checkpoint restored
+    print(
+        f"model: {config.num_parameters() / 1e6:.2f}M parameters, q heads {config.num_query_heads}, "
+        f"ffn {config.ffn_dims}; {len(train_tokens) / 1e6:.2f}M training tokens"
+    )
+    optimize(model, optimizer, cfg, state, output, train_tokens, val_tokens, checkpoint_every, eval_every)
+
+    weights = dict(tree_flatten(model.parameters()))
+    folder = write_model_folder(
+        output / "model", config, weights, mx.float32, output, tokenizer, force=True, reads=paths
+    )
+    plot_losses(state, output / "loss_curve.png")
+    print(f"trained {state['step']} steps in {state['seconds'] / 60:.1f} min; model in {folder}")
+    return folder
 
 
 def optimize(model, optimizer, cfg: TrainConfig, state, output, train_tokens, val_tokens, checkpoint_every, eval_every):
@@ -179,7 +251,7 @@ def add_arguments(parser):
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
     for name, value in asdict(d).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=f"default {value}")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=SETTING_HELP[name])
 
 
 def main(args):

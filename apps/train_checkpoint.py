@@ -14,6 +14,7 @@ from openelm_mlx.files import read_json
 from openelm_mlx.outputs import check_output, remove
 
 STATE = "train_state.json"
+CHECKPOINT = "checkpoint"  # the folder --resume continues from
 LOCK = ".openelm-train.lock"
 
 
@@ -33,7 +34,8 @@ def start_run(output: Path, settings: dict, resume: bool, force: bool, reads=())
             )
     elif output.exists() and (not output.is_dir() or any(p.name != LOCK for p in output.iterdir())):
         if not force:
-            raise OpenELMError(f"{output} is not empty: pass --resume to continue the run or --force to start over")
+            what = "is not empty" if output.is_dir() else "is a file, not a run folder"
+            raise OpenELMError(f"{output} {what}: pass --resume to continue the run or --force to start over")
         check_output(output, force, reads)
         lock = lock_run(output)  # not while another run writes there
         lock.close()
@@ -56,19 +58,32 @@ def lock_run(output: Path):
 
 def save_checkpoint(output: Path, model, optimizer, state: dict):
     """Weights, optimizer moments and the step, written to a temp folder and swapped in whole."""
-    tmp, final = output / "checkpoint.tmp", output / "checkpoint"
+    tmp, final = output / f"{CHECKPOINT}.tmp", output / CHECKPOINT
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    (tmp / STATE).write_text(json.dumps(state))
+    try:
+        tmp.mkdir()
+        _save(tmp / "model.safetensors", dict(tree_flatten(model.parameters())))
+        _save(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
+        (tmp / STATE).write_text(json.dumps(state))
+    except BaseException:  # a full disk, an interrupt: the last complete checkpoint stays as it is
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     (output / STATE).write_text(json.dumps(state, indent=1))
 
 
+def _save(path: Path, arrays: dict):
+    """mx.save_safetensors, whose failures (a full disk) are a RuntimeError without the path."""
+    try:
+        mx.save_safetensors(str(path), arrays)
+    except RuntimeError as e:
+        free = shutil.disk_usage(path.parent).free
+        raise OpenELMError(f"cannot write {path}: {e} ({free:,} bytes free there)") from None
+
+
 def load_checkpoint(output: Path, model, optimizer) -> dict:
-    folder = output / "checkpoint"
+    folder = output / CHECKPOINT
     if not (folder / STATE).is_file():
         raise OpenELMError(f"--resume: no checkpoint in {output}: start without --resume")
     model.load_weights(str(folder / "model.safetensors"))

@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Sequence
 import mlx.core as mx
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.options import SEED, check_options, count
+from openelm_mlx.overflow import check_finite
 
 from . import timing
 from .machine import machine_info
@@ -51,10 +53,10 @@ def plan(models: Sequence[str], precisions: Sequence[str], compare: Optional[str
 def run_configuration(entry: dict, names: List[str], source: tuple, settings: dict, bandwidth_gbs: float):
     """Time one configuration into `entry` (trials land there as they finish, so an interrupt
     keeps them). Implementations alternate who goes first, trial by trial."""
+
     config, make_weights = source
     p, g = settings["prompt_tokens"], settings["generation_tokens"]
-    if p + g > config.max_context_length:
-        raise OpenELMError(f"-p {p} + -g {g} exceeds the model's context of {config.max_context_length}")
+    check_fits(config, p, g)
     ours = build_subject(config, make_weights, entry["precision"])
     subjects = {name: ours if name == OURS else mlx_lm_twin(ours) for name in names}
     dtype = activation_dtype(entry["precision"], config)
@@ -66,7 +68,10 @@ def run_configuration(entry: dict, names: List[str], source: tuple, settings: di
         kv_bytes_per_position=kv,
         decode_bytes_per_token=timing.decode_bytes_per_token(timing.weight_bytes(ours), kv, p, g),
     )
+    # random tokens after BOS, as every real prompt starts (OpenELM's largest activations are at BOS)
     prompt = mx.random.randint(0, config.vocab_size, (1, p), key=mx.random.key(settings["seed"]))
+    prompt[0, 0] = config.bos_token_id
+    check_finite(ours(prompt), dtype, "--precisions fp32 (or bf16)")
     for name in names:
         entry["implementations"][name] = {"trials": []}
     for i in range(settings["warmup"] + settings["trials"]):
@@ -75,6 +80,13 @@ def run_configuration(entry: dict, names: List[str], source: tuple, settings: di
             trial = timing.time_generation(subjects[name], prompt, min(g, WARMUP_DECODE_TOKENS) if warmup else g)
             if not warmup:
                 entry["implementations"][name]["trials"].append(trial)
+
+
+def check_fits(config, prompt_tokens: int, generation_tokens: int):
+    if prompt_tokens + generation_tokens > config.max_context_length:
+        raise OpenELMError(
+            f"-p {prompt_tokens} + -g {generation_tokens} exceeds the model's context of {config.max_context_length}"
+        )
 
 
 def best_vs_default(configurations: List[dict]) -> List[dict]:
@@ -126,10 +138,11 @@ def run_benchmark(
     if packages and precisions:
         raise OpenELMError(f"a {backend} package's precision was fixed when it was exported: drop --precisions")
     precisions = ["package"] if packages else list(precisions or default_precisions())
-    check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend)
+    check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend, seed)
     speculation = speculation_settings(prompt_lookup, draft_model, num_draft, backend, generation_tokens)
     if backend == "mlx" and len(models) == 1:  # a lone broken checkpoint: say so before measuring
-        load_source(models[0], seed)
+        config, _ = load_source(models[0], seed)
+        check_fits(config, prompt_tokens, generation_tokens)
     settings = dict(
         models=list(models),
         precisions=precisions,
@@ -184,15 +197,27 @@ def run_mlx(results: dict, progress: bool):
     run_plan(results, plan(settings["models"], settings["precisions"], settings["compare"]), run_one, progress)
 
 
-def check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend):
+# -p, -g, --trials, --warmup and --seed
+NUMBER_RULES = {
+    "prompt_tokens": count(1, 1 << 20),
+    "generation_tokens": count(1, 1 << 20),
+    "trials": count(1, 10_000),
+    "warmup": count(0, 10_000),
+    "seed": SEED,
+}
+
+
+def check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend, seed=0):
+    numbers = dict(
+        prompt_tokens=prompt_tokens, generation_tokens=generation_tokens, trials=trials, warmup=warmup, seed=seed
+    )
+    check_options(numbers, NUMBER_RULES)
     checks = [
         (len(models) > 0, "--models is empty: name sizes (270M,450M,1.1B,3B) or checkpoint folders"),
         (
             backend in PACKAGE_BACKENDS or all(p in PRECISIONS for p in precisions),
             f"unknown precision in {','.join(precisions)}: choose from {','.join(PRECISIONS)}",
         ),
-        (prompt_tokens >= 1 and generation_tokens >= 1, "-p and -g must be at least 1"),
-        (trials >= 1 and warmup >= 0, "--trials must be at least 1 and --warmup at least 0"),
         (compare in (None, "mlx-lm"), f"--compare {compare}: only mlx-lm is supported"),
         (backend in ("mlx", *PACKAGE_BACKENDS), f"--backend {backend}: choose mlx, coreml or coreai"),
         (not (compare and backend != "mlx"), f"--compare mlx-lm times MLX models: drop it with --backend {backend}"),
@@ -208,17 +233,17 @@ def add_arguments(parser):
         default="270M",
         help="comma-separated sizes (270M,450M,1.1B,3B: random "
         "weights of the real shapes) or checkpoint folders / Hub repos; .mlpackage paths "
-        "with --backend coreml, .aimodel paths with --backend coreai (default: 270M)",
+        "with --backend coreml, .aimodel paths with --backend coreai",
     )
     parser.add_argument(
         "--precisions",
         default=None,
         help="comma-separated, from bf16,fp16,fp32,q8,q4 (default: fp32,q8,q4 on a CPU, fp16,q8,q4 on a GPU)",
     )
-    parser.add_argument("-p", "--prompt-tokens", type=int, default=512, help="prompt length (default: 512)")
-    parser.add_argument("-g", "--generation-tokens", type=int, default=128, help="tokens generated (default: 128)")
-    parser.add_argument("--trials", type=int, default=5, help="timed trials per configuration (default: 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed trials first (default: 1)")
+    parser.add_argument("-p", "--prompt-tokens", type=int, default=512, help="prompt length")
+    parser.add_argument("-g", "--generation-tokens", type=int, default=128, help="tokens generated")
+    parser.add_argument("--trials", type=int, default=5, help="timed trials per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed trials first")
     parser.add_argument(
         "--compare",
         choices=["mlx-lm"],
@@ -232,7 +257,7 @@ def add_arguments(parser):
         help="mlx; coreml times an exported .mlpackage with Core ML (macOS only); coreai times an exported "
         ".aimodel with Apple's Core AI runtime (on Linux its reference runtime: not device speed)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompt")
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of the random weights and prompt (0 to {2**64 - 1})")
     parser.add_argument(
         "--out",
         type=Path,
@@ -270,12 +295,12 @@ def main(args) -> int:
         draft_model=args.draft_model,
         num_draft=args.num_draft,
     )
+    errors = [c["error"] for c in results["configurations"] + results["speculation"]]
+    if not results["interrupted"] and all(errors):  # nothing measured: nothing worth writing
+        raise OpenELMError(f"no configuration could be timed: {'; '.join(dict.fromkeys(errors))}")
     print(markdown(results))
-    written = write_results(results, out, force=True)
+    written = write_results(results, out, force=args.force)
     print(f"\nwrote {', '.join(str(p) for p in written)}", file=sys.stderr)
-    if results["interrupted"]:
-        return 130
-    if all(c["error"] for c in results["configurations"] + results["speculation"]):
-        print("openelm bench: error: no configuration could be timed (see the errors above)", file=sys.stderr)
-        return 1
+    if results["interrupted"]:  # what was gathered is written; the status says what stopped it
+        return 143 if results["interrupted_by"] == "SIGTERM" else 130
     return 0

@@ -17,6 +17,7 @@ WARMUP_DECODE_TOKENS = 4
 
 def summarize(entry: dict, bandwidth_gbs: float):
     """Median and spread per implementation, roofline, and paired ratios ours / mlx-lm."""
+
     impls = {name: r for name, r in entry["implementations"].items() if r.get("trials")}
     for result in impls.values():
         result["summary"] = timing.summarize(result["trials"])
@@ -68,7 +69,8 @@ def run_plan(
                 entry["error"] = str(e) if isinstance(e, OpenELMError) else f"{type(e).__name__}: {e}"
             finally:
                 finish(entry)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the CLI raises it as a KeyboardInterrupt)
         results["interrupted"] = True
+        results["interrupted_by"] = "SIGTERM" if type(e).__name__ == "Terminated" else "SIGINT"
     finally:
         bar.close()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import List
 
+from openelm_mlx import outputs
 from openelm_mlx.errors import OpenELMError
 
 from .spec_report import SPECULATION_CSV_FIELDS, settings_line, speculation_lines, speculation_rows
@@ -41,12 +42,24 @@ CSV_FIELDS = [
 
 
 def check_out(out: Path, force: bool):
-    """Fail before a long run, not after it, when results would overwrite others."""
-    if out.exists() and not out.is_dir():
-        raise OpenELMError(f"--out {out} is a file: give a folder")
-    existing = [name for name in FILES if (out / name).exists()]
+    """Fail before a long run, not after it: results that would overwrite others, or a folder
+    that cannot be written (read-only, full, a file in the way, a name too long). A file is
+    written there and removed, with the folders made for it."""
+    if os.path.lexists(out) and not out.is_dir():
+        raise OpenELMError(f"--out {out} is not a folder: give a folder")
+    existing = [name for name in FILES if os.path.lexists(out / name)]
     if existing and not force:
         raise OpenELMError(f"{out} already holds {', '.join(existing)}: choose another --out or pass --force")
+    try:
+        with outputs.staged_output(out / FILES[0], force=True) as tmp:
+            tmp.write_bytes(b" " * 65536)  # as much as results take
+            raise _Probed()  # leaves the block without placing anything
+    except _Probed:
+        pass
+
+
+class _Probed(Exception):
+    """Ends the probe of check_out: its file and the folders made for it are removed."""
 
 
 def rows(results: dict) -> List[dict]:
@@ -211,8 +224,9 @@ def to_csv(results: dict) -> str:
     return buffer.getvalue()
 
 
-def chart(results: dict, path: Path) -> bool:
-    """Prompt and generation tok/s by model and precision, one bar per implementation."""
+def chart(results: dict, path) -> bool:
+    """Prompt and generation tok/s by model and precision, one bar per implementation, as a PNG
+    written to `path` (a file name or a binary file); False if there is nothing to draw."""
     try:
         import matplotlib
 
@@ -261,27 +275,20 @@ def chart(results: dict, path: Path) -> bool:
     return True
 
 
-def _replace(path: Path, write):
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_results(results: dict, out: Path, force: bool = False) -> List[Path]:
-    """results.json, results.csv, results.md and chart.png in `out`, each written whole or not at all."""
+    """results.json, results.csv, results.md and chart.png in `out`, placed together or not at
+    all, never over a file that appeared during the run unless `force` (outputs.staged_outputs)."""
     check_out(out, force)
-    out.mkdir(parents=True, exist_ok=True)
-    texts = {
-        "results.json": json.dumps(results, indent=1),
-        "results.csv": to_csv(results),
-        "results.md": markdown(results) + "\n",
+    files = {
+        "results.json": json.dumps(results, indent=1).encode(),
+        "results.csv": to_csv(results).encode(),
+        "results.md": (markdown(results) + "\n").encode(),
     }
-    written = []
-    for name, text in texts.items():
-        _replace(out / name, lambda tmp, text=text: tmp.write_text(text))
-        written.append(out / name)
-    png, tmp = out / "chart.png", out / ".chart.png.tmp"
-    if chart(results, tmp):
-        os.replace(tmp, png)
-        written.append(png)
-    return written
+    png = io.BytesIO()
+    if chart(results, png):
+        files["chart.png"] = png.getvalue()
+    paths = [out / name for name in files]
+    with outputs.staged_outputs(paths, force) as temps:
+        for tmp, data in zip(temps, files.values()):
+            tmp.write_bytes(data)
+    return paths

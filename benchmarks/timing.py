@@ -10,7 +10,9 @@ from typing import Dict, List, Sequence
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import make_prompt_cache
+
+from openelm_mlx.cache import make_cache
+from openelm_mlx.model import Model
 
 METRICS = ("prefill_tps", "decode_tps", "ttft_s", "itl_median_s", "itl_p90_s", "peak_memory_bytes")
 
@@ -76,13 +78,23 @@ def prefill_logits(model, tokens: mx.array, cache) -> mx.array:
     return model.transformer.token_embeddings.as_linear(h[:, -1:, :])
 
 
+def new_cache(model) -> list:
+    """Each implementation's own KV cache: ours for our Model, mlx-lm's for mlx-lm's (imported
+    here: only --compare mlx-lm builds an mlx-lm model, and importing mlx-lm takes ~3 s)."""
+    if isinstance(model, Model):
+        return make_cache(model)
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)
+
+
 def time_generation(model, prompt: mx.array, generation_tokens: int) -> dict:
     """One trial: a fresh cache, prefill of `prompt` [1, P], then greedy decode step by step."""
     mx.clear_cache()
     mx.reset_peak_memory()
     resident = mx.get_active_memory()
     start = time.perf_counter()
-    cache = make_prompt_cache(model)
+    cache = new_cache(model)
     token = mx.argmax(prefill_logits(model, prompt, cache)[:, -1, :], axis=-1)
     mx.eval(token)
     prefill_end = time.perf_counter()

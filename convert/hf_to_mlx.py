@@ -97,7 +97,7 @@ def convert(
 
 def add_arguments(parser):
     parser.add_argument("source", help="Hugging Face folder or repo id, corenet MLX export, or MLX folder")
-    parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.add_argument("-o", "--output", required=True, help="output folder (must not exist, unless --force)")
     parser.add_argument(
         "--dtype",
         default="auto",
@@ -105,9 +105,14 @@ def add_arguments(parser):
         help="float dtype to store (auto: keep 16-bit sources, float32 -> float16, bfloat16 for 3B)",
     )
     parser.add_argument(
-        "--bits", type=int, choices=[4, 8], help="quantize weights to 4 or 8 bits (MLX affine, group-wise)"
+        "--bits",
+        type=int,
+        choices=[4, 8],
+        help="quantize weights to 4 or 8 bits (MLX affine, group-wise; default: float weights)",
     )
-    parser.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+    parser.add_argument(
+        "--group-size", type=int, default=64, choices=[32, 64, 128], help="weights per quantization group, with --bits"
+    )
     parser.add_argument(
         "--no-quantize-embedding",
         dest="quantize_embedding",

@@ -22,8 +22,10 @@ from mlx.utils import tree_flatten
 from openelm_mlx import __version__, outputs
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.files import optional
 from openelm_mlx.loader import load_model
 from openelm_mlx.model_folder import source_name
+from openelm_mlx.options import check_options, count
 from openelm_mlx.tokenizer import CHAT_TEMPLATE, Tokenizer, find_tokenizer
 
 from .compression import Palettized, Quantized, compress
@@ -33,6 +35,12 @@ FUNCTIONS = ("prefill", "decode")
 EMBEDDING = "transformer.token_embeddings.weight"
 FINAL_NORM = "transformer.norm.weight"
 COMPUTE_DTYPES = {"float16": np.float16, "float32": np.float32}  # --compute-precision
+# The exporters' numeric options; each is checked against the model once it is loaded as well.
+EXPORT_OPTION_RULES = {
+    "context": optional(count(1, 1 << 20)),
+    "prefill_length": count(1, 1 << 20),
+    "block_size": count(1, 1 << 16),
+}
 
 
 @dataclass
@@ -123,11 +131,10 @@ def describe(
         raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
         raise OpenELMError(f"unknown compression '{compression}': choose one of {', '.join(compressions)}")
-    if compression == "int4" and block_size <= 0:
-        raise OpenELMError(f"--block-size must be positive, got {block_size}")
+    check_export_options(context, prefill_length, block_size)
     model, folder = load_model(model_source, dtype="float32")
     config = model.config
-    context = context or config.max_context_length
+    context = config.max_context_length if context is None else context
     if not 1 <= context <= config.max_context_length:
         raise OpenELMError(
             f"--context {context} is outside 1..{config.max_context_length} (the model's max_context_length)"
@@ -160,6 +167,12 @@ def describe(
         sin,
     )
     return description, folder
+
+
+def check_export_options(context: Optional[int], prefill_length: int, block_size: int):
+    """The exporters' numeric options in their ranges (EXPORT_OPTION_RULES), before anything is
+    imported or read; describe() checks them against the model."""
+    check_options({"context": context, "prefill_length": prefill_length, "block_size": block_size}, EXPORT_OPTION_RULES)
 
 
 def require(module: str, extra: str):
@@ -322,10 +335,8 @@ def add_export_arguments(parser, suffix: str, compressions):
     parser.add_argument(
         "--context", type=int, default=None, help="KV-cache length in tokens (default: the model's max_context_length)"
     )
-    parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call (default 128)")
-    parser.add_argument(
-        "--compress", choices=compressions, default="none", help="weight compression (default none: 16-bit)"
-    )
-    parser.add_argument("--block-size", type=int, default=32, help="int4 block size along the input axis (default 32)")
+    parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call")
+    parser.add_argument("--compress", choices=compressions, default="none", help="weight compression (none: 16-bit)")
+    parser.add_argument("--block-size", type=int, default=32, help="int4 block size along the input axis")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model if the model folder has none")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")

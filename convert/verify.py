@@ -19,6 +19,7 @@ from openelm_mlx.cache import make_cache
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import load_model
 from openelm_mlx.model import Model
+from openelm_mlx.options import check_options, count
 from openelm_mlx.tokenizer import find_tokenizer
 
 from .compression import BITS
@@ -243,11 +244,15 @@ def print_report(report: VerifyReport) -> int:
 def add_verify_arguments(parser, suffix: str, exporter: str):
     parser.add_argument("package", help=f"the {suffix} written by `openelm {exporter}`")
     parser.add_argument("--model", required=True, help="the model it was exported from (folder or repo id)")
-    parser.add_argument("--steps", type=int, default=16, help="decode steps after the prefill (default 16)")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps after the prefill")
     parser.add_argument(
         "--prompt", default=None, help="prompt text for the prefill (default: a sentence, clipped to the context)"
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one beside the package)")
+
+
+def check_verify_options(steps: int):
+    check_options({"steps": steps}, {"steps": count(0, 1 << 20)})
 
 
 def check_package_path(package, suffix: str) -> Path:

@@ -71,6 +71,20 @@ def read_bytes(path: Path, max_bytes: int) -> bytes:
         return f.read(max_bytes + 1)
 
 
+def read_text(path: Path) -> str:
+    """A text file a user gives (`--text`): a regular file of UTF-8 text, else one line saying
+    where the first byte that is not UTF-8 is."""
+    regular_file(path)
+    with open_regular(path) as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise OpenELMError(
+            f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): save it as UTF-8"
+        ) from None
+
+
 def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES):
     return parse_json(read_bytes(path, max_bytes), path)
 

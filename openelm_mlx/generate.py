@@ -12,6 +12,7 @@ import mlx.core as mx
 
 from .cache import make_cache
 from .errors import OpenELMError
+from .overflow import overflow_error
 from .sample import Sampling, check_seed
 from .speculative import DraftModel, PromptLookup, verify
 from .tokenizer import Tokenizer
@@ -102,13 +103,11 @@ class StopMatcher:
         return out, False
 
 
-def check_finite(finite: mx.array, n: int):
-    """Stop on inf/NaN logits instead of printing garbage: the usual cause is float16 overflow."""
+def check_finite(logits: mx.array, finite: mx.array):
+    """Stop on inf/NaN logits instead of printing garbage (`finite`: their mx.isfinite(...).all(),
+    queued with the token so that the check costs no extra wait)."""
     if not finite.item():
-        raise OpenELMError(
-            f"the model's logits are not finite (inf or NaN) at generated token {n + 1}: float16 overflows past "
-            "65504 and OpenELM's activations reach ~1e5; use --dtype float32 (or bfloat16)"
-        )
+        raise overflow_error(logits.dtype, "--dtype float32 (or bfloat16)")
 
 
 def prefill(model, tokens: List[int], cache: list):
@@ -130,19 +129,19 @@ def generate_tokens(model, tokens: List[int], cache: list, max_tokens: int, samp
         token = sampling.sample(logprobs)
         if history is not None:
             history = mx.concatenate([history, token])
-        return token, mx.isfinite(logits).all()
+        return token, logits, mx.isfinite(logits).all()
 
     prefill(model, tokens[:-1], cache)
-    token, finite = step(mx.array(tokens[-1:]))
+    token, logits, finite = step(mx.array(tokens[-1:]))
     mx.async_eval(token, finite)
     for n in range(max_tokens):
         if n + 1 < max_tokens:
-            next_token, next_finite = step(token)
+            next_token, next_logits, next_finite = step(token)
             mx.async_eval(next_token, next_finite)
-        check_finite(finite, n)
+        check_finite(logits, finite)
         yield token.item()
         if n + 1 < max_tokens:
-            token, finite = next_token, next_finite
+            token, logits, finite = next_token, next_logits, next_finite
 
 
 def speculate(
@@ -162,7 +161,7 @@ def speculate(
         logits = model(mx.array(context[-1:] + draft)[None], cache=cache)[0]
         seen = [mx.array(context + draft[:i]) for i in range(len(draft) + 1)] if sampling.penalizes else []
         logprobs = sampling.logprobs(logits, seen)
-        check_finite(mx.isfinite(logits).all(), n)
+        check_finite(logits, mx.isfinite(logits).all())
         new = verify(logprobs, draft, q, sampling)
         accepted = len(new) - 1
         stats.drafted += len(draft)

@@ -77,15 +77,39 @@ def check_output(output: Path, force: bool, reads: Iterable = ()):
     if os.path.lexists(output) and not force:
         raise OpenELMError(f"{output} already exists: choose another output or pass --force to replace it")
     lexical = Path(os.path.normpath(os.path.abspath(output)))
-    target = lexical.parent.resolve() / lexical.name  # if output is a symlink: the link, not its target
-    for path in [Path.cwd(), *(Path(p) for p in reads if p is not None and os.path.exists(p))]:
-        if _is_within(path.resolve(), target) or _is_within(Path(os.path.abspath(path)), lexical):
-            raise OpenELMError(f"{output} is or holds {path}, which this run reads: choose another output")
+    try:
+        target = lexical.parent.resolve(strict=False) / lexical.name  # a symlink output: the link itself
+        for path in [Path.cwd(), *(Path(p) for p in reads if p is not None and os.path.exists(p))]:
+            if _is_within(path.resolve(), target) or _is_within(Path(os.path.abspath(path)), lexical):
+                raise OpenELMError(f"{output} is or holds {path}, which this run reads: choose another output")
+    except (RuntimeError, OSError) as e:  # a symlink loop: RuntimeError before Python 3.13, OSError after
+        raise OpenELMError(f"cannot write {output}: {getattr(e, 'strerror', None) or 'a symlink loop'}") from None
     parent = output.parent
-    while not parent.exists() and parent != parent.parent:
+    while not os.path.lexists(parent) and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         raise OpenELMError(f"cannot write {output}: {parent} is not a folder")
+    longest = len(os.fsencode(_temp_name(output, 4 * 10**6)))  # pids stay below 2**22
+    name_max = _name_max(parent)
+    if longest > name_max:
+        raise OpenELMError(
+            f"cannot write {output}: its name is {len(os.fsencode(output.name))} bytes, too long for a name of at "
+            f"most {name_max} bytes with the {longest - len(os.fsencode(output.name))} that its temporary name "
+            "adds: choose a shorter name"
+        )
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def _temp_name(output: Path, pid: int) -> str:
+    """The name of a temporary output beside `output`; the output's suffix last again: some writers
+    insist on it (coremltools: .mlpackage)."""
+    return f".{output.name}{PARTIAL}{pid}-{os.urandom(3).hex()}{output.suffix}"
 
 
 def _clean_stale(output: Path):
@@ -154,11 +178,20 @@ def staged_outputs(outputs: Sequence, force: bool = False, reads: Iterable = ())
     temps, created = [], []
     try:
         for output in outputs:
-            created += _make_parents(output)
+            try:
+                created += _make_parents(output)
+            except OSError as e:
+                raise OpenELMError(f"cannot write {output}: {e.strerror}") from None
             _clean_stale(output)
-            # the output's suffix last again: some writers insist on it (coremltools: .mlpackage)
-            temps.append(output.with_name(f".{output.name}{PARTIAL}{os.getpid()}-{os.urandom(3).hex()}{output.suffix}"))
-        yield temps
+            temps.append(output.with_name(_temp_name(output, os.getpid())))
+        try:
+            yield temps
+        except OSError as e:  # a read-only or full filesystem: name the output, not its temporary path
+            tmp = next((t for t in temps if e.filename and str(t) in str(e.filename)), None)
+            if tmp is None and e.filename is not None:
+                raise
+            output = outputs[temps.index(tmp)] if tmp else outputs[0]  # a write names no file
+            raise OpenELMError(f"cannot write {output}: {e.strerror or e}") from None
         for tmp, output in zip(temps, outputs):
             if not os.path.lexists(tmp):
                 raise OpenELMError(f"internal error: {output} was not written")

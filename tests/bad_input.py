@@ -36,8 +36,9 @@ class Row:
     setup: Callable[[Work], None]
     message: str  # a fragment of the one error line
     exit: int = 1
-    base: str = "tiny"  # which fixture checkpoint is copied: tiny, sharded or q4
+    base: str = "tiny"  # which fixture checkpoint is copied: tiny, sharded, q4 or massive
     stdin: str = "hi\n"
+    env: Tuple[Tuple[str, str], ...] = ()  # (name, value) for the run's environment; "{root}" filled in
 
 
 INDEX_JSON = "model.safetensors.index.json"
@@ -48,12 +49,12 @@ CONVERT = ("convert", "{model}", "-o", "{out}")
 EVAL = ("eval", "ppl", "--model", "{model}", "--max-tokens", "16")
 EXPORT = ("export-coreml", "{model}", "-o", "{out}.mlpackage")
 BENCH = ("bench", "--models", "{model}", "--out", "{out}", "-p", "4", "-g", "2", "--trials", "1", "--warmup", "0")
-TRAIN = ("train", "{out}", "--steps", "1")
+TRAIN = ("train", "{out}", "--steps", "1", "--warmup", "0")
 
 
-def category(name: str, *rows: Row, base: str = "") -> list:
-    """The rows of one category, ids prefixed with its name; `base` for all of them if given."""
-    return [replace(row, id=f"{name}.{row.id}", base=base or row.base) for row in rows]
+def category(name: str, *rows: Row, base: str = "", exit: int = 0) -> list:
+    """The rows of one category, ids prefixed with its name; `base` and `exit` for all of them if given."""
+    return [replace(row, id=f"{name}.{row.id}", base=base or row.base, exit=exit or row.exit) for row in rows]
 
 
 def nothing(work: Work):
@@ -240,3 +241,45 @@ def tree(root: Path) -> dict:
             else:
                 out[str(path.relative_to(root))] = stat.S_IFMT(mode)
     return out
+
+
+# --- setups in the work folder, beside the model ------------------------------------------------
+
+
+def root_file(name: str, data: bytes = b"mine\n"):
+    """root/NAME (a path that may hold folders, made as needed) holding `data`."""
+
+    def setup(work: Work):
+        path = work.root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    return setup
+
+
+def both(*setups):
+    def setup(work: Work):
+        for one in setups:
+            one(work)
+
+    return setup
+
+
+def root_folder(name: str):
+    return lambda work: (work.root / name).mkdir(parents=True)
+
+
+def root_link(name: str, target: str):
+    return lambda work: (work.root / name).symlink_to(target)
+
+
+def missing_module(module: str):
+    """root/shadow/MODULE, a package whose import fails as a missing one does: with PYTHONPATH
+    at root/shadow (Row.env: SHADOW), the run sees MODULE as not installed."""
+    return root_file(
+        f"shadow/{module}/__init__.py",
+        f'raise ModuleNotFoundError("No module named {module!r}", name={module!r})\n'.encode(),
+    )
+
+
+SHADOW = (("PYTHONPATH", "{root}/shadow"), ("PYTHONDONTWRITEBYTECODE", "1"))

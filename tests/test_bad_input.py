@@ -18,6 +18,7 @@ import pytest
 from bad_input import GENERATE, Row, Work, category, nothing, tree
 from bad_input_checkpoints import CHECKPOINT_ROWS
 from bad_input_generation import GENERATION
+from bad_input_options import OPTION_ROWS
 from conftest import assert_clean_error, run_cli, tiny_config
 
 from openelm_mlx.benchmarks.synthetic import train_tokenizer, write_checkpoint
@@ -41,13 +42,13 @@ OPTIONS = category(
     ),
 )
 
-ROWS = CHECKPOINT_ROWS + OPTIONS + GENERATION
+ROWS = CHECKPOINT_ROWS + OPTIONS + OPTION_ROWS + GENERATION
 
 # --- the runner -----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory, tiny_checkpoint, tokenizer_file) -> Dict[str, Path]:
+def bases(tmp_path_factory, tiny_checkpoint, tokenizer_file, massive_activation_checkpoint) -> Dict[str, Path]:
     """The fixture checkpoints rows start from, and the files setups may copy."""
     from openelm_mlx.convert.hf_to_mlx import convert
 
@@ -59,6 +60,7 @@ def bases(tmp_path_factory, tiny_checkpoint, tokenizer_file) -> Dict[str, Path]:
         "tiny": tiny_checkpoint,
         "sharded": sharded,
         "q4": q4,
+        "massive": massive_activation_checkpoint,
         "tokenizer-512": train_tokenizer(root / "t512", vocab_size=512),
         "tokenizer-320": train_tokenizer(root / "t320", vocab_size=320),
     }
@@ -74,6 +76,7 @@ def test_bad_input(row: Row, bases, tmp_path):
     argv = [arg.format(**work.fields()) for arg in row.argv]
     # An empty Hub cache outside the work folder: a repo id is never found, nothing is downloaded.
     env = {"HF_HOME": str(tmp_path / "hf"), "HOME": str(tmp_path / "home")}
+    env.update((name, value.format(**work.fields())) for name, value in row.env)
     result = run_cli(*argv, input=row.stdin, cwd=work.root, env=env, timeout=60)
 
     assert_clean_error(result, row.message, exit=row.exit)
@@ -112,7 +115,7 @@ def test_interrupted_conversion_leaves_nothing(tiny_checkpoint, tmp_path, monkey
 def test_rows_are_unique_and_many():
     ids = [row.id for row in ROWS]
     assert len(ids) == len(set(ids))
-    assert len(ROWS) >= 70
+    assert len(ROWS) >= 120
 
 
 # Which strings are Hub repo ids and which are paths (openelm_mlx.files.is_repo_id).
@@ -136,3 +139,31 @@ def test_rows_are_unique_and_many():
 )
 def test_repo_id_shape(text, repo):
     assert is_repo_id(text) is repo
+
+
+# The commands of this module's rows whose every option must say what it does (generate and chat:
+# tests of their own).
+HELPED = ["convert", "export-coreml", "verify-coreml", "export-coreai", "verify-coreai", "train", "eval", "bench"]
+
+
+@pytest.mark.parametrize("command", HELPED)
+def test_every_option_has_help_with_its_default_once(command):
+    import argparse
+
+    from openelm_mlx.apps.cli import build_parser
+
+    _, parser = build_parser(command)
+    parsers = [parser]
+    for action in parser._actions:  # eval's metrics (ppl) are parsers of their own
+        if isinstance(action, argparse._SubParsersAction):
+            parsers += action.choices.values()
+    for each in parsers:
+        formatter = each._get_formatter()
+        for action in each._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            assert action.help, f"openelm {command}: {name} has no help"
+            shown = formatter._get_help_string(action) % {"default": action.default}
+            assert shown.count("default") <= 1, f"openelm {command}: {name}: {shown}"
+            assert "(default: None)" not in shown and "(default: False)" not in shown, shown

@@ -332,7 +332,7 @@ def test_cli_writes_outputs_and_refuses_to_overwrite(tiny_checkpoint, tmp_path, 
     "args, message",
     [
         (["--precisions", "fp8"], "unknown precision"),
-        (["--trials", "0"], "--trials must be at least 1"),
+        (["--trials", "0"], "--trials must be an integer from 1 to"),
         (["-p", "4000"], "exceeds the model's context"),
     ],
 )

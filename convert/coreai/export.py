@@ -16,6 +16,7 @@ from ..package import (
     FUNCTIONS,
     PackageDescription,
     add_export_arguments,
+    check_export_options,
     check_output,
     describe,
     export_from_args,
@@ -41,6 +42,7 @@ def export_coreai(
 ) -> dict:
     """Export `model_source` (anything openelm_mlx.load accepts) to OUTPUT.aimodel and its tokenizer
     to OUTPUT.tokenizer.model. Returns a summary (sizes, seconds)."""
+    check_export_options(context, prefill_length, block_size)
     require("coreai.authoring", "coreai")
     start = time.perf_counter()
     output = check_output(output, ".aimodel", force)

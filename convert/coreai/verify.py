@@ -4,12 +4,20 @@ macOS 27 the OS framework. The weights are read back from main.mlirb (weights.py
 
 from ..compression import BITS
 from ..package import require
-from ..verify import FLOAT16_SUM_RTOL, add_verify_arguments, check_package_path, print_report, verify_package
+from ..verify import (
+    FLOAT16_SUM_RTOL,
+    add_verify_arguments,
+    check_package_path,
+    check_verify_options,
+    print_report,
+    verify_package,
+)
 from .runtime import CoreAIRunner, package_info
 from .weights import package_weights
 
 
 def verify_coreai(package, model, steps: int = 16, prompt=None, tokenizer=None):
+    check_verify_options(steps)
     require("coreai.runtime", "coreai")
 
     package = check_package_path(package, ".aimodel")

@@ -22,6 +22,7 @@ from ..package import (
     FUNCTIONS,
     PackageDescription,
     add_export_arguments,
+    check_export_options,
     check_output,
     describe,
     export_from_args,
@@ -51,6 +52,7 @@ def export_coreml(
 ) -> dict:
     """Export `model_source` (anything openelm_mlx.load accepts) to OUTPUT.mlpackage and its
     tokenizer to OUTPUT.tokenizer.model. Returns a summary (sizes, seconds)."""
+    check_export_options(context, prefill_length, block_size)
     require("coremltools", "coreml")
     start = time.perf_counter()
     output = check_output(output, ".mlpackage", force)

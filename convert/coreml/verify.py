@@ -7,11 +7,12 @@ import sys
 import numpy as np
 
 from ..package import require
-from ..verify import add_verify_arguments, print_report, verify_package
+from ..verify import add_verify_arguments, check_verify_options, print_report, verify_package
 from .runtime import CoreMLRunner
 
 
 def verify_coreml(package, model, steps: int = 16, prompt=None, tokenizer=None):
+    check_verify_options(steps)
     require("coremltools", "coreml")
 
     reference = CoreMLRunner(package, "mil-reference")  # loads and checks the package first
