@@ -142,7 +142,8 @@ def run_benchmark(
     speculation = speculation_settings(prompt_lookup, draft_model, num_draft, backend, generation_tokens)
     if backend == "mlx" and len(models) == 1:  # a lone broken checkpoint: say so before measuring
         config, _ = load_source(models[0], seed)
-        check_fits(config, prompt_tokens, generation_tokens)
+        # speculation shortens its prompt to what -g leaves of the context (speculation.py)
+        check_fits(config, 1 if speculation else prompt_tokens, generation_tokens)
     settings = dict(
         models=list(models),
         precisions=precisions,
