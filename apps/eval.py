@@ -22,7 +22,7 @@ from openelm_mlx.files import optional, read_text
 from openelm_mlx.loader import DEMO_MODEL, DTYPES, load
 from openelm_mlx.model import Model
 from openelm_mlx.options import check_options, count
-from openelm_mlx.overflow import check_finite
+from openelm_mlx.overflow import OTHER_DTYPE_OPTION, check_finite
 from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import Tokenizer
 
@@ -81,7 +81,7 @@ def perplexity(
     for batch in progress_bar(batches, show=progress, desc="eval ppl", unit="batch"):
         windows = mx.array(np.stack([tokens[s : s + context + 1] for s in batch]))
         logits = model(windows[:, :-1])
-        check_finite(logits, logits.dtype, "--dtype float32 (or bfloat16)")
+        check_finite(logits, logits.dtype, OTHER_DTYPE_OPTION)
         loss = nn.losses.cross_entropy(logits.astype(mx.float32), windows[:, 1:], reduction="sum")
         total += loss.item()
     seconds = time.perf_counter() - start

@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from .cache import make_cache
 from .errors import OpenELMError
-from .overflow import overflow_error
+from .overflow import OTHER_DTYPE_OPTION, check_finite
 from .sample import Sampling, check_seed
 from .speculative import DraftModel, PromptLookup, verify
 from .tokenizer import Tokenizer
@@ -103,13 +103,6 @@ class StopMatcher:
         return out, False
 
 
-def check_finite(logits: mx.array, finite: mx.array):
-    """Stop on inf/NaN logits instead of printing garbage (`finite`: their mx.isfinite(...).all(),
-    queued with the token so that the check costs no extra wait)."""
-    if not finite.item():
-        raise overflow_error(logits.dtype, "--dtype float32 (or bfloat16)")
-
-
 def prefill(model, tokens: List[int], cache: list):
     """Feed tokens into the cache, PREFILL_STEP at a time; their logits are never computed."""
     for start in range(0, len(tokens), PREFILL_STEP):
@@ -138,7 +131,7 @@ def generate_tokens(model, tokens: List[int], cache: list, max_tokens: int, samp
         if n + 1 < max_tokens:
             next_token, next_logits, next_finite = step(token)
             mx.async_eval(next_token, next_finite)
-        check_finite(logits, finite)
+        check_finite(logits, logits.dtype, OTHER_DTYPE_OPTION, finite)
         yield token.item()
         if n + 1 < max_tokens:
             token, logits, finite = next_token, next_logits, next_finite
@@ -161,7 +154,7 @@ def speculate(
         logits = model(mx.array(context[-1:] + draft)[None], cache=cache)[0]
         seen = [mx.array(context + draft[:i]) for i in range(len(draft) + 1)] if sampling.penalizes else []
         logprobs = sampling.logprobs(logits, seen)
-        check_finite(logits, mx.isfinite(logits).all())
+        check_finite(logits, logits.dtype, OTHER_DTYPE_OPTION)
         new = verify(logprobs, draft, q, sampling)
         accepted = len(new) - 1
         stats.drafted += len(draft)

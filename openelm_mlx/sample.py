@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 
 from .errors import OpenELMError
+from .options import SEED, check_options
 
 REPETITION_CONTEXT = 20  # tokens the repetition penalty looks back over, as in mlx-lm
 
@@ -93,9 +94,9 @@ class Sampling:
 
 
 def check_seed(seed: Optional[int]):
-    """MLX's random seed is an unsigned 64-bit integer."""
-    if seed is not None and not 0 <= seed < 2**64:
-        raise OpenELMError(f"--seed must be from 0 to 2**64 - 1, got {seed}")
+    """MLX's random seed is an unsigned 64-bit integer: the rule every command's --seed follows."""
+    if seed is not None:
+        check_options({"seed": seed}, {"seed": SEED})
 
 
 def _top_p(logprobs: mx.array, top_p: float) -> mx.array:
