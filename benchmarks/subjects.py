@@ -11,7 +11,7 @@ from openelm_mlx.checkpoint import build_model, quantized_paths, read_weights, r
 from openelm_mlx.config import PRESETS, OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import resolve_dtype
-from openelm_mlx.model import Model
+from openelm_mlx.model import Model, column_major
 
 from .synthetic import random_weights
 
@@ -72,13 +72,15 @@ def build_subject(config: OpenELMConfig, make_weights: Callable, precision: str)
             nn.quantize(model, group_size=GROUP_SIZE, bits=QUANTIZED[precision])
     # Packed weights stay packed; scales, biases and norms follow the activation dtype.
     model.set_dtype(activation_dtype(precision, config))
+    column_major(model)
     del weights  # nothing but the model may hold the float source once it is evaluated
     mx.eval(model.parameters())
     return model
 
 
 def mlx_lm_twin(model: Model) -> nn.Module:
-    """mlx-lm's OpenELM holding the very same arrays as `model` (quantized the same way)."""
+    """mlx-lm's OpenELM holding the same values as `model` (quantized the same way), laid out as
+    mlx_lm.load gives them: row-major (a copy of each matrix column_major() rewrote)."""
     from mlx_lm.models import openelm
 
     twin = openelm.Model(openelm.ModelArgs.from_dict(model.config.to_dict()))
@@ -90,5 +92,6 @@ def mlx_lm_twin(model: Model) -> nn.Module:
     if quantized:
         nn.quantize(twin, class_predicate=lambda path, _: quantized.get(path, False))
     # twin's own random init is lazy and replaced here, so it is never computed
-    twin.load_weights(tree_flatten(model.parameters()))
+    twin.load_weights([(k, mx.contiguous(v)) for k, v in tree_flatten(model.parameters())])
+    mx.eval(twin.parameters())  # a row-major array is shared, not copied
     return twin

@@ -8,7 +8,7 @@ import mlx.core as mx
 from .checkpoint import build_model, read_weights, resolve_source
 from .config import OpenELMConfig
 from .errors import OpenELMError
-from .model import Model
+from .model import Model, column_major
 from .tokenizer import Tokenizer, check_tokenizer_fits, find_tokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -46,6 +46,7 @@ def build(folder: Path, config: OpenELMConfig, dtype: str) -> Model:
     model = build_model(config, read_weights(folder))
     # Quantized weights stay packed; scales, biases and norms follow the activation dtype.
     model.set_dtype(resolve_dtype(dtype, config))
+    column_major(model)
     mx.eval(model.parameters())
     return model
 

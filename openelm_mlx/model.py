@@ -1,5 +1,7 @@
 """OpenELM in MLX: parameter names follow the Hugging Face checkpoint, so weights load as they are."""
 
+import os
+from functools import lru_cache
 from typing import Any, List, Optional
 
 import mlx.core as mx
@@ -10,23 +12,80 @@ from .config import OpenELMConfig
 
 # Below this many tokens a quantized matmul is cheaper than dequantizing its weight.
 DEQUANTIZE_MIN_TOKENS = 16
+# From this many multiply-adds on, a matmul split across CPU threads ran >= 1.1x faster in every
+# shape and precision tried (benchmarks/cpu_split.py); below it, some ran slower.
+SPLIT_MIN_WORK = 1 << 20
 
 
-# Dequantize-then-BLAS pays off only with an optimised BLAS. 270M q4, 64-token prompt, 2-core EPYC:
-# 16x mlx-lm's prefill with OpenBLAS preloaded, but 0.81x with the mlx[cpu] wheel's bundled
-# reference BLAS (~6 GFLOP/s), which is no faster than MLX's quantized kernel. An unknown BLAS
-# keeps MLX's quantized kernel: mlx-lm's own path, so never slower than mlx-lm.
+# Measured on a 2-core EPYC, 270M, ours / mlx-lm (benchmarks/results/linux-cpu-*-2026-11-30*):
+# - Dequantize-then-BLAS pays off only with an optimised BLAS: q4, 64-token prompt, 16x mlx-lm's
+#   prefill with OpenBLAS preloaded, 0.81x with the mlx[cpu] wheel's bundled reference BLAS.
+# - MLX runs each CPU op on one thread. Split across threads (one CPU stream per core), a
+#   quantized matmul runs 1.4-1.9x faster; so does a float one over several rows with the
+#   reference BLAS (an optimised BLAS splits its own work).
 def linear(layer, x: mx.array) -> mx.array:
-    """x through a linear layer (or the tied embedding used as one). For a quantized layer over
-    many tokens on a CPU with a fast BLAS, dequantize once and use BLAS: MLX's CPU kernel does one
-    matrix-vector product per token (15x slower for 128 tokens with OpenBLAS)."""
+    """x through a linear layer (or the tied embedding used as one), the fastest way measured
+    for the device and BLAS (above); every way gives the same values."""
     quantized = isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    if quantized and x.shape[-2] >= DEQUANTIZE_MIN_TOKENS and mx.default_device() == mx.cpu and blas.fast_blas():
-        w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits)
-        return x @ w.T.astype(x.dtype)
+    rows, streams = x.size // x.shape[-1], cpu_streams()
+    if mx.default_device() == mx.cpu and getattr(layer, "bias", None) is None:
+        if quantized and rows >= DEQUANTIZE_MIN_TOKENS and blas.fast_blas():
+            w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, layer.mode)
+            return x @ w.T.astype(x.dtype)
+        work = rows * x.shape[-1] * layer.weight.shape[0]  # multiply-adds
+        if len(streams) > 1 and work >= SPLIT_MIN_WORK:
+            if quantized:  # by output features, so that one row (decoding) splits too
+                return mx.concatenate(
+                    [quantized_rows(layer, x, *r, s) for r, s in zip(cuts(layer.weight, streams), streams)], -1
+                )
+            if rows > 1 and not blas.fast_blas():  # by rows: a slice of a column-major weight is a copy
+                flat = x.reshape(rows, x.shape[-1])
+                parts = [
+                    mx.matmul(flat[i:j], layer.weight.T, stream=s) for (i, j), s in zip(cuts(flat, streams), streams)
+                ]
+                return mx.concatenate(parts, 0).reshape(*x.shape[:-1], -1)
     if isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding)):
         return layer.as_linear(x)
     return layer(x)
+
+
+@lru_cache(maxsize=None)
+def cpu_streams() -> list:
+    """One MLX CPU stream (a thread) per core this process may use, at most 4 (measured: 2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return [mx.new_stream(mx.cpu) for _ in range(min(cores, 4))]
+
+
+def cuts(a: mx.array, streams: list) -> list:
+    """(start, stop) of len(streams) near-equal runs of `a`'s rows."""
+    n, k = a.shape[0], len(streams)
+    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
+def quantized_rows(layer, x: mx.array, start: int, stop: int, stream) -> mx.array:
+    """x times the output features [start, stop) of a quantized layer, computed on `stream`."""
+    biases = layer.get("biases")
+    return mx.quantized_matmul(
+        x,
+        layer.weight[start:stop],
+        layer.scales[start:stop],
+        None if biases is None else biases[start:stop],
+        group_size=layer.group_size,
+        bits=layer.bits,
+        mode=layer.mode,
+        stream=stream,
+    )
+
+
+def column_major(model: nn.Module) -> None:
+    """On a CPU with the reference BLAS, store each float32 matrix column-major (same values): its
+    sgemm computes x @ W.T as a dot product per output, but as vector updates, 2x faster, when
+    W.T is contiguous (270M: prefill and decode 1.5-2.1x mlx-lm's)."""
+    if mx.default_device() != mx.cpu or blas.fast_blas():
+        return
+    for _, m in model.named_modules():
+        if type(m) in (nn.Linear, nn.Embedding) and m.weight.dtype == mx.float32:
+            m.weight = mx.contiguous(m.weight.T).T
 
 
 @mx.compile

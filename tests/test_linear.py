@@ -77,10 +77,21 @@ def test_the_library_mlx_calls_is_found():
     assert found.stdout.strip() == os.path.realpath(OPENBLAS)
 
 
+@pytest.fixture
+def threads(monkeypatch):
+    """Set how many CPU threads linear() splits a matmul across, with no minimum size."""
+
+    def use(n):
+        monkeypatch.setattr(model, "cpu_streams", lambda: [mx.new_stream(mx.cpu) for _ in range(n)])
+        monkeypatch.setattr(model, "SPLIT_MIN_WORK", 0)
+
+    return use
+
+
 @pytest.mark.parametrize("fast, same", [(False, True), (True, False)])
-def test_without_a_fast_blas_the_graph_is_mlx_lms(set_blas, tmp_path, fast, same):
-    """Where dequantizing does not pay off, a quantized prefill runs mlx-lm's graph op for op
-    (its products are mlx-lm's QuantizedMatmul)."""
+def test_on_one_thread_without_a_fast_blas_the_graph_is_mlx_lms(set_blas, threads, tmp_path, fast, same):
+    """Where neither dequantizing nor splitting pays off, a quantized prefill runs mlx-lm's graph
+    op for op (its products are mlx-lm's QuantizedMatmul)."""
     import re
     from collections import Counter
 
@@ -91,6 +102,7 @@ def test_without_a_fast_blas_the_graph_is_mlx_lms(set_blas, tmp_path, fast, same
     from openelm_mlx.benchmarks.timing import prefill_logits
 
     set_blas(fast)
+    threads(1)
     # every width a multiple of the group size 64, so that every layer quantizes
     config = OpenELMConfig.layerwise(2, 128, 16, vocab_size=384, ffn_dim_divisor=64, max_context_length=256)
     ours = build_subject(config, lambda: random_weights(config, seed=1), "q4")
@@ -104,3 +116,31 @@ def test_without_a_fast_blas_the_graph_is_mlx_lms(set_blas, tmp_path, fast, same
         ops.append(Counter(op for op in re.findall(r'label ="(\w+)"', dot.read_text()) if "Compiled" not in op))
     assert ops[0]["QuantizedMatmul"] > 0 or fast
     assert (ops[0] == ops[1]) is same
+
+
+@pytest.mark.parametrize("precision", ["fp32", "q8", "q4"])
+@pytest.mark.parametrize("n_threads", [2, 3])
+def test_split_across_threads_gives_mlx_lms_logits_bit_for_bit(set_blas, threads, monkeypatch, precision, n_threads):
+    """Column-major weights, rows and output features split across CPU threads: the same
+    numbers as mlx-lm's OpenELM over the same values, to the last bit, prefill and decoding."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from openelm_mlx.benchmarks.subjects import build_subject, mlx_lm_twin
+    from openelm_mlx.benchmarks.synthetic import random_weights
+
+    set_blas(False)
+    threads(n_threads)
+    splits, cuts = [], model.cuts
+    monkeypatch.setattr(model, "cuts", lambda a, streams: splits.append(len(streams)) or cuts(a, streams))
+    config = OpenELMConfig.layerwise(2, 128, 16, vocab_size=384, ffn_dim_divisor=64, max_context_length=256)
+    with mx.stream(mx.cpu):
+        ours = build_subject(config, lambda: random_weights(config, seed=2), precision)
+        twin = mlx_lm_twin(ours)
+        if precision == "fp32":  # laid out differently: ours column-major, mlx-lm's row-major
+            assert memoryview(ours.transformer.layers[0].ffn.proj_1.weight).f_contiguous
+            assert memoryview(twin.transformer.layers[0].ffn.proj_1.weight).c_contiguous
+        caches = [make_prompt_cache(m) for m in (ours, twin)]
+        for tokens in ([list(range(5, 24))], [[7]], [[9, 11, 13]]):  # prefill, one step, a drafted block
+            logits = [m(mx.array(tokens), cache=c) for m, c in zip((ours, twin), caches)]
+            assert mx.array_equal(logits[0], logits[1]).item(), tokens
+    assert splits and set(splits) == {n_threads}

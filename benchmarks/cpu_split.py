@@ -1,0 +1,92 @@
+"""model.linear() on a CPU: each matmul of the 270M shape run whole on one thread (as mlx-lm
+runs it) against split across the CPU's threads (and, for float32, column-major), per precision
+and number of rows. This is the measurement behind SPLIT_MIN_WORK and column_major().
+
+    python -m openelm_mlx.benchmarks.cpu_split --out cpu_split.json
+
+Whole and split alternate in each trial; the figure is the median of per-trial ratios.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from openelm_mlx import model
+from openelm_mlx.config import OpenELMConfig
+
+from .machine import machine_info
+
+ROWS = (1, 4, 9, 64)  # decoding, short drafts, a full prompt-lookup draft, a prompt chunk
+
+
+def shapes(config: OpenELMConfig) -> dict:
+    """(in, out) of each distinct matmul in the model, named by its layer."""
+    attn, ffn = config.head_dim * (config.num_query_heads[0] + 2 * config.num_kv_heads[0]), config.ffn_dims[0]
+    d = config.model_dim
+    return {"qkv_proj": (d, attn), "proj_1": (d, 2 * ffn), "proj_2": (ffn, d), "output": (d, config.vocab_size)}
+
+
+def layer_for(d_in: int, d_out: int, precision: str) -> nn.Module:
+    layer = nn.Linear(d_in, d_out, bias=False)
+    if precision == "fp32":
+        model.column_major(layer)
+    else:
+        layer = layer.to_quantized(group_size=64, bits=int(precision[1:]))
+    mx.eval(layer.parameters())
+    return layer
+
+
+def seconds(fn, repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        mx.eval(fn())
+    return (time.perf_counter() - start) / repeats
+
+
+def measure(layer, x: mx.array, trials: int, repeats: int) -> dict:
+    """Seconds per call run whole (one thread) and split, and the median ratio whole / split."""
+    streams = model.cpu_streams()
+    whole, split = [], []
+    for _ in range(trials):
+        model.cpu_streams = lambda: streams[:1]  # one thread: the whole matmul, as mlx-lm runs it
+        whole.append(seconds(lambda: model.linear(layer, x), repeats))
+        model.cpu_streams = lambda: streams
+        split.append(seconds(lambda: model.linear(layer, x), repeats))
+    return {
+        "whole_ms": 1e3 * statistics.median(whole),
+        "split_ms": 1e3 * statistics.median(split),
+        "speedup": statistics.median(a / b for a, b in zip(whole, split)),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    mx.set_default_device(mx.cpu)
+    model.SPLIT_MIN_WORK = 0  # measure every shape, including those below the threshold
+    rows_out = []
+    for name, (d_in, d_out) in shapes(OpenELMConfig.preset("270M")).items():
+        for precision in ("fp32", "q8", "q4"):
+            layer = layer_for(d_in, d_out, precision)
+            for rows in ROWS:
+                if precision == "fp32" and rows == 1:
+                    continue  # one float row is never split (the column-major slice would be a copy)
+                x = mx.random.normal((1, rows, d_in))
+                result = measure(layer, x, args.trials, repeats=max(1, 64 // rows))
+                rows_out.append({"matmul": name, "in": d_in, "out": d_out, "precision": precision, "rows": rows,
+                                 "multiply_adds": rows * d_in * d_out, **result})  # fmt: skip
+                print(f"{name:9s} {precision} rows {rows:2d}: {result['whole_ms']:8.2f} ms whole, "
+                      f"{result['split_ms']:8.2f} ms split, {result['speedup']:.2f}x", flush=True)  # fmt: skip
+    report = {"threads": len(model.cpu_streams()), "machine": machine_info(), "results": rows_out}
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
