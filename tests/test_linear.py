@@ -82,7 +82,7 @@ def threads(monkeypatch):
     """Set how many CPU threads linear() splits a matmul across, with no minimum size."""
 
     def use(n):
-        monkeypatch.setattr(model, "cpu_streams", lambda: [mx.new_stream(mx.cpu) for _ in range(n)])
+        monkeypatch.setattr(model, "cpu_streams", lambda: [None] + [mx.new_stream(mx.cpu) for _ in range(n - 1)])
         monkeypatch.setattr(model, "SPLIT_MIN_WORK", 0)
 
     return use
