@@ -5,11 +5,9 @@ import sys
 from openelm_mlx.checkpoint import resolve_source
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.generate import DEFAULT_NUM_DRAFT, make_drafter, stream_generate
-from openelm_mlx.loader import DEMO_MODEL, DTYPES, load
+from openelm_mlx.loader import DEFAULT_PROMPT, DEMO_MODEL, DTYPES, load
 from openelm_mlx.sample import Sampling, check_seed
 from openelm_mlx.tokenizer import chat_prompt, is_instruct_model
-
-DEFAULT_PROMPT = "Once upon a time"
 
 
 def add_model_arguments(parser):

@@ -271,7 +271,7 @@ def add_arguments(parser):
         type=int,
         metavar="K",
         help="time speculative decoding with prompt lookup (up to K drafted tokens) against plain decoding, "
-        "on a free-generation and a copying task, instead of prompt and generation speed",
+        "on free-generation, copying and short-prompt tasks, instead of prompt and generation speed",
     )
     parser.add_argument("--draft-model", metavar="M", help="the same, drafted by model M (a size, a folder or a repo)")
     parser.add_argument("--num-draft", type=int, metavar="K", help="tokens the draft model proposes (default: 4)")

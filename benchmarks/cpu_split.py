@@ -1,6 +1,6 @@
-"""model.linear() on a CPU: each matmul of the 270M shape run whole on one thread (as mlx-lm
-runs it) against split across the CPU's threads (and, for float32, column-major), per precision
-and number of rows. This is the measurement behind SPLIT_MIN_WORK and column_major().
+"""model.linear() on a CPU: each matmul of the 270M shape and of the demo model run whole on one
+thread (as mlx-lm runs it) against split across the CPU's threads, per precision and number of
+rows, float32 weights column-major in both. This is the measurement behind SPLIT_MIN_WORK.
 
     python -m openelm_mlx.benchmarks.cpu_split --out cpu_split.json
 
@@ -18,6 +18,7 @@ import mlx.nn as nn
 
 from openelm_mlx import model
 from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.loader import DEMO_MODEL
 
 from .machine import machine_info
 
@@ -72,7 +73,9 @@ def main(argv=None):
     mx.set_default_device(mx.cpu)
     model.SPLIT_MIN_WORK = 0  # measure every shape, including those below the threshold
     rows_out = []
-    for name, (d_in, d_out) in shapes(OpenELMConfig.preset("270M")).items():
+    configs = {"270M": OpenELMConfig.preset("270M"), "demo": OpenELMConfig.from_pretrained(DEMO_MODEL)}
+    matmuls = [(m, name, shape) for m, config in configs.items() for name, shape in shapes(config).items()]
+    for model_name, name, (d_in, d_out) in matmuls:
         for precision in ("fp32", "q8", "q4"):
             layer = layer_for(d_in, d_out, precision)
             for rows in ROWS:
@@ -80,9 +83,9 @@ def main(argv=None):
                     continue  # one float row is never split (the column-major slice would be a copy)
                 x = mx.random.normal((1, rows, d_in))
                 result = measure(layer, x, args.trials, repeats=max(1, 64 // rows))
-                rows_out.append({"matmul": name, "in": d_in, "out": d_out, "precision": precision, "rows": rows,
+                rows_out.append({"model": model_name, "matmul": name, "in": d_in, "out": d_out, "precision": precision, "rows": rows,
                                  "multiply_adds": rows * d_in * d_out, **result})  # fmt: skip
-                print(f"{name:9s} {precision} rows {rows:2d}: {result['whole_ms']:8.2f} ms whole, "
+                print(f"{model_name:4s} {name:9s} {precision} rows {rows:2d}: {result['whole_ms']:8.2f} ms whole, "
                       f"{result['split_ms']:8.2f} ms split, {result['speedup']:.2f}x", flush=True)  # fmt: skip
     report = {"threads": len(model.cpu_streams()), "machine": machine_info(), "results": rows_out}
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -1,5 +1,5 @@
 """What `openelm bench --prompt-lookup/--draft-model` decodes: the target model at a precision, its
-drafter, and the prompts of the two tasks (text for a checkpoint with a tokenizer, random token ids
+drafter, and the prompts of the three tasks (text for a checkpoint with a tokenizer, random token ids
 for a released size with random weights)."""
 
 from pathlib import Path
@@ -11,14 +11,15 @@ from openelm_mlx.checkpoint import resolve_source
 from openelm_mlx.config import PRESETS, OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.generate import make_drafter
-from openelm_mlx.loader import DEMO_MODEL, DTYPES, load
+from openelm_mlx.loader import DEFAULT_PROMPT, DEMO_MODEL, DTYPES, load
 from openelm_mlx.sample import Sampling
 from openelm_mlx.tokenizer import Tokenizer, check_tokenizer_fits, find_tokenizer
 
 from .subjects import activation_dtype, build_subject, load_source
 from .synthetic import random_weights
 
-TASKS = ("free", "copy")
+TASKS = ("free", "copy", "short")
+SHORT_IDS = 4  # the short prompt in random ids, for random weights
 MIN_PROMPT = 8  # tokens: -g must leave at least this many in the context
 # Passages for text prompts: the demo model's held-out text (never trained on), one chapter a line.
 VALIDATION = DEMO_MODEL / "validation.txt"
@@ -42,16 +43,18 @@ def passages() -> List[str]:
 
 def task_prompts(tokenizer: Optional[Tokenizer], vocab_size: int, budget: int, seed: int) -> Dict[str, List[int]]:
     """free: `budget` tokens of text (or random ids); copy: a passage of the budget's first three
-    quarters followed by its first tokens again (after BOS), so the answer continues the copy."""
+    quarters followed by its first tokens again (after BOS), so the answer continues the copy;
+    short: `openelm generate`'s default prompt, so nearly all the text is the model's own (the
+    demo model's greedy text soon repeats itself)."""
     restart = max(1, budget // 4)
     if tokenizer is None:  # ids 0-2 are OpenELM's unk, BOS and EOS
         free, passage = np.random.default_rng(seed).integers(3, vocab_size, (2, budget)).tolist()
-        skip = 0
+        short, skip = free[:SHORT_IDS], 0
     else:
-        free, passage = (tokenizer.encode(text) for text in passages())
+        free, passage, short = (tokenizer.encode(text) for text in (*passages(), DEFAULT_PROMPT))
         skip = 1  # BOS
     passage = passage[: budget - restart]
-    return {"free": free[:budget], "copy": passage + passage[skip : skip + restart]}
+    return {"free": free[:budget], "copy": passage + passage[skip : skip + restart], "short": short[:budget]}
 
 
 def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:

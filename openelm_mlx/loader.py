@@ -14,6 +14,7 @@ from .tokenizer import Tokenizer, check_tokenizer_fits, find_tokenizer
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # The small model trained and shipped with the package (see apps/train.py): the offline default.
 DEMO_MODEL = Path(__file__).parent / "demo_model"
+DEFAULT_PROMPT = "Once upon a time"  # what `openelm generate` continues when given no prompt
 
 
 def named_dtype(name: str) -> Optional[mx.Dtype]:

@@ -12,8 +12,9 @@ from .config import OpenELMConfig
 
 # Below this many tokens a quantized matmul is cheaper than dequantizing its weight.
 DEQUANTIZE_MIN_TOKENS = 16
-# From this many multiply-adds on, a matmul split across CPU threads ran >= 1.1x faster in every
-# shape and precision tried (benchmarks/cpu_split.py); below it, some ran slower.
+# From this many multiply-adds on, a matmul split across 2 CPU threads ran 0.99-2.0x as fast as
+# whole (median 1.77x, 62 cases of 270M and demo-model shapes); below it, 13 of 26 cases ran slower,
+# down to 0.56x (benchmarks/cpu_split.py, results/cpu-split-linux-cpu-2026-11-30.json).
 SPLIT_MIN_WORK = 1 << 20
 
 
@@ -21,8 +22,9 @@ SPLIT_MIN_WORK = 1 << 20
 # - Dequantize-then-BLAS pays off only with an optimised BLAS: q4, 64-token prompt, 16x mlx-lm's
 #   prefill with OpenBLAS preloaded, 0.81x with the mlx[cpu] wheel's bundled reference BLAS.
 # - MLX runs each CPU op on one thread. Split across threads (one CPU stream per core), a
-#   quantized matmul runs 1.4-1.9x faster; so does a float one over several rows with the
-#   reference BLAS (an optimised BLAS splits its own work).
+#   quantized matmul ran ~1.8x faster; so did a float one over several rows with the reference
+#   BLAS (an optimised BLAS splits its own work). With column_major(): 270M pp64 / tg16 1.5-2.9x
+#   mlx-lm's in fp32, q8 and q4, the logits bit for bit the same.
 def linear(layer, x: mx.array) -> mx.array:
     """x through a linear layer (or the tied embedding used as one), the fastest way measured
     for the device and BLAS (above); every way gives the same values."""
@@ -81,7 +83,7 @@ def quantized_rows(layer, x: mx.array, start: int, stop: int, stream) -> mx.arra
 def column_major(model: nn.Module) -> None:
     """On a CPU with the reference BLAS, store each float32 matrix column-major (same values): its
     sgemm computes x @ W.T as a dot product per output, but as vector updates, 2x faster, when
-    W.T is contiguous (270M: prefill and decode 1.5-2.1x mlx-lm's)."""
+    W.T is contiguous. Files written from the model hold the values row-major all the same."""
     if mx.default_device() != mx.cpu or blas.fast_blas():
         return
     for _, m in model.named_modules():

@@ -47,8 +47,14 @@ def drafted(tiny_checkpoint, draft_checkpoint):
 
 
 def check_entry(e, tasks_prompt_tokens):
+    """tasks_prompt_tokens: the prompt length of the free and copy tasks (short's is a few words, shorter)."""
     assert e["error"] is None and len(e["trials"]) == TRIALS
-    assert e["prompt_kind"] == "text" and e["prompt_tokens"] == tasks_prompt_tokens
+    assert e["prompt_kind"] == "text"
+    assert (
+        e["prompt_tokens"] == tasks_prompt_tokens
+        if e["task"] != "short"
+        else 1 < e["prompt_tokens"] < tasks_prompt_tokens
+    )
     assert len(e["output_tokens"]) == G and isinstance(e["output_text"], str)
     for t in e["trials"]:
         plain, spec = t["plain"], t["speculative"]
@@ -86,7 +92,7 @@ def test_prompt_lookup_entries(lookup, tiny_checkpoint):
     }
     entries = lookup["speculation"]
     assert [(e["model"], e["precision"], e["task"], e["drafter"]) for e in entries] == [
-        ("OpenELM-tiny", "fp32", task, "prompt lookup, K=4") for task in ("free", "copy")
+        ("OpenELM-tiny", "fp32", task, "prompt lookup, K=4") for task in ("free", "copy", "short")
     ]
     budget = 256 - G  # -p 512 does not fit: the prompt takes what the context leaves
     for e in entries:
@@ -97,6 +103,7 @@ def test_prompt_lookup_entries(lookup, tiny_checkpoint):
     restart = budget // 4
     assert entries[1]["prompt"] == tok.decode(copy[: budget - restart] + copy[1 : 1 + restart])
     assert entries[1]["summary"]["accepted_per_trial"] > 0
+    assert entries[2]["prompt"] == tok.decode(tok.encode("Once upon a time"))  # openelm generate's default
 
 
 def test_draft_model_entries(drafted):
@@ -111,6 +118,7 @@ def test_random_token_prompts():
     prompts = spec_subjects.task_prompts(None, 100, 20, seed=3)
     assert len(prompts["free"]) == len(prompts["copy"]) == 20
     assert prompts["copy"][15:] == prompts["copy"][:5] and min(prompts["free"] + prompts["copy"]) >= 3
+    assert prompts["short"] == prompts["free"][:4]
     assert spec_subjects.task_prompts(None, 100, 20, seed=3) == prompts  # seeded
 
 
@@ -119,7 +127,7 @@ def test_outputs_json_csv_markdown(lookup, tmp_path):
     assert sorted(p.name for p in written) == ["results.csv", "results.json", "results.md"]  # no chart
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == lookup
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
-    assert [r["task"] for r in rows] == ["free", "copy"]
+    assert [r["task"] for r in rows] == ["free", "copy", "short"]
     for row, e in zip(rows, lookup["speculation"]):
         assert float(row["speedup_median"]) == pytest.approx(e["summary"]["speedup"]["median"])
         assert float(row["plain_decode_tps_median"]) > 0 and float(row["tokens_per_call"]) >= 1
@@ -128,7 +136,7 @@ def test_outputs_json_csv_markdown(lookup, tmp_path):
     assert "prompt lookup (up to 4 drafted tokens)" in text
     assert "| plain tok/s | speculative tok/s | speed-up | acceptance | tokens/call | identical |" in text
     lines = [line for line in text.splitlines() if line.startswith("| OpenELM-tiny | fp32 (float32) |")]
-    assert len(lines) == 2 and all(line.endswith("| yes |") for line in lines)
+    assert len(lines) == 3 and all(line.endswith("| yes |") for line in lines)
     assert "generation tok/s | TTFT" not in text  # no empty timing table
 
 
@@ -136,7 +144,7 @@ def test_failures_are_recorded_per_entry(tiny_checkpoint, draft_checkpoint):
     r = bench.run_benchmark(
         [str(tiny_checkpoint)], ["fp32"], generation_tokens=250, trials=1, prompt_lookup=2, progress=False
     )
-    assert [e["task"] for e in r["speculation"]] == ["free", "copy"]
+    assert [e["task"] for e in r["speculation"]] == ["free", "copy", "short"]
     assert all("-g 250 leaves 6 prompt tokens" in e["error"] for e in r["speculation"])
     r = bench.run_benchmark(["270M"], ["fp32"], trials=1, draft_model=str(draft_checkpoint), progress=False)
     assert all("a released size (random weights) takes a released size" in e["error"] for e in r["speculation"])

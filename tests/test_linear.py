@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
 
 from openelm_mlx import OpenELMConfig, blas, model
@@ -144,3 +145,17 @@ def test_split_across_threads_gives_mlx_lms_logits_bit_for_bit(set_blas, threads
             logits = [m(mx.array(tokens), cache=c) for m, c in zip((ours, twin), caches)]
             assert mx.array_equal(logits[0], logits[1]).item(), tokens
     assert splits and set(splits) == {n_threads}
+
+
+def test_column_major_weights_are_written_as_they_read(set_blas, tmp_path):
+    """A file written from a column-major model holds the same values, as any reader expects."""
+    from mlx.utils import tree_flatten
+
+    set_blas(False)
+    layer = nn.Linear(96, 64, bias=False)
+    before = mx.array(layer.weight)
+    with mx.stream(mx.cpu):
+        model.column_major(layer)
+    assert memoryview(layer.weight).f_contiguous
+    mx.save_safetensors(str(tmp_path / "w.safetensors"), dict(tree_flatten(layer.parameters())))
+    assert np.array_equal(np.array(mx.load(str(tmp_path / "w.safetensors"))["weight"]), np.array(before))
