@@ -29,8 +29,9 @@ def linear(layer, x: mx.array) -> mx.array:
     """x through a linear layer (or the tied embedding used as one), the fastest way measured
     for the device and BLAS (above); every way gives the same values."""
     quantized = isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    rows, streams = x.size // x.shape[-1], cpu_streams()
+    rows = x.size // x.shape[-1]
     if mx.default_device() == mx.cpu and getattr(layer, "bias", None) is None:
+        streams = cpu_streams()
         if quantized and rows >= DEQUANTIZE_MIN_TOKENS and blas.fast_blas():
             w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, layer.mode)
             return x @ w.T.astype(x.dtype)
