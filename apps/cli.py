@@ -102,6 +102,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else None
     signal.signal(signal.SIGTERM, _terminate)
+    # coremltools imports transformers, which tells stderr that PyTorch is missing: a line about
+    # nothing this toolkit uses, which would break one-line errors (mlx-lm silences it the same way).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if sys.stdout is None:  # started with stdout closed (`>&-`): what it prints goes nowhere
         sys.stdout = open(os.devnull, "w")
     try:

@@ -1,7 +1,7 @@
 """OpenELM in MLX: parameter names follow the Hugging Face checkpoint, so weights load as they are."""
 
 import os
-from functools import lru_cache
+import threading
 from typing import Any, List, Optional
 
 import mlx.core as mx
@@ -52,17 +52,24 @@ def linear(layer, x: mx.array) -> mx.array:
     return layer(x)
 
 
-@lru_cache(maxsize=None)
+_threads = threading.local()
+
+
 def cpu_streams() -> list:
     """A stream (a thread) per core this process may use, at most 4 (measured: 2). The first is the
-    caller's own (None): handing every part to new streams made a 9-token pass 20% slower."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return [None] + [mx.new_stream(mx.cpu) for _ in range(min(cores, 4) - 1)]
+    caller's own (None): handing every part to new streams made a 9-token pass 20% slower. MLX
+    streams serve only the thread that made them, so each thread gets its own."""
+    if not hasattr(_threads, "streams"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        _threads.streams = [None] + [mx.new_stream(mx.cpu) for _ in range(min(cores, 4) - 1)]
+    return _threads.streams
 
 
 def cuts(a: mx.array, streams: list) -> list:
-    """(start, stop) of len(streams) near-equal runs of `a`'s rows."""
-    n, k = a.shape[0], len(streams)
+    """(start, stop) of near-equal runs of `a`'s rows, one per stream, none empty (MLX's quantized
+    kernel crashes the process on an empty weight)."""
+    n = a.shape[0]
+    k = min(len(streams), n)
     return [(i * n // k, (i + 1) * n // k) for i in range(k)]
 
 
@@ -90,6 +97,7 @@ def column_major(model: nn.Module) -> None:
     for _, m in model.named_modules():
         if type(m) in (nn.Linear, nn.Embedding) and m.weight.dtype == mx.float32:
             m.weight = mx.contiguous(m.weight.T).T
+            mx.eval(m.weight)  # one at a time: peak memory is the model plus one matrix
 
 
 @mx.compile

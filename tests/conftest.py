@@ -17,6 +17,13 @@ from openelm_mlx.convert.coreai.export import export_coreai
 from openelm_mlx.convert.coreml.export import export_coreml
 
 
+@pytest.fixture(autouse=True)
+def users_environment(monkeypatch):
+    """Commands run by a test see a user's environment: importing mlx-lm in this process sets
+    TRANSFORMERS_NO_ADVISORY_WARNINGS, which would hide what transformers prints in theirs."""
+    monkeypatch.delenv("TRANSFORMERS_NO_ADVISORY_WARNINGS", raising=False)
+
+
 def tiny_config(vocab_size: int = 384, layers: int = 4, **kwargs) -> OpenELMConfig:
     """A layer-wise-scaled config small enough for tests: per-layer heads 4..8, ffn 64..512."""
     return OpenELMConfig.layerwise(

@@ -92,6 +92,9 @@ class Work:
             env=env,
             stderr=subprocess.PIPE,
             text=True,
+            # Ctrl-C as in a terminal: a test run started in the background (`pytest &`) ignores
+            # SIGINT, and its children would inherit that (seen once: exit 0 instead of 130).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             **popen,
         )
 

@@ -159,3 +159,52 @@ def test_column_major_weights_are_written_as_they_read(set_blas, tmp_path):
     assert memoryview(layer.weight).f_contiguous
     mx.save_safetensors(str(tmp_path / "w.safetensors"), dict(tree_flatten(layer.parameters())))
     assert np.array_equal(np.array(mx.load(str(tmp_path / "w.safetensors"))["weight"]), np.array(before))
+
+
+def test_another_thread_gets_its_own_streams(monkeypatch):
+    """MLX streams serve only the thread that made them: linear() from a worker thread (a server's
+    handler) after the main thread, and the main thread after it, give the same numbers."""
+    import threading
+
+    monkeypatch.setattr(model, "SPLIT_MIN_WORK", 0)  # the real cpu_streams(), split on any size
+    layer = nn.Linear(256, 512, bias=False).to_quantized(group_size=64, bits=4)
+    x = mx.random.normal((1, 3, 256))
+    mx.eval(layer.parameters(), x)
+    expected = np.array(layer(x))
+    outputs = [np.array(model.linear(layer, x))]
+    worker = threading.Thread(target=lambda: outputs.append(np.array(model.linear(layer, x))))
+    worker.start()
+    worker.join()
+    outputs.append(np.array(model.linear(layer, x)))
+    assert len(outputs) == 3 and all(np.array_equal(out, expected) for out in outputs)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "q4"])
+def test_fewer_outputs_or_rows_than_threads(set_blas, threads, precision):
+    """A product narrower than the thread count splits into as many parts as it has rows (MLX's
+    quantized kernel kills the process on an empty part)."""
+    set_blas(False)
+    threads(4)
+    layer = nn.Linear(64, 2, bias=False)
+    if precision == "q4":
+        layer = layer.to_quantized(group_size=64, bits=4)
+    x = mx.random.normal((1, 3, 64))
+    with mx.stream(mx.cpu):
+        assert mx.array_equal(model.linear(layer, x), layer(x)).item()
+    assert model.cuts(mx.zeros((2, 8)), [None] * 4) == [(0, 1), (1, 2)]
+
+
+def test_column_major_needs_one_matrix_more_memory(set_blas):
+    """Rewriting the layout costs the model plus one matrix at a time, not a second model."""
+    set_blas(False)
+    layers = nn.Sequential(*[nn.Linear(512, 512, bias=False) for _ in range(6)])
+    mx.eval(layers.parameters())
+    matrix = 512 * 512 * 4
+    mx.synchronize()
+    mx.reset_peak_memory()
+    start = mx.get_active_memory()
+    with mx.stream(mx.cpu):
+        model.column_major(layers)
+        mx.eval(layers.parameters())
+    assert mx.get_peak_memory() - start <= 1.5 * matrix
+    assert all(memoryview(layer.weight).f_contiguous for layer in layers.layers)
