@@ -10,8 +10,8 @@ from mlx.utils import tree_flatten
 from openelm_mlx.checkpoint import build_model, quantized_paths, read_weights, resolve_source
 from openelm_mlx.config import PRESETS, OpenELMConfig
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.loader import resolve_dtype
-from openelm_mlx.model import Model, column_major
+from openelm_mlx.loader import ready, resolve_dtype
+from openelm_mlx.model import Model
 
 from .synthetic import random_weights
 
@@ -70,12 +70,8 @@ def build_subject(config: OpenELMConfig, make_weights: Callable, precision: str)
         model.load_weights(list(weights.items()))
         if precision in QUANTIZED:
             nn.quantize(model, group_size=GROUP_SIZE, bits=QUANTIZED[precision])
-    # Packed weights stay packed; scales, biases and norms follow the activation dtype.
-    model.set_dtype(activation_dtype(precision, config))
-    column_major(model)
     del weights  # nothing but the model may hold the float source once it is evaluated
-    mx.eval(model.parameters())
-    return model
+    return ready(model, activation_dtype(precision, config))
 
 
 def mlx_lm_twin(model: Model) -> nn.Module:

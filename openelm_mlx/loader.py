@@ -44,9 +44,14 @@ def load_model(source, dtype: str = "auto") -> Tuple[Model, Path]:
 
 
 def build(folder: Path, config: OpenELMConfig, dtype: str) -> Model:
-    model = build_model(config, read_weights(folder))
-    # Quantized weights stay packed; scales, biases and norms follow the activation dtype.
-    model.set_dtype(resolve_dtype(dtype, config))
+    return ready(build_model(config, read_weights(folder)), resolve_dtype(dtype, config))
+
+
+def ready(model: Model, dtype: mx.Dtype) -> Model:
+    """A built model made ready to run here, evaluated: quantized weights stay packed; scales,
+    biases and norms follow the activation dtype; float32 matrices take this CPU's layout. Call it
+    once nothing else holds the weights, or the layout's copies double the peak memory."""
+    model.set_dtype(dtype)
     column_major(model)
     mx.eval(model.parameters())
     return model
