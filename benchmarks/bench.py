@@ -16,6 +16,7 @@ from openelm_mlx.overflow import check_finite
 from . import timing
 from .machine import machine_info
 from .plan import MLX_LM, OURS, WARMUP_DECODE_TOKENS, run_plan
+from .report import check_out, markdown, write_results
 from .speculation import run_speculation, speculation_settings
 from .subjects import GROUP_SIZE, PRECISIONS, activation_dtype, build_subject, load_source, mlx_lm_twin
 
@@ -278,8 +279,6 @@ def add_arguments(parser):
 
 
 def main(args) -> int:
-    from .report import check_out, markdown, write_results
-
     out = args.out or Path(datetime.now().strftime("openelm-bench-%Y%m%d-%H%M%S"))
     check_out(out, args.force)
     results = run_benchmark(

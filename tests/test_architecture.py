@@ -48,7 +48,6 @@ LAZY_IMPORTS = {
     ("openelm_mlx.apps.chat", "readline"): "optional, platform-dependent",
     # Only --backend coreml|coreai|mil-reference needs the package runner (0.18 s of imports).
     ("openelm_mlx.apps.generate", "openelm_mlx.convert.runner"): "keeps start-up fast",
-    ("openelm_mlx.benchmarks.bench", "openelm_mlx.benchmarks.report"): "no reason: could be module-level",
     ("openelm_mlx.benchmarks.bench", "openelm_mlx.benchmarks.package_bench"): "only --backend needs it",
     ("openelm_mlx.benchmarks.subjects", "mlx_lm.models"): "only --compare mlx-lm needs mlx-lm",
 }
