@@ -117,7 +117,11 @@ def tokenizer_config(proto, instruct: bool, model_max_length: Optional[int]) -> 
     """What transformers' and swift-transformers' AutoTokenizer read besides tokenizer.json."""
     spec, pieces = proto.trainer_spec, proto.pieces
     config = {
-        "tokenizer_class": "LlamaTokenizer",
+        # Not "LlamaTokenizer": transformers 5 builds that class's pipeline itself, ignoring the
+        # one in tokenizer.json (its Metaspace adds no dummy space before a leading space: " x"
+        # loses one), so mlx_lm.load would tokenize differently. This name makes transformers
+        # and swift-transformers (Tokenizer.swift:158-199, 851-885) use tokenizer.json as it is.
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": True,
         "add_eos_token": False,
         "bos_token": pieces[spec.bos_id].piece,

@@ -102,6 +102,18 @@ def test_ids_equal_sentencepiece_on_varied_lines(tokenizers_pair):
     assert [e.ids for e in with_bos] == [ours.encode(line) for line in lines[:200]]
 
 
+def test_transformers_reads_the_files_as_they_are(tokenizers_pair, tmp_path):
+    """mlx_lm.load tokenizes with transformers' AutoTokenizer from these files."""
+    from transformers import AutoTokenizer
+
+    ours, _, files = tokenizers_pair
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    theirs = AutoTokenizer.from_pretrained(tmp_path)
+    lines = varied_lines(1000, seed=3)
+    assert [theirs.encode(line) for line in lines] == [ours.encode(line) for line in lines]
+
+
 def test_decode_equals_sentencepiece(tokenizers_pair):
     ours, theirs, _ = tokenizers_pair
     for line in varied_lines(600, seed=7):
@@ -160,7 +172,7 @@ def test_files_are_deterministic_and_complete(tokenizer_file):
         "model_max_length": 2048,
     }
     assert (config["tokenizer_class"], config["add_bos_token"], config["add_eos_token"], config["legacy"]) == (
-        "LlamaTokenizer",
+        "PreTrainedTokenizerFast",
         True,
         False,
         True,
