@@ -13,8 +13,8 @@ from openelm_mlx import load
 from openelm_mlx.apps.eval import DEMO_TEXT, perplexity
 from openelm_mlx.apps.train_data import encode_documents
 from openelm_mlx.generate import generate
-from openelm_mlx.loader import DEMO_MODEL
 from openelm_mlx.hf_tokenizer import hf_tokenizer_files
+from openelm_mlx.loader import DEMO_MODEL
 
 SLICE_TOKENS = 512  # the fixed slice: the first 512 scored tokens of validation.txt
 # Recorded from the trained model (docs/training.md): perplexity on that slice, and the bound
