@@ -71,20 +71,20 @@ def check_llama_form(path: Path, proto) -> None:
 
 
 def vocab_and_merges(proto) -> Tuple[Dict[str, int], List[Tuple[str, str]]]:
-    """Every split of a normal piece into two pieces is a merge, ranked as sentencepiece's BPE
-    ranks merges: by the merged piece's score (highest first); sentencepiece itself keeps no list.
+    """Every split of a normal piece into two normal pieces is a merge, ranked as sentencepiece's
+    BPE ranks merges: by the merged piece's score, highest first (sentencepiece keeps no list).
     transformers' SentencePieceExtractor (convert_slow_tokenizer.py) derives them the same way."""
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    mergeable = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == Piece.NORMAL}
+    pieces = [(p.piece, p.type == Piece.NORMAL, p.score) for p in proto.pieces]  # protobuf reads are slow
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    mergeable = {piece: i for i, (piece, normal, _) in enumerate(pieces) if normal}
     ranked = []
-    for i, p in enumerate(proto.pieces):
-        if p.type != Piece.NORMAL:
+    for i, (s, normal, score) in enumerate(pieces):
+        if not normal:
             continue
-        s = p.piece
         for k in range(1, len(s)):
             left, right = mergeable.get(s[:k]), mergeable.get(s[k:])
             if left is not None and right is not None:
-                ranked.append((-p.score, i, left, right, s[:k], s[k:]))
+                ranked.append((-score, i, left, right, s[:k], s[k:]))
     ranked.sort()
     return vocab, [(r[4], r[5]) for r in ranked]
 
