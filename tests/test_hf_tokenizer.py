@@ -98,8 +98,9 @@ def test_ids_equal_sentencepiece_on_varied_lines(tokenizers_pair):
     # Without special-token text, ours is sentencepiece's own encode.
     assert all(ours.encode(line, bos=False) == ours.sp.encode(line) for line in plain)
     # add_special_tokens: BOS first, as our prompts start.
-    with_bos = theirs.encode_batch(lines[:200], add_special_tokens=True)
-    assert [e.ids for e in with_bos] == [ours.encode(line) for line in lines[:200]]
+    with_bos = theirs.encode_batch(lines, add_special_tokens=True)
+    assert [e.ids for e in with_bos] == [ours.encode(line) for line in lines]
+    assert all(e.ids[0] == ours.bos_id for e in with_bos)
 
 
 def test_transformers_reads_the_files_as_they_are(tokenizers_pair, tmp_path):
