@@ -48,9 +48,10 @@ def trained(tmp_path_factory) -> Path:
 
 def test_train_and_convert_folders_read_the_same_in_both_toolkits(trained, tmp_path):
     converted = convert(trained, tmp_path / "converted")  # the default: float16 weights
-    files = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"}
+    tokenizer_files = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")  # no template: a base model
+    files = {"config.json", "generation_config.json", "model.safetensors", *tokenizer_files}
     assert {p.name for p in trained.iterdir()} == {p.name for p in converted.iterdir()} == files
-    for name in ("tokenizer_config.json", "generation_config.json", "tokenizer.model"):
+    for name in ("generation_config.json", *tokenizer_files):
         assert (trained / name).read_bytes() == (converted / name).read_bytes(), name
     assert json.loads((trained / "config.json").read_text())["converted_by"]["source"] == "run"
     assert json.loads((converted / "config.json").read_text())["converted_by"]["source"] == "model"
