@@ -11,7 +11,7 @@ from openelm_mlx.checkpoint import build_model, quantized_paths, read_weights, r
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import DTYPES, named_dtype
-from openelm_mlx.model_folder import TOKENIZER_CHAT_TEMPLATE, source_name, write_model_folder
+from openelm_mlx.model_folder import source_name, write_model_folder
 from openelm_mlx.outputs import check_output
 from openelm_mlx.tokenizer import check_tokenizer_fits, find_tokenizer, is_instruct_model
 
@@ -30,11 +30,10 @@ def storage_dtype(name: str, weights: Dict[str, mx.array], config: OpenELMConfig
     return mx.bfloat16 if config.wants_bfloat16 else mx.float16
 
 
-def chat_template_for(choice: str, source, folder: Path) -> Optional[str]:
+def wants_chat_template(choice: str, source, folder: Path) -> bool:
     """Apple's template for Instruct models: 'auto' asks is_instruct_model (the source folder's
     tokenizer_config.json if it has one, else a release name like apple/OpenELM-270M-Instruct)."""
-    instruct = choice == "instruct" or (choice == "auto" and is_instruct_model(source_name(source), folder))
-    return TOKENIZER_CHAT_TEMPLATE if instruct else None
+    return choice == "instruct" or (choice == "auto" and is_instruct_model(source_name(source), folder))
 
 
 def convert(
@@ -65,7 +64,7 @@ def convert(
     if quantized_paths(weights) and bits is not None:
         raise OpenELMError(f"{source} is already quantized: convert from the float checkpoint to change --bits")
     build_model(config, weights)  # checks names and shapes; the weights stay lazy, nothing is read
-    template = chat_template_for(chat_template, source, folder)
+    instruct = wants_chat_template(chat_template, source, folder)
     tok = find_tokenizer(folder, tokenizer, required=False)
     if tok is not None:
         check_tokenizer_fits(tok, config)
@@ -77,7 +76,7 @@ def convert(
         storage_dtype(dtype, weights, config),
         source,
         tokenizer=tok,
-        chat_template=template,
+        instruct=instruct,
         bits=bits,
         group_size=group_size,
         quantize_embedding=quantize_embedding,
@@ -86,7 +85,7 @@ def convert(
     )
     size = sum(f.stat().st_size for f in output.glob("*.safetensors"))
     notes = [] if tok else ["no tokenizer.model found: pass --tokenizer to include one"]
-    if template and tok:
+    if instruct and tok:
         notes.append("Instruct: chat template in tokenizer_config.json")
     print(
         f"wrote {output}: {size / 1e9:.3f} GB, {8 * size / config.num_parameters():.2f} bits per weight"

@@ -1,12 +1,14 @@
 """The one writer of model folders, for `openelm convert` and `openelm train` alike: config.json,
-model.safetensors (sharded with an index past 5 GB), generation_config.json, tokenizer.model and
-tokenizer_config.json. openelm_mlx.load and mlx_lm.load (so mlx_lm.generate, chat and server too)
-read the same model and the same tokenizer from it. Tensors are streamed, one at a time."""
+model.safetensors (sharded with an index past 5 GB), generation_config.json, tokenizer.model,
+tokenizer.json and tokenizer_config.json (+ chat_template.jinja for Instruct models).
+openelm_mlx.load, mlx_lm.load (so mlx_lm.generate, chat and server too) and mlx-swift-lm read the
+same model and the same tokenizer from it. Tensors are streamed, one at a time."""
 
 import dataclasses
 import json
 import shutil
 import struct
+import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -15,16 +17,15 @@ import numpy as np
 
 from . import __version__
 from .config import OpenELMConfig
+from .hf_tokenizer import hf_tokenizer_files
 from .loader import DTYPES
+from .mlx_swift_lm import mlx_swift_lm_notice
 from .outputs import staged_output
 from .progress import progress_bar
-from .tokenizer import CHAT_TEMPLATE, Tokenizer
+from .tokenizer import Tokenizer
 
 MAX_SHARD_BYTES = 5 * 1024**3
 SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
-# mlx-lm and transformers tokenize a rendered chat template without adding special tokens, so the
-# template itself starts with BOS, as every OpenELM prompt does.
-TOKENIZER_CHAT_TEMPLATE = "{{ bos_token }}" + CHAT_TEMPLATE
 
 Entry = Tuple[str, tuple, mx.Dtype, str]  # (output name, shape, dtype, source name)
 
@@ -43,26 +44,6 @@ def source_name(source) -> str:
     return path.name
 
 
-def tokenizer_config(tokenizer: Tokenizer, config: OpenELMConfig, chat_template: Optional[str]) -> dict:
-    """What transformers (under mlx_lm.load) needs to build the same LLaMA tokenizer, BOS included."""
-    piece = tokenizer.sp.id_to_piece
-    out = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "bos_token": piece(tokenizer.bos_id),
-        "eos_token": piece(tokenizer.eos_id),
-        "unk_token": piece(tokenizer.sp.unk_id()),
-        # legacy: text after a special token starts with sentencepiece's space, as in our
-        # Tokenizer.encode; chat prompts ("...</s>\n<|user|>") then give the same ids in both.
-        "legacy": True,
-        "model_max_length": config.max_context_length,
-    }
-    if chat_template:
-        out["chat_template"] = chat_template
-    return out
-
-
 def write_model_folder(
     output,
     config: OpenELMConfig,
@@ -70,7 +51,7 @@ def write_model_folder(
     dtype: mx.Dtype,
     source,
     tokenizer: Optional[Tokenizer] = None,
-    chat_template: Optional[str] = None,
+    instruct: bool = False,
     bits: Optional[int] = None,
     group_size: int = 64,
     quantize_embedding: bool = True,
@@ -80,7 +61,9 @@ def write_model_folder(
     """Write `weights` (Hugging Face names; consumed) as a folder at `output`, floats stored in
     `dtype` and, with `bits`, linear layers quantized the way mlx-lm quantizes them. Everything is
     written into a temporary folder beside `output` and put in place at the end (outputs.py);
-    `reads` are what the run reads, which --force must never delete."""
+    `reads` are what the run reads, which --force must never delete. With a tokenizer, the folder
+    also holds tokenizer.json and tokenizer_config.json (hf_tokenizer.py) for the runners without
+    sentencepiece, the chat template too for an `instruct` model."""
     output = Path(output)
     plan = plan_tensors(weights, dtype, bits, group_size, quantize_embedding)
     config = dataclasses.replace(
@@ -93,6 +76,9 @@ def write_model_folder(
     if config.quantization:
         raw["quantization_config"] = config.quantization  # Hugging Face's name for it
 
+    hf_files = {}
+    if tokenizer is not None:  # before anything is written: a tokenizer it cannot reproduce is an error
+        hf_files = hf_tokenizer_files(tokenizer.path, instruct, config.max_context_length)
     with staged_output(output, force, reads) as tmp:
         tmp.mkdir()
         write_weights(tmp, plan, weights, dtype, bits, group_size)
@@ -101,8 +87,12 @@ def write_model_folder(
             tmp / "generation_config.json", {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
         )
         if tokenizer is not None:
-            shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")
-            write_json(tmp / "tokenizer_config.json", tokenizer_config(tokenizer, config, chat_template))
+            shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")  # what our own loader reads
+        for name, data in hf_files.items():
+            (tmp / name).write_bytes(data)
+    notice = mlx_swift_lm_notice(config)  # the folder is written; say where it will not run as it is
+    if notice:
+        print(notice, file=sys.stderr)
     return output
 
 

@@ -1,6 +1,7 @@
 """The LLaMA-2 sentencepiece tokenizer that OpenELM uses, streaming detokenization, chat prompts."""
 
 import os
+import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -48,14 +49,20 @@ class Tokenizer:
                 f"{self.path} defines no {'<s>' if self.bos_id < 0 else '</s>'} piece, which OpenELM's "
                 "prompts need: pass LLaMA-2's tokenizer.model"
             )
+        special = [i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)]
+        self.special_ids = {self.sp.id_to_piece(i): i for i in special}
+        longest_first = sorted(self.special_ids, key=len, reverse=True)
+        self.specials = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
 
     def encode(self, text: str, bos: bool = True) -> List[int]:
-        # "</s>" in a chat prompt is the eos token, as Hugging Face's tokenizer splits it.
+        # The text of a special piece is that token ("</s>" in a chat prompt is eos), as Hugging
+        # Face's tokenizers read it (our tokenizer.json, hf_tokenizer.py); sentencepiece would
+        # spell it out. Each part between them gets sentencepiece's dummy-prefix space.
         ids = [self.bos_id] if bos else []
-        for i, part in enumerate(text.split(EOS_TEXT)):
-            if i:
-                ids.append(self.eos_id)
-            if part:
+        for part in self.specials.split(text):
+            if part in self.special_ids:
+                ids.append(self.special_ids[part])
+            elif part:
                 ids.extend(self.sp.encode(part))
         return ids
 

@@ -38,6 +38,7 @@ from bad_input import (
     weight_map,
     write,
 )
+from sentencepiece import sentencepiece_model_pb2
 
 OUTSIDE = "a shard must be a file in the index's own folder"
 
@@ -348,6 +349,14 @@ QUANTIZATION = category(
     base="q4",
 )
 
+
+def squeezing_spaces(model: bytes) -> bytes:
+    """The model with sentencepiece's remove_extra_whitespaces on (LLaMA-2 keeps spaces)."""
+    proto = sentencepiece_model_pb2.ModelProto.FromString(model)
+    proto.normalizer_spec.remove_extra_whitespaces = True
+    return proto.SerializeToString()
+
+
 TOKENIZER = category(
     "tokenizer",
     Row("larger", GENERATE, tokenizer_copy("tokenizer-512"), "has 512 pieces but the model's vocab_size is 384"),
@@ -366,6 +375,12 @@ TOKENIZER = category(
         "tokenizer.model is not a sentencepiece model",
     ),
     Row("missing", GENERATE, remove("tokenizer.model"), "LLaMA-2 tokenizer"),
+    Row(
+        "convert-not-llama-form",  # sentencepiece reads it; tokenizer.json could not reproduce it
+        CONVERT,
+        write("tokenizer.model", squeezing_spaces),
+        "is not a LLaMA-2-style sentencepiece model (extra whitespace removed)",
+    ),
 )
 
 CHECKPOINT_ROWS = PATHS + SPECIAL_FILES + CONFIG_JSON + INDEX + SAFETENSORS + QUANTIZATION + TOKENIZER

@@ -15,8 +15,9 @@ from openelm_mlx import generate, load
 from openelm_mlx.benchmarks.synthetic import random_weights, write_checkpoint
 from openelm_mlx.convert.hf_to_mlx import convert
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.hf_tokenizer import TOKENIZER_CHAT_TEMPLATE
 from openelm_mlx.loader import load_model
-from openelm_mlx.model_folder import TOKENIZER_CHAT_TEMPLATE, source_name
+from openelm_mlx.model_folder import source_name
 from openelm_mlx.tokenizer import chat_prompt, is_instruct_model
 
 TOKENS = mx.array(np.random.default_rng(3).integers(0, 384, (1, 20)))
@@ -170,16 +171,22 @@ def test_instruct_models_carry_apples_chat_template(tiny_checkpoint, tmp_path):
         convert(instruct, tmp_path / "bad", chat_template="chatml")
     # Every other field is the same for both: the LLaMA tokenizer, BOS added, the model's context.
     config = json.loads((base / "tokenizer_config.json").read_text())
+    special = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
     assert config == {
-        "tokenizer_class": "LlamaTokenizer",
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": True,
         "add_eos_token": False,
         "bos_token": "<s>",
         "eos_token": "</s>",
         "unk_token": "<unk>",
+        "pad_token": None,
         "legacy": True,
+        "clean_up_tokenization_spaces": False,
         "model_max_length": 256,
+        "added_tokens_decoder": {str(i): {"content": t, **special} for i, t in enumerate(["<unk>", "<s>", "</s>"])},
     }
+    assert not (base / "chat_template.jinja").exists()
+    assert (out / "chat_template.jinja").read_text() == TOKENIZER_CHAT_TEMPLATE
 
 
 def test_converted_by_source_is_a_repo_id_or_a_folder_name(tiny_checkpoint, tmp_path, monkeypatch):

@@ -13,8 +13,8 @@ from openelm_mlx import load
 from openelm_mlx.apps.eval import DEMO_TEXT, perplexity
 from openelm_mlx.apps.train_data import encode_documents
 from openelm_mlx.generate import generate
+from openelm_mlx.hf_tokenizer import hf_tokenizer_files
 from openelm_mlx.loader import DEMO_MODEL
-from openelm_mlx.model_folder import tokenizer_config
 
 SLICE_TOKENS = 512  # the fixed slice: the first 512 scored tokens of validation.txt
 # Recorded from the trained model (docs/training.md): perplexity on that slice, and the bound
@@ -36,6 +36,7 @@ def test_shipped_files_and_config():
         "tokenizer.model",
         "validation.txt",
         "tokenizer_config.json",
+        "tokenizer.json",
         "README.md",
         "LICENSE-corpus",
     } <= set(files)
@@ -56,9 +57,8 @@ def test_shipped_files_and_config():
 def test_tokenizer_matches_config(demo):
     model, tokenizer = demo
     # The shipped folder holds what the one model-folder writer writes for a base model.
-    assert json.loads((DEMO_MODEL / "tokenizer_config.json").read_text()) == tokenizer_config(
-        tokenizer, model.config, None
-    )
+    files = hf_tokenizer_files(tokenizer.path, instruct=False, model_max_length=model.config.max_context_length)
+    assert {name: (DEMO_MODEL / name).read_bytes() for name in files} == files
     c = model.config
     assert (c.vocab_size, c.bos_token_id, c.eos_token_id) == (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
     assert (tokenizer.sp.unk_id(), tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
