@@ -26,6 +26,7 @@ from openelm_mlx.convert.coreml.verify import verify_coreml  # noqa: E402
 from openelm_mlx.convert.package import tokenizer_folder  # noqa: E402
 from openelm_mlx.convert.verify import LOGITS_RTOL  # noqa: E402
 from openelm_mlx.errors import OpenELMError  # noqa: E402
+from openelm_mlx.hf_tokenizer import hf_tokenizer_files  # noqa: E402
 from openelm_mlx.loader import DEMO_MODEL, load_model  # noqa: E402
 from openelm_mlx.tokenizer import find_tokenizer  # noqa: E402
 
@@ -90,8 +91,10 @@ def test_spec_is_swift_transformers_contract(tiny_checkpoint, packages):
     assert meta["openelm.compression"] == "none" and meta["openelm.source_model"] == tiny_checkpoint.name
     assert "<|assistant|>" in meta["openelm.chat_template"] and meta["openelm.toolkit_version"]
     beside = tokenizer_folder(summary["output"])
-    assert summary["tokenizer"] == str(beside) and sorted(p.name for p in beside.iterdir()) == ["tokenizer.model"]
-    assert (beside / "tokenizer.model").read_bytes() == (tiny_checkpoint / "tokenizer.model").read_bytes()
+    assert summary["tokenizer"] == str(beside)
+    files = hf_tokenizer_files(tiny_checkpoint / "tokenizer.model", False, CONTEXT)  # a base model: no template
+    files["tokenizer.model"] = (tiny_checkpoint / "tokenizer.model").read_bytes()
+    assert {p.name: p.read_bytes() for p in beside.iterdir()} == files
     # The fp16 weights once (2 bytes/parameter), the float32 norms and RoPE tables besides.
     assert 2.0 < summary["bytes_per_parameter"] < 2.4
 
@@ -273,11 +276,16 @@ def test_refuses_overwrite_and_bad_names(tiny_checkpoint, packages, capsys, tmp_
 
 def test_names_never_collide_with_core_ai_or_older_exports(tiny_checkpoint, tmp_path):
     """NAME.mlpackage + NAME.tokenizer/ go beside a Core AI bundle folder NAME/ (with its tokenizer/)
-    and beside NAME.tokenizer.model of older exports, without --force and touching neither."""
+    and beside NAME.tokenizer.model of older exports, without --force and touching neither. An
+    Instruct model's tokenizer folder carries the chat template (emitting BOS) too."""
     (tmp_path / "NAME" / "tokenizer").mkdir(parents=True)
     (tmp_path / "NAME" / "metadata.json").write_text("{}")
     (tmp_path / "NAME.tokenizer.model").write_bytes(b"old")
-    export_coreml(tiny_checkpoint, tmp_path / "NAME.mlpackage", context=8)
+    source = shutil.copytree(tiny_checkpoint, tmp_path / "src" / "OpenELM-tiny-Instruct")
+    export_coreml(source, tmp_path / "NAME.mlpackage", context=8)
+    template = (tmp_path / "NAME.tokenizer" / "chat_template.jinja").read_text()
+    assert template.startswith("{{ bos_token }}") and "<|assistant|>" in template
+    shutil.rmtree(tmp_path / "src")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "NAME",
         "NAME.mlpackage",

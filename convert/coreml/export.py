@@ -15,8 +15,9 @@ import numpy as np
 
 from openelm_mlx import __version__, outputs
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.hf_tokenizer import hf_tokenizer_files
 from openelm_mlx.progress import progress_bar
-from openelm_mlx.tokenizer import Tokenizer, find_tokenizer
+from openelm_mlx.tokenizer import Tokenizer, find_tokenizer, is_instruct_model
 
 from ..package import (
     PackageDescription,
@@ -72,11 +73,14 @@ def export_coreml(
         bar.set_postfix_str("load, calibrate, compress")
         desc, folder = describe(model_source, context, None, compress, block_size, "float16", COMPRESSIONS)
         tok = find_tokenizer(folder, tokenizer)
+        files = tokenizer_files(tok, is_instruct_model(desc.source, folder), desc.context)  # may refuse: first
         bar.update()
         places = [output, tokenizer_folder(output)]
         with outputs.staged_outputs(places, force, reads=[folder, tok.path]) as (package, beside):
             write_package(desc, metadata(desc, tok), package, bar)
-            write_tokenizer_folder(tok, beside)
+            beside.mkdir()
+            for name, data in files.items():
+                (beside / name).write_bytes(data)
     return export_summary(desc, output, time.perf_counter() - start)
 
 
@@ -92,17 +96,11 @@ def metadata(desc: PackageDescription, tok: Tokenizer) -> Dict[str, str]:
     }
 
 
-def tokenizer_files(tok: Tokenizer) -> Dict[str, bytes]:
-    """The files of OUT.tokenizer/: tokenizer.model for our own loading (sentencepiece).
-    TODO(tok branch): add hf_tokenizer.hf_tokenizer_files(tok.path) (tokenizer.json,
-    tokenizer_config.json, chat_template.jinja) for AutoTokenizer.from(modelFolder:)."""
-    return {"tokenizer.model": Path(tok.path).read_bytes()}
-
-
-def write_tokenizer_folder(tok: Tokenizer, folder: Path):
-    folder.mkdir()
-    for name, data in tokenizer_files(tok).items():
-        (folder / name).write_bytes(data)
+def tokenizer_files(tok: Tokenizer, instruct: bool, context: int) -> Dict[str, bytes]:
+    """The files of OUT.tokenizer/: tokenizer.json and tokenizer_config.json (+ chat_template.jinja
+    for an Instruct model) for swift-transformers' AutoTokenizer.from(modelFolder:), and
+    tokenizer.model for our own loading (sentencepiece)."""
+    return hf_tokenizer_files(tok.path, instruct, context) | {"tokenizer.model": Path(tok.path).read_bytes()}
 
 
 def write_package(desc: PackageDescription, meta: dict, path: Path, bar):
