@@ -11,6 +11,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from tokenizers import Tokenizer
 
 pytest.importorskip("coremltools")
 
@@ -149,7 +150,10 @@ def test_swift_transformers_loop_gives_mlx_greedy_tokens(request, tmp_path, pack
         source = DEMO_MODEL
         package = export_coreml(DEMO_MODEL, tmp_path / "demo.mlpackage", context=64)["output"]
     model, tokenizer = load_model(source, "float32")[0], find_tokenizer(source, None)
-    prompt = tokenizer.encode("Once upon a time")  # MLX's top-2 margins >= 0.1 on the demo model, 14x the error
+    # The app's ids: tokenizer.json beside the package, special tokens added (Generation.swift:184)
+    text = "Once upon a time"  # MLX's top-2 margins >= 0.1 on the demo model, 14x the error
+    prompt = Tokenizer.from_file(str(tokenizer_folder(package) / "tokenizer.json")).encode(text).ids
+    assert prompt == tokenizer.encode(text) and prompt[0] == tokenizer.bos_id
     expected = mlx_greedy(model, prompt, 16)
     runner = CoreMLRunner(package, "mil-reference")
     assert generate(runner, prompt, 16, eos_token_id=tokenizer.eos_id) == expected
