@@ -125,8 +125,8 @@ def describe(
     compressions,
 ):
     """Load `model_source` (anything openelm_mlx.load accepts), check the export settings (the
-    exporter's `compressions`; prefill_length None: the context), and describe the package:
-    (PackageDescription, the model's folder)."""
+    exporter's `compressions`), and describe the package: (PackageDescription, the model's folder).
+    prefill_length None: one call takes up to the whole context (Core ML's inputIds range)."""
     if compute_precision not in COMPUTE_DTYPES:
         raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
@@ -339,11 +339,13 @@ def export_from_args(export, args, **extra):
     )
 
 
-def add_export_arguments(parser, suffix: str, compressions, beside="OUT.tokenizer.model", prefill=True):
-    """The shared export options; `beside`: where the tokenizer goes; `prefill`: whether calls have
-    a --prefill-length (Core ML's runner sends the whole prompt in one call: no)."""
+def add_export_arguments(parser, suffix: str, compressions, output_help: Optional[str] = None, prefill: bool = True):
+    """The exporters' shared options; `prefill` False leaves out --prefill-length (Core ML: the
+    runner sends the whole prompt in one call)."""
     parser.add_argument("model", help="model folder or Hugging Face repo id (MLX folders may be quantized)")
-    parser.add_argument("-o", "--output", required=True, help=f"OUT{suffix} (the tokenizer goes to {beside})")
+    parser.add_argument(
+        "-o", "--output", required=True, help=output_help or f"OUT{suffix} (the tokenizer goes to OUT.tokenizer.model)"
+    )
     parser.add_argument(
         "--context", type=int, default=None, help="KV-cache length in tokens (default: the model's max_context_length)"
     )

@@ -151,7 +151,13 @@ def quiet():
 
 
 def add_arguments(parser):
-    add_export_arguments(parser, ".mlpackage", COMPRESSIONS, beside="OUT.tokenizer/", prefill=False)
+    add_export_arguments(
+        parser,
+        ".mlpackage",
+        COMPRESSIONS,
+        output_help="OUT.mlpackage (the tokenizer goes to OUT.tokenizer/)",
+        prefill=False,
+    )
 
 
 def main(args):
