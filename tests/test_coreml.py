@@ -22,7 +22,12 @@ from openelm_mlx.benchmarks.synthetic import write_checkpoint  # noqa: E402
 from openelm_mlx.cache import make_cache  # noqa: E402
 from openelm_mlx.convert.coreml.executor import MILExecutor  # noqa: E402
 from openelm_mlx.convert.coreml.export import export_coreml  # noqa: E402
-from openelm_mlx.convert.coreml.swift_transformers import CoreMLRunner, generate, swift_inputs  # noqa: E402
+from openelm_mlx.convert.coreml.swift_transformers import (  # noqa: E402
+    CoreMLRunner,
+    generate,
+    sampler,
+    swift_inputs,
+)
 from openelm_mlx.convert.coreml.verify import verify_coreml  # noqa: E402
 from openelm_mlx.convert.package import tokenizer_folder  # noqa: E402
 from openelm_mlx.convert.verify import LOGITS_RTOL  # noqa: E402
@@ -161,6 +166,16 @@ def test_swift_transformers_loop_gives_mlx_greedy_tokens(request, tmp_path, pack
     stop = expected[len(prompt) + 5]
     cut = expected.index(stop, len(prompt))
     assert generate(runner, prompt, 16, eos_token_id=stop) == expected[:cut]
+
+
+def test_sampler_draws_as_swift_transformers():
+    """Temperature, then top-k, then the inverse CDF of one uniform draw (Decoders.swift:23-55)."""
+    scores = np.array([0.0, 3.0, 1.0, 2.5, -1.0], np.float32)
+    assert sampler(top_k=1, seed=0)(scores) == 1  # top-1 is greedy
+    draws = [sampler(temperature=0.7, top_k=2, seed=s)(scores) for s in range(400)]
+    assert set(draws) == {1, 3}  # only the two best
+    p1 = 1 / (1 + np.exp((2.5 - 3.0) / 0.7))  # softmax of the two at temperature 0.7
+    assert abs(draws.count(1) / 400 - p1) < 0.08  # 3.3 sigma of a binomial(400, 0.67)
 
 
 def test_causal_mask_input_values_and_length_do_not_change_logits(tiny_checkpoint, packages):

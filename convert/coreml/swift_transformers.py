@@ -88,6 +88,26 @@ def greedy(scores: np.ndarray) -> int:
     return int(np.argmax(scores))
 
 
+def sampler(temperature: float = 1.0, top_k: int = 50, seed=None) -> Callable[[np.ndarray], int]:
+    """doSample: the temperature and top-k warpers (Generation.swift:126-138; TopKLogitsWarper.swift
+    keeps scores >= the k-th largest), then selectNextTokenUsingSampling: softmax and the first
+    index whose cumulative probability reaches a uniform draw (Decoders.swift:23-55). Top-p, min-p
+    and the repetition penalty are not mirrored."""
+    rng = np.random.default_rng(seed)
+
+    def select(scores: np.ndarray) -> int:
+        scores = np.asarray(scores, np.float32)
+        if temperature > 0 and temperature != 1.0:
+            scores = scores / np.float32(temperature)
+        if 0 < top_k < scores.size:
+            scores = np.where(scores >= np.sort(scores)[-top_k], scores, -np.inf)
+        probs = np.exp(scores - scores.max())
+        cdf = np.cumsum(probs / probs.sum())
+        return int(min(np.searchsorted(cdf, rng.random()), cdf.size - 1))
+
+    return select
+
+
 def generate(
     runner: PackageRunner,
     tokens: Sequence[int],
