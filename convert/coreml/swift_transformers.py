@@ -120,13 +120,13 @@ def generate(
     `select` picks a token from float32 scores on the CPU (greedy, or a sampler)."""
     runner.reset()  # resetState() before each sequence (LanguageModelTypes.swift:108)
     output = [int(t) for t in tokens]
-    max_length = len(output) + max_new_tokens  # maxLength = maxNewTokens + tokens.count (:185)
-    scores = runner.prefill(output)  # prefilling: every token in one call (LanguageModel.swift:526)
-    while len(output) < max_length:  # :80
+    max_length = len(output) + max_new_tokens  # maxLength = maxNewTokens + tokens.count (Generation.swift:185)
+    scores = None
+    while len(output) < max_length:  # Generation.swift:80
+        # prefilling: every token in one call, then extending: the last one (LanguageModel.swift:524-529)
+        scores = runner.prefill(output) if scores is None else runner.decode(output[-1])
         token = select(scores)
-        if token == eos_token_id:  # :98-100: eos ends the loop and is not appended
+        if token == eos_token_id:  # Generation.swift:98-100: eos ends the loop and is not appended
             break
-        output.append(token)  # :102
-        if len(output) < max_length:
-            scores = runner.decode(token)  # extending: the last token only (LanguageModel.swift:527)
+        output.append(token)  # Generation.swift:102
     return output
