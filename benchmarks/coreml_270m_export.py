@@ -33,7 +33,7 @@ def write_270m_checkpoint(folder: Path) -> int:
     return config.num_parameters()
 
 
-def run(compress: str = "int4", context: int = 2048, prefill_length: int = 128) -> dict:
+def run(compress: str = "int4", context: int = 2048) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n_params = write_270m_checkpoint(tmp / "OpenELM-270M-random")
@@ -41,7 +41,7 @@ def run(compress: str = "int4", context: int = 2048, prefill_length: int = 128) 
         code = (
             "import json, sys; from openelm_mlx.convert.coreml.export import export_coreml; "
             f"print(json.dumps(export_coreml({str(tmp / 'OpenELM-270M-random')!r}, {str(out)!r}, "
-            f"context={context}, prefill_length={prefill_length}, compress={compress!r})))"
+            f"context={context}, compress={compress!r})))"
         )
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -55,7 +55,6 @@ def run(compress: str = "int4", context: int = 2048, prefill_length: int = 128) 
         "parameters": n_params,
         "compression": compress,
         "context": context,
-        "prefill_length": prefill_length,
         "package_bytes": summary["bytes"],
         "package_mib": round(summary["bytes"] / 2**20, 1),
         "bytes_per_parameter": round(summary["bytes_per_parameter"], 4),
@@ -76,9 +75,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compress", default="int4", choices=["none", "int8", "int4", "palettize4", "palettize6"])
     parser.add_argument("--context", type=int, default=2048)
-    parser.add_argument("--prefill-length", type=int, default=128)
     args = parser.parse_args(argv)
-    result = run(args.compress, args.context, args.prefill_length)
+    result = run(args.compress, args.context)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

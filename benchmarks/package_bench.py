@@ -1,5 +1,6 @@
 """`openelm bench --backend coreml|coreai`: prefill and decode speed of exported packages through
-their own `prefill` and `decode` functions, run by Core ML (macOS 15+) or by Apple's Core AI
+their runners (convert/package_runner.py: Core ML as swift-transformers calls it, Core AI's `prefill`
+and `decode` functions), run by Core ML (macOS 15+) or by Apple's Core AI
 runtime (macOS 27; on Linux the reference runtime bundled with coreai-core, whose figures say
 nothing about device speed)."""
 

@@ -1,11 +1,10 @@
 """The one description of an exported OpenELM package, shared by the Core ML and Core AI exporters.
 
-Both packages have the same contract: functions `prefill` (1..prefill_length tokens) and `decode`
-(one token) over one copy of the weights; inputs `input_ids` int32 [1, S] and `position` int32 [1];
-output `logits` of the last token [1, vocab]; per-layer states `k_cache_{i}` / `v_cache_{i}`
-[1, kv_heads_i, context, head_dim] (keys after RoPE); the causal mask built inside from `position`;
-the same `openelm.*` metadata; the tokenizer beside the package. What differs is only how each op
-is spelled (convert/coreml/graph.py, convert/coreai/graph.py)."""
+Both packages hold the same model (weights, FFN scales, RoPE tables, the causal mask built inside
+from positions), the same `openelm.*` metadata, and the tokenizer beside them. Their calling
+contracts are those of the runners they serve: Core AI functions `prefill` (1..prefill_length
+tokens) and `decode` (one token) with `input_ids`, `position` and per-layer states; Core ML
+swift-transformers' `inputIds`, `causalMask`, `keyCache`/`valueCache` (convert/coreml/graph.py)."""
 
 import importlib
 import json
@@ -38,7 +37,7 @@ COMPUTE_DTYPES = {"float16": np.float16, "float32": np.float32}  # --compute-pre
 # The exporters' numeric options; each is checked against the model once it is loaded as well.
 EXPORT_OPTION_RULES = {
     "context": optional(count(1, 1 << 20)),
-    "prefill_length": count(1, 1 << 20),
+    "prefill_length": optional(count(1, 1 << 20)),
     "block_size": count(1, 1 << 16),
 }
 
@@ -119,14 +118,15 @@ class PackageDescription:
 def describe(
     model_source,
     context: Optional[int],
-    prefill_length: int,
+    prefill_length: Optional[int],
     compression: str,
     block_size: int,
     compute_precision: str,
     compressions,
 ):
     """Load `model_source` (anything openelm_mlx.load accepts), check the export settings (the
-    exporter's `compressions`), and describe the package: (PackageDescription, the model's folder)."""
+    exporter's `compressions`), and describe the package: (PackageDescription, the model's folder).
+    prefill_length None: one call takes up to the whole context (Core ML's inputIds range)."""
     if compute_precision not in COMPUTE_DTYPES:
         raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
@@ -139,6 +139,7 @@ def describe(
         raise OpenELMError(
             f"--context {context} is outside 1..{config.max_context_length} (the model's max_context_length)"
         )
+    prefill_length = context if prefill_length is None else prefill_length
     if not 1 <= prefill_length <= context:
         raise OpenELMError(f"--prefill-length {prefill_length} must be between 1 and --context ({context})")
     scale_exponents = ffn_scale_exponents(model, compute_precision)
@@ -169,7 +170,7 @@ def describe(
     return description, folder
 
 
-def check_export_options(context: Optional[int], prefill_length: int, block_size: int):
+def check_export_options(context: Optional[int], prefill_length: Optional[int], block_size: int):
     """The exporters' numeric options in their ranges (EXPORT_OPTION_RULES), before anything is
     imported or read; describe() checks them against the model."""
     check_options({"context": context, "prefill_length": prefill_length, "block_size": block_size}, EXPORT_OPTION_RULES)
@@ -251,9 +252,19 @@ class PackageInfo:
             raise OpenELMError(f"{package} has no openelm metadata ({e}): export it with `openelm {command}`") from None
 
 
-def tokenizer_path(package) -> Path:
-    """OUT.mlpackage or OUT.aimodel -> OUT.tokenizer.model, the tokenizer written beside it."""
+def tokenizer_folder(package) -> Path:
+    """OUT.mlpackage -> OUT.tokenizer/, the tokenizer folder written beside a Core ML package: not
+    OUT/ (a Core AI bundle's name) nor OUT.tokenizer.model (older exports'), so they never collide."""
     package = Path(package)
+    return package.with_name(package.stem + ".tokenizer")
+
+
+def tokenizer_path(package) -> Path:
+    """The sentencepiece model written beside a package: OUT.tokenizer/tokenizer.model beside
+    OUT.mlpackage, OUT.tokenizer.model beside OUT.aimodel."""
+    package = Path(package)
+    if package.suffix == ".mlpackage":
+        return tokenizer_folder(package) / "tokenizer.model"
     return package.with_name(package.stem + ".tokenizer.model")
 
 
@@ -292,7 +303,7 @@ def export_summary(description: PackageDescription, output: Path, seconds: float
     n_params = description.config.num_parameters()
     return {
         "output": str(output),
-        "tokenizer": str(tokenizer_path(output)),
+        "tokenizer": str(tokenizer_folder(output) if output.suffix == ".mlpackage" else tokenizer_path(output)),
         "compression": description.compression,
         "compute_precision": description.compute_precision,
         "context": description.context,
@@ -308,11 +319,12 @@ def export_summary(description: PackageDescription, output: Path, seconds: float
 def export_from_args(export, args, **extra):
     """The export commands' main: `export` (export_coreml or export_coreai) with the shared
     options (add_export_arguments) and `extra` ones, then its one-line summary."""
+    if "prefill_length" in vars(args):
+        extra["prefill_length"] = args.prefill_length
     summary = export(
         args.model,
         args.output,
         context=args.context,
-        prefill_length=args.prefill_length,
         compress=args.compress,
         block_size=args.block_size,
         force=args.force,
@@ -327,15 +339,18 @@ def export_from_args(export, args, **extra):
     )
 
 
-def add_export_arguments(parser, suffix: str, compressions):
+def add_export_arguments(parser, suffix: str, compressions, output_help: Optional[str] = None, prefill: bool = True):
+    """The exporters' shared options; `prefill` False leaves out --prefill-length (Core ML: the
+    runner sends the whole prompt in one call)."""
     parser.add_argument("model", help="model folder or Hugging Face repo id (MLX folders may be quantized)")
     parser.add_argument(
-        "-o", "--output", required=True, help=f"OUT{suffix} (the tokenizer goes to OUT.tokenizer.model)"
+        "-o", "--output", required=True, help=output_help or f"OUT{suffix} (the tokenizer goes to OUT.tokenizer.model)"
     )
     parser.add_argument(
         "--context", type=int, default=None, help="KV-cache length in tokens (default: the model's max_context_length)"
     )
-    parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call")
+    if prefill:
+        parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call")
     parser.add_argument("--compress", choices=compressions, default="none", help="weight compression (none: 16-bit)")
     parser.add_argument("--block-size", type=int, default=32, help="int4 block size along the input axis")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model if the model folder has none")

@@ -1,11 +1,11 @@
 """The contract every exported-package runner keeps, whatever runs the package (Core ML, the numpy
 MIL executor, Apple's Core AI runtime): a KV cache inside the package, filled by `prefill` and
-`decode` calls at a position. Long prompts become successive prefill calls; the cache position
-is the only thing besides tokens that a package takes. Backends subclass it (coreml/runtime.py,
-coreai/runtime.py); runner.py chooses one."""
+`decode` calls at a position. Long prompts become successive prefill calls of up to prefill_length
+tokens; how tokens and position are passed is the backend's (`_inputs`). Backends subclass it
+(coreml/swift_transformers.py, coreai/runtime.py); runner.py chooses one."""
 
 from pathlib import Path
-from typing import Sequence
+from typing import List, Sequence
 
 import numpy as np
 
@@ -55,10 +55,13 @@ class PackageRunner:
     def _call(self, function: str, tokens: Sequence[int]) -> np.ndarray:
         if any(not 0 <= t < self.info.vocab_size for t in tokens):
             raise OpenELMError(f"token ids must be in 0..{self.info.vocab_size - 1}, got {max(tokens)}")
-        inputs = {"input_ids": np.array([tokens], np.int32), "position": np.array([self.position], np.int32)}
-        logits = self._run(function, inputs)
+        logits = self._run(function, self._inputs(tokens))
         self.position += len(tokens)
         return np.asarray(logits, np.float32).reshape(-1)
+
+    def _inputs(self, tokens: List[int]) -> dict:
+        """The inputs of one call: Core AI's `input_ids` and `position` (Core ML's: its runner's)."""
+        return {"input_ids": np.array([tokens], np.int32), "position": np.array([self.position], np.int32)}
 
     def _reset_states(self):
         raise NotImplementedError

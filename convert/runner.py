@@ -10,7 +10,7 @@ import mlx.core as mx
 from openelm_mlx.errors import OpenELMError
 
 from .coreai.runtime import CoreAIRunner
-from .coreml.runtime import CoreMLRunner
+from .coreml.swift_transformers import CoreMLRunner
 from .package import package_tokenizer
 from .package_runner import PackageRunner
 

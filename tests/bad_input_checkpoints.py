@@ -381,6 +381,12 @@ TOKENIZER = category(
         write("tokenizer.model", squeezing_spaces),
         "is not a LLaMA-2-style sentencepiece model (extra whitespace removed)",
     ),
+    Row(
+        "export-coreml-not-llama-form",  # the tokenizer folder beside the package needs tokenizer.json
+        EXPORT,
+        write("tokenizer.model", squeezing_spaces),
+        "is not a LLaMA-2-style sentencepiece model (extra whitespace removed)",
+    ),
 )
 
 CHECKPOINT_ROWS = PATHS + SPECIAL_FILES + CONFIG_JSON + INDEX + SAFETENSORS + QUANTIZATION + TOKENIZER

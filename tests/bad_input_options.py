@@ -81,12 +81,7 @@ VALUES = category(
     # export-coreml, export-coreai, verify-coreml, verify-coreai
     Row("export-coreml-context-0", (*EXPORT_ML, "--context", "0"), nothing, "--context must be an integer from 1"),
     Row("export-coreml-context-beyond", (*EXPORT_ML, "--context", "300"), nothing, "--context 300 is outside 1..256"),
-    Row(
-        "export-coreml-prefill-beyond-context",
-        (*EXPORT_ML, "--context", "16", "--prefill-length", "32"),
-        nothing,
-        "--prefill-length 32 must be between 1 and --context (16)",
-    ),
+    Row("export-coreml-context-3", (*EXPORT_ML, "--context", "3"), nothing, "swift-transformers needs at least 4"),
     Row("export-coreml-block-0", (*EXPORT_ML, "--block-size", "0"), nothing, "--block-size must be an integer from 1"),
     Row("export-coreai-context-negative", (*EXPORT_AI, "--context", "-5"), nothing, "got -5"),
     Row("export-coreai-prefill-0", (*EXPORT_AI, "--prefill-length", "0"), nothing, "--prefill-length must be"),
@@ -124,6 +119,8 @@ USAGE = category(
     Row("bench-backend", (*BENCH, "--backend", "tpu"), nothing, "argument --backend: invalid choice: 'tpu'"),
     Row("bench-p-fraction", (*BENCH, "-p", "1.5"), nothing, "argument -p/--prompt-tokens: invalid int value"),
     Row("export-coreml-compress", (*EXPORT_ML, "--compress", "int2"), nothing, "argument --compress: invalid"),
+    # Core ML's runner sends a whole prompt in one call: inputIds is ranged 1..context, no prefill length
+    Row("export-coreml-prefill", (*EXPORT_ML, "--prefill-length", "8"), nothing, "unrecognized arguments"),
     Row(
         "export-coreai-precision",
         (*EXPORT_AI, "--compute-precision", "bfloat16"),
@@ -150,7 +147,7 @@ OUTPUTS = category(
     Row("convert-name-too-long", ("convert", "{model}", "-o", LONG), nothing, "its name is 250 bytes, too long"),
     Row("convert-symlink-loop", ("convert", "{model}", "-o", "loop/out"), root_link("loop", "loop"), "symlink loop"),
     Row("export-wrong-suffix", ("export-coreml", "{model}", "-o", "{out}.zip"), nothing, "must end in .mlpackage"),
-    Row("export-tokenizer-there", EXPORT_ML, root_file("out.tokenizer.model"), "out.tokenizer.model already exists"),
+    Row("export-tokenizer-there", EXPORT_ML, root_folder("out.tokenizer"), "out.tokenizer already exists"),
     Row("export-coreai-package-there", EXPORT_AI, root_folder("out.aimodel"), "out.aimodel already exists"),
     Row("train-text-inside-force", ("train", "r", "--text", "r/t.txt", "--force"), root_file("r/t.txt"), "r/t.txt"),
     Row("train-into-cwd-force", ("train", ".", "--text", "text.txt", "--force"), text, ". is or holds"),

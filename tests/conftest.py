@@ -92,7 +92,7 @@ def assert_clean_error(result, *fragments, exit=1):
         assert fragment in lines[0], lines[0]
 
 
-EXPORT_CONTEXT, EXPORT_PREFILL = 96, 16  # of the shared exports: 3 prefill blocks fit a test prompt
+EXPORT_CONTEXT, EXPORT_PREFILL = 96, 16  # of the shared exports: 3 Core AI prefill blocks fit a test prompt
 
 
 @pytest.fixture(scope="session")
@@ -109,17 +109,23 @@ def exported(tmp_path_factory):
     def get(kind, source, compress="none", precision="float16"):
         # by content: each worker writes its own tiny checkpoint, equal to the others' (fixed seeds)
         digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(source).iterdir()))).hexdigest()[:16]
-        name = f"{Path(source).name}-{digest}-{compress}-{precision}-{kind}"  # OUT.tokenizer.model apiece
+        name = f"{Path(source).name}-{digest}-{compress}-{precision}-{kind}"  # a tokenizer beside each
         done = folder / f"{name}.json"
         with open(folder / f"{name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             if not done.exists():
-                settings = dict(context=EXPORT_CONTEXT, prefill_length=EXPORT_PREFILL, compress=compress)
-                if kind == "coreml":
+                settings = dict(context=EXPORT_CONTEXT, compress=compress)
+                if kind == "coreml":  # one call per prompt, as swift-transformers sends it: no prefill length
                     assert precision == "float16"
                     summary = export_coreml(source, folder / f"{name}.mlpackage", **settings)
                 else:
-                    summary = export_coreai(source, folder / f"{name}.aimodel", compute_precision=precision, **settings)
+                    summary = export_coreai(
+                        source,
+                        folder / f"{name}.aimodel",
+                        prefill_length=EXPORT_PREFILL,
+                        compute_precision=precision,
+                        **settings,
+                    )
                 done.write_text(json.dumps(summary))
             return json.loads(done.read_text())
 

@@ -1,4 +1,5 @@
-"""Core ML export: the saved package's spec, its execution by the numpy MIL executor against MLX,
+"""Core ML export in swift-transformers' contract (apple-runners.md section 5): the saved package's
+spec, its execution by the Python twin of that runner on the numpy MIL executor against MLX,
 compression, and the failures a broken package or an oversized input must produce."""
 
 import json
@@ -10,23 +11,33 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from tokenizers import Tokenizer
 
 pytest.importorskip("coremltools")
 
-from conftest import EXPORT_CONTEXT, EXPORT_PREFILL, tiny_config  # noqa: E402
+from conftest import EXPORT_CONTEXT, tiny_config  # noqa: E402
 
 from openelm_mlx.apps.cli import main as cli  # noqa: E402
 from openelm_mlx.benchmarks.synthetic import write_checkpoint  # noqa: E402
+from openelm_mlx.cache import make_cache  # noqa: E402
 from openelm_mlx.convert.coreml.executor import MILExecutor  # noqa: E402
 from openelm_mlx.convert.coreml.export import export_coreml  # noqa: E402
-from openelm_mlx.convert.coreml.runtime import CoreMLRunner  # noqa: E402
+from openelm_mlx.convert.coreml.swift_transformers import (  # noqa: E402
+    CoreMLRunner,
+    generate,
+    sampler,
+    swift_inputs,
+)
 from openelm_mlx.convert.coreml.verify import verify_coreml  # noqa: E402
-from openelm_mlx.convert.package import tokenizer_path  # noqa: E402
+from openelm_mlx.convert.package import tokenizer_folder  # noqa: E402
 from openelm_mlx.convert.verify import LOGITS_RTOL  # noqa: E402
 from openelm_mlx.errors import OpenELMError  # noqa: E402
-from openelm_mlx.loader import load_model  # noqa: E402
+from openelm_mlx.hf_tokenizer import hf_tokenizer_files  # noqa: E402
+from openelm_mlx.loader import DEMO_MODEL, load_model  # noqa: E402
+from openelm_mlx.tokenizer import find_tokenizer  # noqa: E402
 
-CONTEXT, PREFILL = EXPORT_CONTEXT, EXPORT_PREFILL
+CONTEXT = EXPORT_CONTEXT
+FLOAT16, INT32 = 65552, 131104  # ArrayFeatureType data types in Core ML's protobuf
 
 
 @pytest.fixture
@@ -41,43 +52,56 @@ def spec_of(package):
     return ct.models.MLModel(str(package), skip_model_load=True).get_spec()
 
 
-def op_types(spec, function):
-    block = spec.mlProgram.functions[function].block_specializations["CoreML8"]
+def op_types(spec):
+    block = spec.mlProgram.functions["main"].block_specializations["CoreML8"]
     return [op.type for op in block.operations]
 
 
-def test_spec_functions_states_metadata(tiny_checkpoint, packages):
+def ranges(feature):
+    return [(r.lowerBound, r.upperBound) for r in feature.type.multiArrayType.shapeRange.sizeRanges]
+
+
+def test_spec_is_swift_transformers_contract(tiny_checkpoint, packages):
+    """Names, ranks, dtypes and ranges that LanguageModel.swift reads (apple-runners.md section 5)."""
     summary = packages(tiny_checkpoint)
     spec = spec_of(summary["output"])
     config = tiny_config()
-    assert spec.specificationVersion == 9  # iOS18 / macOS15
-    assert [f.name for f in spec.description.functions] == ["prefill", "decode"]
-    assert spec.description.defaultFunctionName == "decode"
-    for function in spec.description.functions:
-        states = {s.name: list(s.type.stateType.arrayType.shape) for s in function.state}
-        assert states == {
-            f"{kind}_cache_{i}": [1, kv, CONTEXT, config.head_dim]
-            for i, kv in enumerate(config.num_kv_heads)
-            for kind in "kv"
-        }
-        assert len(set(config.num_kv_heads)) > 1  # the layer-wise scaling shows in the states
-        assert [i.name for i in function.input] == ["input_ids", "position"]
-        assert all(f.shortDescription for f in list(function.input) + list(function.output) + list(function.state))
-        ops = op_types(spec, function.name)
-        assert ops.count("scaled_dot_product_attention") == config.num_transformer_layers
-        # coreml_update_state is stored as write_state + read_state
-        assert ops.count("slice_update") == ops.count("write_state") == 2 * config.num_transformer_layers
-    prefill_ids = spec.description.functions[0].input[0].type.multiArrayType.shapeRange.sizeRanges[1]
-    assert (prefill_ids.lowerBound, prefill_ids.upperBound) == (1, PREFILL)
+    assert spec.specificationVersion == 9  # iOS18 / macOS15: states
+    assert list(spec.mlProgram.functions) == ["main"] and not spec.description.functions
+    inputs = {f.name: f for f in spec.description.input}
+    assert list(inputs) == ["inputIds", "causalMask"]
+    assert inputs["inputIds"].type.multiArrayType.dataType == INT32
+    (lo, hi) = ranges(inputs["inputIds"])[1]
+    assert ranges(inputs["inputIds"])[0] == (1, 1) and (lo, hi) == (1, CONTEXT) and hi - lo > 1  # :501
+    assert inputs["causalMask"].type.multiArrayType.dataType == FLOAT16
+    assert ranges(inputs["causalMask"]) == [(1, 1), (1, 1), (1, 1), (1, CONTEXT + 1)]  # [1, 1, 1, T + 1]
+    states = {s.name: s.type.stateType.arrayType for s in spec.description.state}
+    assert list(states) == ["keyCache", "valueCache"]
+    kv_max = max(config.num_kv_heads)
+    assert len(set(config.num_kv_heads)) > 1  # the padding to kv_max is exercised
+    for state in states.values():
+        assert state.dataType == FLOAT16
+        assert list(state.shape) == [config.num_transformer_layers, 1, kv_max, CONTEXT, config.head_dim]
+    (logits,) = spec.description.output
+    assert logits.name == "logits" and logits.type.multiArrayType.dataType == FLOAT16
+    assert all(f.shortDescription for f in list(inputs.values()) + [logits] + list(spec.description.state))
+    ops = op_types(spec)
+    assert ops.count("scaled_dot_product_attention") == config.num_transformer_layers
+    # coreml_update_state is stored as write_state + read_state; the cache is read once per state
+    assert ops.count("slice_update") == ops.count("write_state") == 2 * config.num_transformer_layers
     meta = dict(spec.description.metadata.userDefined)
+    assert meta["co.huggingface.exporters.name"] == tiny_checkpoint.name  # never a local path
+    assert meta["co.huggingface.exporters.task"] == "text-generation"
     assert meta["openelm.bos_token_id"] == "1" and meta["openelm.eos_token_id"] == "2"
-    assert meta["openelm.context_length"] == str(CONTEXT) and meta["openelm.prefill_length"] == str(PREFILL)
-    assert (
-        meta["openelm.compression"] == "none" and meta["openelm.source_model"] == tiny_checkpoint.name
-    )  # never a local path
+    assert meta["openelm.context_length"] == meta["openelm.prefill_length"] == str(CONTEXT)
+    assert meta["openelm.compression"] == "none" and meta["openelm.source_model"] == tiny_checkpoint.name
     assert "<|assistant|>" in meta["openelm.chat_template"] and meta["openelm.toolkit_version"]
-    assert tokenizer_path(summary["output"]).read_bytes() == (tiny_checkpoint / "tokenizer.model").read_bytes()
-    # One copy of the fp16 weights shared by both functions (two would be > 4 bytes/parameter).
+    beside = tokenizer_folder(summary["output"])
+    assert summary["tokenizer"] == str(beside)
+    files = hf_tokenizer_files(tiny_checkpoint / "tokenizer.model", False, CONTEXT)  # a base model: no template
+    files["tokenizer.model"] = (tiny_checkpoint / "tokenizer.model").read_bytes()
+    assert {p.name: p.read_bytes() for p in beside.iterdir()} == files
+    # The fp16 weights once (2 bytes/parameter), the float32 norms and RoPE tables besides.
     assert 2.0 < summary["bytes_per_parameter"] < 2.4
 
 
@@ -86,7 +110,7 @@ def test_verify_uncompressed_matches_mlx(tiny_checkpoint, packages):
     report = verify_coreml(summary["output"], tiny_checkpoint, steps=16)
     assert report.ok and not report.weight_problems
     (mil,) = report.backends
-    assert mil.steps[0].name.startswith("prefill[") and int(mil.steps[0].name[8:-1]) > 2 * PREFILL  # 3 blocks
+    assert mil.steps[0].name.startswith("prefill[") and int(mil.steps[0].name[8:-1]) > 16  # the prompt, one call
     assert len(mil.steps) == 17 and mil.agreement == 1.0
     assert max(s.max_abs_diff for s in mil.steps) < mil.tolerance
 
@@ -98,7 +122,7 @@ def test_executor_against_original_fp32_weights(tiny_checkpoint, packages):
     summary = packages(tiny_checkpoint)
     model, _ = load_model(tiny_checkpoint, "float32")
     runner = CoreMLRunner(summary["output"], "mil-reference")
-    tokens = [int(t) for t in np.random.default_rng(0).integers(3, 384, size=PREFILL + 5)]
+    tokens = [int(t) for t in np.random.default_rng(0).integers(3, 384, size=21)]
     cache = make_prompt_cache(model)
     ref = np.array(model(mx.array([tokens]), cache=cache)[0, -1])
     got = runner.prefill(tokens)
@@ -109,6 +133,80 @@ def test_executor_against_original_fp32_weights(tiny_checkpoint, packages):
         ref = np.array(model(mx.array([[token]]), cache=cache)[0, -1])
         got = runner.decode(token)
         assert int(got.argmax()) == int(ref.argmax())
+
+
+def mlx_greedy(model, prompt, steps):
+    cache, out = make_cache(model), list(prompt)
+    logits = model(mx.array([prompt]), cache=cache)
+    for _ in range(steps):
+        out.append(int(mx.argmax(logits[0, -1])))
+        logits = model(mx.array([[out[-1]]]), cache=cache)
+    return out
+
+
+@pytest.mark.parametrize("which", ["tiny", "demo"])
+def test_swift_transformers_loop_gives_mlx_greedy_tokens(request, tmp_path, packages, which):
+    """The twin of Generation.swift's loop (resetState, all prompt ids with a zero mask of T + 1,
+    then the last id only, CPU argmax) on the float16 package gives MLX's greedy tokens, float32."""
+    if which == "tiny":
+        source = request.getfixturevalue("tiny_checkpoint")
+        package = packages(source)["output"]
+    else:
+        source = DEMO_MODEL
+        package = export_coreml(DEMO_MODEL, tmp_path / "demo.mlpackage", context=64)["output"]
+    model, tokenizer = load_model(source, "float32")[0], find_tokenizer(source, None)
+    # The app's ids: tokenizer.json beside the package, special tokens added (Generation.swift:184)
+    text = "Once upon a time"  # MLX's top-2 margins >= 0.1 on the demo model, 14x the error
+    prompt = Tokenizer.from_file(str(tokenizer_folder(package) / "tokenizer.json")).encode(text).ids
+    assert prompt == tokenizer.encode(text) and prompt[0] == tokenizer.bos_id
+    expected = mlx_greedy(model, prompt, 16)
+    runner = CoreMLRunner(package, "mil-reference")
+    assert generate(runner, prompt, 16, eos_token_id=tokenizer.eos_id) == expected
+    # eos ends the loop and is not appended (Generation.swift:98-100)
+    stop = expected[len(prompt) + 5]
+    cut = expected.index(stop, len(prompt))
+    assert generate(runner, prompt, 16, eos_token_id=stop) == expected[:cut]
+
+
+def test_sampler_draws_as_swift_transformers():
+    """Temperature, then top-k, then the inverse CDF of one uniform draw (Decoders.swift:23-55)."""
+    scores = np.array([0.0, 3.0, 1.0, 2.5, -1.0], np.float32)
+    assert sampler(top_k=1, seed=0)(scores) == 1  # top-1 is greedy
+    draws = [sampler(temperature=0.7, top_k=2, seed=s)(scores) for s in range(400)]
+    assert set(draws) == {1, 3}  # only the two best
+    p1 = 1 / (1 + np.exp((2.5 - 3.0) / 0.7))  # softmax of the two at temperature 0.7
+    assert abs(draws.count(1) / 400 - p1) < 0.08  # 3.3 sigma of a binomial(400, 0.67)
+
+
+def test_causal_mask_input_values_and_length_do_not_change_logits(tiny_checkpoint, packages):
+    """Only the mask's length carries information (the position); the graph masks causally by
+    itself, so non-zero, -inf or huge mask values change nothing, a reference-export mask one
+    short at prefill (export.py:161: length = q) gives the same as the runner's q + 1, and row j of
+    a prefill is what a prefill of the first j + 1 tokens gives (no token sees a later one)."""
+    executor = MILExecutor(packages(tiny_checkpoint)["output"])
+    tokens = [1, 17, 99, 250, 3, 42, 7]
+    rng = np.random.default_rng(1)
+
+    def run(inputs):
+        state = executor.make_state("main")
+        return executor.run("main", inputs, state)["logits"], state
+
+    base, base_state = run(swift_inputs(tokens, len(tokens)))
+    q = len(tokens)
+    for mask in (
+        rng.normal(0, 100, (1, 1, 1, q + 1)).astype(np.float16),
+        np.full((1, 1, 1, q + 1), -np.inf, np.float16),
+        np.full((1, 1, 1, q + 1), 6e4, np.float16),
+        np.zeros((1, 1, 1, q), np.float16),  # one short: clamped to position 0
+    ):
+        logits, state = run({"inputIds": np.array([tokens], np.int32), "causalMask": mask})
+        assert np.array_equal(logits, base)
+        assert all(np.array_equal(state[k], base_state[k]) for k in state)
+    for j in (0, 3):
+        row, _ = run(swift_inputs(tokens[: j + 1], j + 1))
+        assert np.abs(row[0, -1].astype(np.float32) - base[0, j].astype(np.float32)).max() < 0.02 * max(
+            1.0, float(np.abs(base[0, j]).max())
+        )
 
 
 @pytest.mark.parametrize(
@@ -122,10 +220,9 @@ def test_executor_against_original_fp32_weights(tiny_checkpoint, packages):
 def test_compressed_exports_verify(tiny_checkpoint, packages, compress, constexpr, max_bpp):
     summary = packages(tiny_checkpoint, compress)
     spec = spec_of(summary["output"])
-    for function in ("prefill", "decode"):
-        assert op_types(spec, function).count(constexpr) == 1 + 4 * tiny_config().num_transformer_layers
+    assert op_types(spec).count(constexpr) == 1 + 4 * tiny_config().num_transformer_layers
     if compress == "int4":
-        block = spec.mlProgram.functions["decode"].block_specializations["CoreML8"]
+        block = spec.mlProgram.functions["main"].block_specializations["CoreML8"]
         op = next(o for o in block.operations if o.type == constexpr)
         data = op.inputs["data"].arguments[0].value.type.tensorType
         assert data.dataType == 25  # MIL proto INT4
@@ -140,7 +237,7 @@ def test_compressed_exports_verify(tiny_checkpoint, packages, compress, constexp
 def test_corrupted_weights_fail_verify(tiny_checkpoint, packages, tmp_path, capsys, compress):
     broken = tmp_path / "broken.mlpackage"
     shutil.copytree(packages(tiny_checkpoint, compress)["output"], broken)
-    shutil.copy(tokenizer_path(packages(tiny_checkpoint, compress)["output"]), tokenizer_path(broken))
+    shutil.copytree(tokenizer_folder(packages(tiny_checkpoint, compress)["output"]), tokenizer_folder(broken))
     weights = next(broken.rglob("weight.bin"))
     data = bytearray(weights.read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 64):
@@ -158,7 +255,7 @@ def test_deleted_op_input_fails_verify(tiny_checkpoint, packages, tmp_path, caps
     shutil.copytree(packages(tiny_checkpoint)["output"], broken)
     spec_file = next(broken.rglob("model.mlmodel"))
     spec = spec_of(broken)
-    block = spec.mlProgram.functions["prefill"].block_specializations["CoreML8"]
+    block = spec.mlProgram.functions["main"].block_specializations["CoreML8"]
     op = next(o for o in block.operations if o.type == "scaled_dot_product_attention")
     del op.inputs["key"]
     spec_file.write_bytes(spec.SerializeToString())
@@ -183,13 +280,39 @@ def test_context_is_enforced(tiny_checkpoint, packages, tmp_path):
         export_coreml(tiny_checkpoint, tmp_path / "big.mlpackage", context=tiny_config().max_context_length + 1)
 
 
-def test_refuses_overwrite_and_bad_names(tiny_checkpoint, packages, capsys):
+def test_refuses_overwrite_and_bad_names(tiny_checkpoint, packages, capsys, tmp_path):
     out = packages(tiny_checkpoint)["output"]
     with pytest.raises(SystemExit) as exit_info:
         cli(["export-coreml", str(tiny_checkpoint), "-o", out])
     assert exit_info.value.code == 1 and "--force" in capsys.readouterr().err
     with pytest.raises(OpenELMError, match=".mlpackage"):
         export_coreml(tiny_checkpoint, out.replace(".mlpackage", ".bin"))
+    (tmp_path / "m.tokenizer").mkdir()  # the tokenizer folder alone is refused too, before any work
+    with pytest.raises(OpenELMError, match="m.tokenizer.*--force"):
+        export_coreml(tiny_checkpoint, tmp_path / "m.mlpackage")
+    assert not (tmp_path / "m.mlpackage").exists()
+
+
+def test_names_never_collide_with_core_ai_or_older_exports(tiny_checkpoint, tmp_path):
+    """NAME.mlpackage + NAME.tokenizer/ go beside a Core AI bundle folder NAME/ (with its tokenizer/)
+    and beside NAME.tokenizer.model of older exports, without --force and touching neither. An
+    Instruct model's tokenizer folder carries the chat template (emitting BOS) too."""
+    (tmp_path / "NAME" / "tokenizer").mkdir(parents=True)
+    (tmp_path / "NAME" / "metadata.json").write_text("{}")
+    (tmp_path / "NAME.tokenizer.model").write_bytes(b"old")
+    source = shutil.copytree(tiny_checkpoint, tmp_path / "src" / "OpenELM-tiny-Instruct")
+    export_coreml(source, tmp_path / "NAME.mlpackage", context=8)
+    template = (tmp_path / "NAME.tokenizer" / "chat_template.jinja").read_text()
+    assert template.startswith("{{ bos_token }}") and "<|assistant|>" in template
+    shutil.rmtree(tmp_path / "src")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "NAME",
+        "NAME.mlpackage",
+        "NAME.tokenizer",
+        "NAME.tokenizer.model",
+    ]
+    assert (tmp_path / "NAME.tokenizer.model").read_bytes() == b"old"
+    assert (tmp_path / "NAME" / "metadata.json").read_text() == "{}"
 
 
 def test_executor_refuses_unknown_op(tmp_path):
@@ -219,7 +342,7 @@ def test_export_from_quantized_mlx_folder(tokenizer_file, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
     shutil.copy(tokenizer_file, folder / "tokenizer.model")
-    out = export_coreml(folder, tmp_path / "q4.mlpackage", context=64, prefill_length=32)["output"]
+    out = export_coreml(folder, tmp_path / "q4.mlpackage", context=64)["output"]
     report = verify_coreml(out, folder, steps=2)
     assert report.ok and report.backends[0].agreement == 1.0
 
@@ -231,7 +354,7 @@ def test_coreml_runtime_matches_executor(tiny_checkpoint, packages):
     coreml = next(b for b in report.backends if b.backend == "coreml")
     assert coreml.ok and coreml.agreement == 1.0
     a, b = CoreMLRunner(out, "coreml"), CoreMLRunner(out, "mil-reference")
-    tokens = list(range(3, 3 + PREFILL + 3))
+    tokens = list(range(3, 24))
     ref = b.prefill(tokens)
     assert np.abs(a.prefill(tokens) - ref).max() < LOGITS_RTOL["float16"] * max(1, np.abs(ref).max())
 
@@ -260,9 +383,7 @@ def test_massive_activation_stays_finite(massive_activation_checkpoint, tmp_path
         float(mx.abs(h[0, 0, MASSIVE_CHANNEL])) > FLOAT16_MAX and float(mx.abs(h[0, 1:, MASSIVE_CHANNEL]).max()) < 100
     )
 
-    summary = export_coreml(
-        massive_activation_checkpoint, tmp_path / "massive.mlpackage", context=96, prefill_length=16
-    )
+    summary = export_coreml(massive_activation_checkpoint, tmp_path / "massive.mlpackage", context=96)
     exponents = summary["ffn_scale_exponents"]
     assert exponents[MASSIVE_LAYER] == 6 and sum(exponents) == 6  # 9.7e4 / 2**6 <= 65504 / 32
     report = verify_coreml(summary["output"], massive_activation_checkpoint, steps=16, prompt=MASSIVE_PROMPT)

@@ -227,14 +227,14 @@ def _mul(x, y):
     return f32(x) * f32(y)
 
 
-@op("less_equal")
-def _less_equal(x, y):
-    return np.less_equal(x, y)
-
-
-@op("greater_equal")
-def _greater_equal(x, y):
-    return np.greater_equal(x, y)
+# exact on integers and booleans, whatever the dtype: no float32 detour
+for _name, _fn in {
+    "maximum": np.maximum,
+    "minimum": np.minimum,
+    "less_equal": np.less_equal,
+    "greater_equal": np.greater_equal,
+}.items():
+    OPS[_name] = lambda x, y, fn=_fn: fn(x, y)
 
 
 @op("select")

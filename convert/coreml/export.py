@@ -1,41 +1,47 @@
-"""`openelm export-coreml`: one stateful, multifunction Core ML package (iOS18/macOS15) for apps.
+"""`openelm export-coreml`: a stateful Core ML package (iOS18/macOS15) in the contract of
+swift-transformers' `LanguageModel` (apple-runners.md section 5), with the tokenizer folder beside it.
 
 The steps, one function each: describe the model (package.describe: load, check, calibrate,
-compress), build and convert each function's MIL program (graph.py), assemble the two functions
-into one package that stores the weights once and describe its inputs, outputs and metadata, write
-it beside the output and move it into place (package.staged_package)."""
+compress), build and convert the MIL program (graph.py), describe its inputs, outputs and
+metadata, write it and the tokenizer folder beside the output and move both into place."""
 
 import contextlib
 import io
-import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 
-from openelm_mlx import __version__
+from openelm_mlx import __version__, outputs
+from openelm_mlx.errors import OpenELMError
+from openelm_mlx.hf_tokenizer import hf_tokenizer_files
 from openelm_mlx.progress import progress_bar
-from openelm_mlx.tokenizer import find_tokenizer
+from openelm_mlx.tokenizer import Tokenizer, find_tokenizer, is_instruct_model
 
 from ..package import (
-    FUNCTIONS,
     PackageDescription,
     add_export_arguments,
     check_export_options,
-    check_output,
     describe,
     export_from_args,
     export_summary,
     require,
-    staged_package,
+    tokenizer_folder,
 )
 
 COMPRESSIONS = ("none", "int8", "int4", "palettize4", "palettize6")
+# swift-transformers' stateful LanguageModel needs a ranged query length, max - min > 1
+# (LanguageModel.swift:501-503), max read as the NSRange's length (:110-114): inputIds is ranged
+# 1..context, so 4 holds whether Core ML's length counts the upper bound or the span.
+MIN_CONTEXT = 4
 DESCRIPTIONS = {
-    "input_ids": "token ids, int32 [1, S]: S = 1..prefill_length for prefill, 1 for decode",
-    "position": "int32 [1]: cache position of input_ids[0, 0] (= tokens already in the cache)",
-    "logits": "float16 [1, vocab]: next-token logits after the last input token",
+    "inputIds": "token ids, int32 [1, q], q = 1..context: the whole prompt after resetState, then one token",
+    "causalMask": "float16 [1, 1, 1, T + 1], T = tokens so far counting inputIds: only its length is read "
+    "(the graph masks causally by itself)",
+    "logits": "float16 [1, q, vocab]: next-token logits after each input token",
+    "keyCache": "float16 [layers, 1, kv_max, context, head_dim]: keys after RoPE; layer i uses its first kv_i heads",
+    "valueCache": "float16 [layers, 1, kv_max, context, head_dim]: values; layer i uses its first kv_i heads",
 }
 
 
@@ -43,7 +49,6 @@ def export_coreml(
     model_source,
     output,
     context: Optional[int] = None,
-    prefill_length: int = 128,
     compress: str = "none",
     block_size: int = 32,
     force: bool = False,
@@ -51,54 +56,87 @@ def export_coreml(
     progress: bool = False,
 ) -> dict:
     """Export `model_source` (anything openelm_mlx.load accepts) to OUTPUT.mlpackage and its
-    tokenizer to OUTPUT.tokenizer.model. Returns a summary (sizes, seconds)."""
-    check_export_options(context, prefill_length, block_size)
+    tokenizer to the folder OUTPUT.tokenizer/. Returns a summary (sizes, seconds)."""
+    check_export_options(context, None, block_size)
+    if context is not None and context < MIN_CONTEXT:
+        raise OpenELMError(f"--context {context} is too small: swift-transformers needs at least {MIN_CONTEXT}")
     require("coremltools", "coreml")
     start = time.perf_counter()
-    output = check_output(output, ".mlpackage", force)
-    steps = ["describe", "build prefill", "build decode", "assemble", "write"]
+    output = Path(output)
+    if output.suffix != ".mlpackage":
+        raise OpenELMError(f"output '{output}' must end in .mlpackage")
+    for path in (output, tokenizer_folder(output)):
+        outputs.check_output(path, force)
+    steps = ["describe", "build, convert", "write"]
     bar = progress_bar(total=len(steps), show=progress, desc="export-coreml", unit="step")
     with bar:
         bar.set_postfix_str("load, calibrate, compress")
-        desc, folder = describe(model_source, context, prefill_length, compress, block_size, "float16", COMPRESSIONS)
+        desc, folder = describe(model_source, context, None, compress, block_size, "float16", COMPRESSIONS)
         tok = find_tokenizer(folder, tokenizer)
+        files = tokenizer_files(tok, is_instruct_model(desc.source, folder), desc.context)  # may refuse: first
         bar.update()
-        with staged_package(output, tok, force, reads=[folder, tok.path]) as staged:
-            write_package(desc, desc.metadata(tok), staged, bar)
+        places = [output, tokenizer_folder(output)]
+        with outputs.staged_outputs(places, force, reads=[folder, tok.path]) as (package, beside):
+            write_package(desc, metadata(desc, tok), package, bar)
+            beside.mkdir()
+            for name, data in files.items():
+                (beside / name).write_bytes(data)
     return export_summary(desc, output, time.perf_counter() - start)
 
 
-def write_package(desc: PackageDescription, metadata: dict, path: Path, bar):
-    """Both functions converted, assembled into one package at `path` (weights deduplicated); the
-    single-function packages go to a scratch folder beside it."""
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f"{path.name}.parts-") as tmp:
-        _write_package(desc, metadata, path, Path(tmp), bar)
+def metadata(desc: PackageDescription, tok: Tokenizer) -> Dict[str, str]:
+    """Our openelm.* keys, and the co.huggingface.exporters.* ones swift-transformers reads: `name`
+    is the Hub id it fetches a tokenizer for when the app passes none (LanguageModel.swift:227-238).
+    OpenELM repos ship no tokenizer, so apps pass the OUT.tokenizer/ folder (docs/swift-transformers.md);
+    the name still says which model this is."""
+    return desc.metadata(tok) | {
+        "co.huggingface.exporters.name": desc.source,
+        "co.huggingface.exporters.task": "text-generation",
+        "co.huggingface.exporters.architecture": "OpenELMForCausalLM",
+    }
 
 
-def _write_package(desc: PackageDescription, metadata: dict, path: Path, tmp: Path, bar):
+def tokenizer_files(tok: Tokenizer, instruct: bool, context: int) -> Dict[str, bytes]:
+    """The files of OUT.tokenizer/: tokenizer.json and tokenizer_config.json (+ chat_template.jinja
+    for an Instruct model) for swift-transformers' AutoTokenizer.from(modelFolder:), and
+    tokenizer.model for our own loading (sentencepiece)."""
+    return hf_tokenizer_files(tok.path, instruct, context) | {"tokenizer.model": Path(tok.path).read_bytes()}
+
+
+def write_package(desc: PackageDescription, meta: dict, path: Path, bar):
     import coremltools as ct
 
-    from .graph import build_function
+    from .graph import build_program
 
-    for name, seq_len in zip(FUNCTIONS, (None, 1)):
-        bar.set_postfix_str(f"{name}: build, convert")
-        with quiet():
-            _convert(build_function(desc, seq_len), desc.prefill_length if seq_len is None else 1).save(
-                str(tmp / f"{name}.mlpackage")
-            )
-        bar.update()
-    bar.set_postfix_str("two functions, one copy of the weights")
-    multi = ct.utils.MultiFunctionDescriptor()
-    for name in FUNCTIONS:
-        multi.add_function(str(tmp / f"{name}.mlpackage"), src_function_name="main", target_function_name=name)
-    multi.default_function_name = "decode"
+    bar.set_postfix_str("build, convert")
+    query = ct.RangeDim(1, desc.context, default=1)
+    inputs = [
+        ct.TensorType(name="inputIds", shape=(1, query), dtype=np.int32),
+        ct.TensorType(
+            name="causalMask", shape=(1, 1, 1, ct.RangeDim(1, desc.context + 1, default=2)), dtype=np.float16
+        ),
+    ]
+    # FLOAT32 means "keep the dtypes the program states": weights and matmuls are already float16,
+    # and the float16 pass must not cast the float32 residual stream and norms down.
     with quiet():
-        ct.utils.save_multifunction(multi, str(tmp / "multi.mlpackage"))
-    package = ct.models.MLModel(str(tmp / "multi.mlpackage"), skip_model_load=True)
-    spec = package.get_spec()
-    _describe(spec, metadata)
+        package = ct.convert(
+            build_program(desc),
+            convert_to="mlprogram",
+            minimum_deployment_target=ct.target.iOS18,
+            compute_precision=ct.precision.FLOAT32,
+            inputs=inputs,
+            skip_model_load=True,
+        )
     bar.update()
     bar.set_postfix_str("write")
+    spec = package.get_spec()
+    for feature in list(spec.description.input) + list(spec.description.output) + list(spec.description.state):
+        feature.shortDescription = DESCRIPTIONS[feature.name]
+    spec.description.metadata.shortDescription = (
+        "OpenELM causal LM, stateful KV cache (swift-transformers LanguageModel)"
+    )
+    spec.description.metadata.versionString = __version__
+    spec.description.metadata.userDefined.update(meta)
     with quiet():
         ct.models.MLModel(spec, weights_dir=package.weights_dir, skip_model_load=True).save(str(path))
     bar.update()
@@ -112,43 +150,14 @@ def quiet():
         yield
 
 
-def _convert(prog, max_len: int):
-    import coremltools as ct
-
-    length = ct.RangeDim(1, max_len, default=max_len) if max_len > 1 else 1
-    inputs = [
-        ct.TensorType(name="input_ids", shape=(1, length), dtype=np.int32),
-        ct.TensorType(name="position", shape=(1,), dtype=np.int32),
-    ]
-    # FLOAT32 means "keep the dtypes the program states": weights and matmuls are already float16,
-    # and the float16 pass must not cast the float32 residual stream and norms down.
-    return ct.convert(
-        prog,
-        convert_to="mlprogram",
-        minimum_deployment_target=ct.target.iOS18,
-        compute_precision=ct.precision.FLOAT32,
-        inputs=inputs,
-        skip_model_load=True,
-    )
-
-
-def _describe(spec, metadata: dict):
-    for function in spec.description.functions:
-        for feature in list(function.input) + list(function.output):
-            feature.shortDescription = DESCRIPTIONS[feature.name]
-        for feature in function.state:
-            kind, _, layer = feature.name.split("_")
-            feature.shortDescription = (
-                f"layer {layer} {'keys (after RoPE)' if kind == 'k' else 'values'}, "
-                "float16 [1, kv_heads, context, head_dim]; make one with make_state()"
-            )
-    spec.description.metadata.shortDescription = "OpenELM causal LM: prefill and decode with a stateful KV cache"
-    spec.description.metadata.versionString = __version__
-    spec.description.metadata.userDefined.update(metadata)
-
-
 def add_arguments(parser):
-    add_export_arguments(parser, ".mlpackage", COMPRESSIONS)
+    add_export_arguments(
+        parser,
+        ".mlpackage",
+        COMPRESSIONS,
+        output_help="OUT.mlpackage (the tokenizer goes to OUT.tokenizer/)",
+        prefill=False,
+    )
 
 
 def main(args):

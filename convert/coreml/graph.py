@@ -1,6 +1,7 @@
-"""The Core ML (MIL) program of one package function, block by block as openelm_mlx/model.py
+"""The Core ML (MIL) program of an exported package, block by block as openelm_mlx/model.py
 writes the model: attention, feed_forward, transformer_block, and the embedding and output around
-them. convert/coreai/graph.py is the same program in Core AI's ops; package.py describes both."""
+them, in the stateful contract of swift-transformers' Core ML LanguageModel. convert/coreai/graph.py
+is the same model in Core AI's ops; package.py describes both."""
 
 import coremltools as ct
 import numpy as np
@@ -46,28 +47,35 @@ def rope(x, cos, sin):
     return mb.add(x=mb.mul(x=x, y=cos), y=mb.mul(x=mb.concat(values=[x2, x1], axis=-1), y=sin))
 
 
-def attention(desc: PackageDescription, layer: Layer, w: dict, x, step: dict, k_state, v_state):
-    """float16 [1, S, d] -> float32 [1, S, d]. Writes this call's keys (after RoPE) and values into
-    the cache states at `position` and attends over the whole cache under the causal mask."""
-    hd, nq, nkv = desc.config.head_dim, layer.q_heads, layer.kv_heads
+def attention(desc: PackageDescription, i: int, layer: Layer, w: dict, x, step: dict, caches):
+    """float16 [1, q, d] -> (float32 [1, q, d], caches). Writes this call's keys (after RoPE) and
+    values into layer i's rows of keyCache / valueCache at the call's positions and attends over
+    the cache under the causal mask built from positions (never from the causalMask input's values).
+    `caches` are (state, current value) pairs: each layer updates the value the layer before wrote,
+    so the writes are ordered by data flow, not by the op order that passes may change."""
+    hd, nq, nkv, ctx = desc.config.head_dim, layer.q_heads, layer.kv_heads, desc.context
     eps = desc.config.rms_norm_eps
     qkv = mb.linear(x=x, weight=w["qkv_proj"])
     qkv = mb.transpose(x=mb.reshape(x=qkv, shape=[1, -1, nq + 2 * nkv, hd]), perm=[0, 2, 1, 3])
     q, k, v = mb.split(x=qkv, split_sizes=[nq, nkv, nkv], axis=1)  # q heads | k heads | v heads
     q = fp16(rope(rms_norm(fp32(q), w["q_norm"], eps), step["cos"], step["sin"]))
     k = fp16(rope(rms_norm(fp32(k), w["k_norm"], eps), step["cos"], step["sin"]))
-    begin = mb.concat(values=[np.zeros(2, np.int32), step["position"], np.zeros(1, np.int32)], axis=0)
-    end = mb.concat(values=[np.array([1, nkv], np.int32), step["end"], np.array([hd], np.int32)], axis=0)
-    caches = []
-    for state, new in ((k_state, k), (v_state, v)):
-        full = mb.slice_update(x=mb.read_state(input=state), update=new, begin=begin, end=end)
-        full = mb.coreml_update_state(state=state, value=full)  # [1, kv, context, hd]
+    # [L, 1, kv_max, ctx, hd]: layer i owns row i and its first nkv heads (the rest stay zero).
+    begin = mb.concat(values=[np.array([i, 0, 0], np.int32), step["start"], np.zeros(1, np.int32)], axis=0)
+    end = mb.concat(values=[np.array([i + 1, 1, nkv], np.int32), step["end"], np.array([hd], np.int32)], axis=0)
+    full, updated = [], []
+    for (state, value), new in zip(caches, (k, v)):
+        cache = mb.slice_update(x=value, update=mb.expand_dims(x=new, axes=[0]), begin=begin, end=end)
+        cache = mb.coreml_update_state(state=state, value=cache)
+        updated.append((state, cache))
+        mine = mb.slice_by_index(x=cache, begin=[i, 0, 0, 0, 0], end=[i + 1, 1, nkv, ctx, hd])
+        mine = mb.reshape(x=mine, shape=[1, nkv, ctx, hd])
         if nq != nkv:  # GQA: query head j reads kv head j // (nq / nkv)
-            full = mb.gather(x=full, indices=np.arange(nq, dtype=np.int32) // (nq // nkv), axis=1)
-        caches.append(full)
-    out = mb.scaled_dot_product_attention(query=q, key=caches[0], value=caches[1], attn_mask=step["mask"])
+            mine = mb.gather(x=mine, indices=np.arange(nq, dtype=np.int32) // (nq // nkv), axis=1)
+        full.append(mine)
+    out = mb.scaled_dot_product_attention(query=q, key=full[0], value=full[1], attn_mask=step["mask"])
     out = mb.reshape(x=mb.transpose(x=out, perm=[0, 2, 1, 3]), shape=[1, -1, nq * hd])
-    return fp32(mb.linear(x=out, weight=w["out_proj"]))
+    return fp32(mb.linear(x=out, weight=w["out_proj"])), updated
 
 
 def feed_forward(layer: Layer, w: dict, x):
@@ -79,62 +87,74 @@ def feed_forward(layer: Layer, w: dict, x):
     return out
 
 
-def transformer_block(desc: PackageDescription, i: int, h, weights: dict, step: dict, states):
-    """The residual stream h stays float32; each sub-layer gets a float16 input."""
+def transformer_block(desc: PackageDescription, i: int, h, weights: dict, step: dict, caches):
+    """The residual stream h stays float32; each sub-layer gets a float16 input. -> (h, caches)"""
     w = {role: weights[name] for role, name in block_names(i).items()}
     layer, eps = desc.layers[i], desc.config.rms_norm_eps
-    h = mb.add(x=h, y=attention(desc, layer, w, fp16(rms_norm(h, w["attn_norm"], eps)), step, *states))
-    return mb.add(x=h, y=feed_forward(layer, w, fp16(rms_norm(h, w["ffn_norm"], eps))))
+    out, caches = attention(desc, i, layer, w, fp16(rms_norm(h, w["attn_norm"], eps)), step, caches)
+    h = mb.add(x=h, y=out)
+    return mb.add(x=h, y=feed_forward(layer, w, fp16(rms_norm(h, w["ffn_norm"], eps)))), caches
 
 
-def positions(desc: PackageDescription, input_ids, position, seq_len) -> dict:
-    """What every block needs from `position`: cache slots, causal mask, RoPE rows."""
-    n = mb.gather(x=mb.shape(x=input_ids), indices=[1], axis=0)  # [1]: S
-    if seq_len == 1:
-        q_pos = position
-    else:
-        pos0 = mb.squeeze(x=position, axes=[0])
-        q_pos = mb.range_1d(start=pos0, end=mb.add(x=pos0, y=mb.squeeze(x=n, axes=[0])), step=1)
-    # Key slot k is visible to the query at q_pos iff k <= q_pos; stale slots past it are masked.
+def positions(desc: PackageDescription, input_ids, causal_mask) -> dict:
+    """What every block needs: cache slots, causal mask and RoPE rows of this call's q tokens.
+    swift-transformers sends T+1 zeros as causalMask, T = tokens so far counting these q
+    (LanguageModel.swift:516,546), so the first of them sits at T - q = mask length - q - 1 (its
+    reference export, Examples/Mistral7B/export.py:161, takes mask length - q and so leaves slot 0
+    empty and attends it). Only the mask's length is read; clamped so writes stay in the cache."""
+    n = mb.gather(x=mb.shape(x=input_ids), indices=[1], axis=0)  # [1]: q
+    m = mb.gather(x=mb.shape(x=causal_mask), indices=[3], axis=0)  # [1]: T + 1
+    start = mb.sub(x=mb.sub(x=m, y=n), y=np.int32(1))
+    start = mb.maximum(x=mb.minimum(x=start, y=mb.sub(x=np.int32(desc.context), y=n)), y=np.int32(0))
+    end = mb.add(x=start, y=n)
+    q_pos = mb.range_1d(start=mb.squeeze(x=start, axes=[0]), end=mb.squeeze(x=end, axes=[0]), step=1)
+    # Key slot k is visible to the query at q_pos iff k <= q_pos: empty and stale slots never are.
     slots = np.arange(desc.context, dtype=np.int32)[None, :]
     return {
-        "position": position,
-        "end": mb.add(x=position, y=n),
-        "mask": mb.less_equal(x=slots, y=mb.expand_dims(x=q_pos, axes=[1]), name="causal_mask"),  # [S, context]
-        "cos": mb.gather(x=mb.const(val=desc.rope_cos, name="rope_cos"), indices=q_pos, axis=0),  # [S, hd]
+        "start": start,
+        "end": end,
+        "mask": mb.less_equal(x=slots, y=mb.expand_dims(x=q_pos, axes=[1]), name="causal_mask"),  # [q, context]
+        "cos": mb.gather(x=mb.const(val=desc.rope_cos, name="rope_cos"), indices=q_pos, axis=0),  # [q, hd]
         "sin": mb.gather(x=mb.const(val=desc.rope_sin, name="rope_sin"), indices=q_pos, axis=0),
     }
 
 
 def output_logits(desc: PackageDescription, h, weights: dict):
-    """float32 [1, S, d] -> float16 [1, vocab] of the last token, through the tied embedding."""
-    config = desc.config
-    last = mb.slice_by_index(x=h, begin=[0, -1, 0], end=[1, 0, config.model_dim], end_mask=[False, True, False])
-    x = fp16(rms_norm(last, weights[FINAL_NORM], config.rms_norm_eps))
-    logits = mb.linear(x=x, weight=weights[EMBEDDING])
-    return mb.reshape(x=logits, shape=[1, config.vocab_size], name="logits")
+    """float32 [1, q, d] -> float16 [1, q, vocab] through the tied embedding: every row, as
+    swift-transformers reads row q - 1 of a rank-3 output (LanguageModel.swift:554-561)."""
+    x = fp16(rms_norm(h, weights[FINAL_NORM], desc.config.rms_norm_eps))
+    return mb.linear(x=x, weight=weights[EMBEDDING], name="logits")
 
 
-def build_function(desc: PackageDescription, seq_len) -> Program:
-    """The MIL program of one function: seq_len=None is prefill (flexible length), 1 is decode."""
-    config = desc.config
-    state_specs = []
-    for layer in desc.layers:
-        shape = (1, layer.kv_heads, desc.context, config.head_dim)
-        state_specs += [mb.StateTensorSpec(shape, dtype=types.fp16) for _ in "kv"]
-    specs = [mb.TensorSpec((1, seq_len or get_new_symbol()), types.int32), mb.TensorSpec((1,), types.int32)]
-    names = ["input_ids", "position"] + [f"{kind}_cache_{i}" for i in range(len(desc.layers)) for kind in "kv"]
+def cache_shape(desc: PackageDescription):
+    """keyCache / valueCache: [L, 1, kv_max, context, head_dim], every layer padded to the most kv
+    heads (the shape of Examples/Mistral7B/export.py:143-149, whose layers all have the same)."""
+    kv_max = max(layer.kv_heads for layer in desc.layers)
+    return (len(desc.layers), 1, kv_max, desc.context, desc.config.head_dim)
 
-    def body(input_ids, position, *states):
+
+def build_program(desc: PackageDescription) -> Program:
+    """The MIL program of swift-transformers' stateful LanguageModel: inputIds [1, q] and causalMask
+    [1, 1, 1, T + 1] in, logits [1, q, vocab] out, keyCache / valueCache states."""
+    shape = cache_shape(desc)
+    specs = {
+        "inputIds": mb.TensorSpec((1, get_new_symbol()), types.int32),
+        "causalMask": mb.TensorSpec((1, 1, 1, get_new_symbol()), types.fp16),
+        "keyCache": mb.StateTensorSpec(shape, dtype=types.fp16),
+        "valueCache": mb.StateTensorSpec(shape, dtype=types.fp16),
+    }
+
+    def body(input_ids, causal_mask, *states):
         weights = {name: weight(name, stored) for name, stored in desc.weights.items()}
-        step = positions(desc, input_ids, position, seq_len)
-        h = fp32(mb.gather(x=weights[EMBEDDING], indices=input_ids, axis=0))  # [1, S, d]
+        step = positions(desc, input_ids, causal_mask)
+        h = fp32(mb.gather(x=weights[EMBEDDING], indices=input_ids, axis=0))  # [1, q, d]
+        caches = [(state, mb.read_state(input=state)) for state in states]  # read once, then chained
         for i in range(len(desc.layers)):
-            h = transformer_block(desc, i, h, weights, step, states[2 * i : 2 * i + 2])
+            h, caches = transformer_block(desc, i, h, weights, step, caches)
         return output_logits(desc, h, weights)
 
-    with Function(dict(zip(names, specs + state_specs)), opset_version=OPSET) as func:
-        func.set_outputs([body(*(func.inputs[n] for n in names))])
+    with Function(specs, opset_version=OPSET) as func:
+        func.set_outputs([body(*(func.inputs[n] for n in specs))])
     prog = Program()
     prog.add_function("main", func)
     return prog

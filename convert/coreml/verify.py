@@ -1,6 +1,7 @@
 """`openelm verify-coreml`: run a saved Core ML package and compare it with the MLX model (see
 convert/verify.py). Core ML exists on macOS only, so everywhere the package is also run by the
-numpy MIL executor (executor.py), which reads the program and weights from disk."""
+numpy MIL executor (executor.py), which reads the program and weights from disk. Both are driven
+by the Python twin of swift-transformers' runner (swift_transformers.py), as an app would."""
 
 import sys
 
@@ -8,7 +9,7 @@ import numpy as np
 
 from ..package import require
 from ..verify import add_verify_arguments, check_verify_options, print_report, verify_package
-from .runtime import CoreMLRunner
+from .swift_transformers import CoreMLRunner
 
 
 def verify_coreml(package, model, steps: int = 16, prompt=None, tokenizer=None):
@@ -18,8 +19,8 @@ def verify_coreml(package, model, steps: int = 16, prompt=None, tokenizer=None):
     reference = CoreMLRunner(package, "mil-reference")  # loads and checks the package first
 
     def package_weights(names):
-        """Decompressed float32 weights, from the saved program's `decode` function."""
-        consts = reference.executor.constants("decode")
+        """Decompressed float32 weights, from the saved program."""
+        consts = reference.executor.constants("main")
         wanted = {name.replace(".", "_"): name for name in names}  # graph.weight's op names
         return {wanted[key]: value.astype(np.float32) for key, value in consts.items() if key in wanted}
 
