@@ -28,13 +28,16 @@ from openelm_mlx.model_folder import source_name
 from openelm_mlx.options import check_options, count
 from openelm_mlx.tokenizer import CHAT_TEMPLATE, Tokenizer, find_tokenizer
 
-from .compression import Palettized, Quantized, compress
+from .compression import Palettized, Quantized, compress, quantize, quantize_per_tensor
 from .numerics import ffn_scale_exponents, fold_ffn_scales
 
 FUNCTIONS = ("prefill", "decode")
 EMBEDDING = "transformer.token_embeddings.weight"
 FINAL_NORM = "transformer.norm.weight"
 COMPUTE_DTYPES = {"float16": np.float16, "float32": np.float32}  # --compute-precision
+# iOS's default context: Apple's iPhone GPU path corrupts output once the KV cache reaches 2048
+# (coreai-models #124); the model's max_context_length if smaller.
+IOS_CONTEXT = 1024
 # The exporters' numeric options; each is checked against the model once it is loaded as well.
 EXPORT_OPTION_RULES = {
     "context": optional(count(1, 1 << 20)),
@@ -124,9 +127,11 @@ def describe(
     block_size: int,
     compute_precision: str,
     compressions,
+    target: str = "macos",
 ):
     """Load `model_source` (anything openelm_mlx.load accepts), check the export settings (the
-    exporter's `compressions`), and describe the package: (PackageDescription, the model's folder)."""
+    exporter's `compressions`), and describe the package: (PackageDescription, the model's folder).
+    For `target` "ios" the context defaults to IOS_CONTEXT and the weights take ios_form."""
     if compute_precision not in COMPUTE_DTYPES:
         raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
@@ -134,7 +139,8 @@ def describe(
     check_export_options(context, prefill_length, block_size)
     model, folder = load_model(model_source, dtype="float32")
     config = model.config
-    context = config.max_context_length if context is None else context
+    if context is None:
+        context = min(IOS_CONTEXT, config.max_context_length) if target == "ios" else config.max_context_length
     if not 1 <= context <= config.max_context_length:
         raise OpenELMError(
             f"--context {context} is outside 1..{config.max_context_length} (the model's max_context_length)"
@@ -144,8 +150,9 @@ def describe(
     scale_exponents = ffn_scale_exponents(model, compute_precision)
     weights = fold_ffn_scales(model_weights(model), scale_exponents)
     del model
+    store = ios_form if target == "ios" else compress
     stored = {
-        name: w if is_norm(name) else compress(name, w, compression, block_size, COMPUTE_DTYPES[compute_precision])
+        name: w if is_norm(name) else store(name, w, compression, block_size, COMPUTE_DTYPES[compute_precision])
         for name, w in weights.items()
     }
     layers = [
@@ -167,6 +174,20 @@ def describe(
         sin,
     )
     return description, folder
+
+
+def ios_form(name: str, weight: np.ndarray, compression: str, block_size: int, scale_dtype):
+    """compress() as the iOS contract needs it: the embedding table int8 per tensor (the engine
+    loads it once, load_embeddings), and int8 per block of block_size, never per output channel
+    (per-channel int8 gave garbage on Apple's GPU delegate: coreai-model-zoo
+    knowledge/pipelined-engine.md:274-285)."""
+    if name == EMBEDDING:
+        return quantize_per_tensor(weight, scale_dtype)
+    if compression == "int8":
+        if weight.shape[1] % block_size:
+            raise OpenELMError(f"--block-size {block_size} does not divide the {weight.shape[1]} inputs of {name}")
+        return quantize(weight, 8, block_size, scale_dtype)
+    return compress(name, weight, compression, block_size, scale_dtype)
 
 
 def check_export_options(context: Optional[int], prefill_length: int, block_size: int):

@@ -136,11 +136,12 @@ def _array(blob, shape, dtype) -> np.ndarray:
     return np.frombuffer(blob, dtype).reshape(shape)
 
 
-def package_weights(package: Path, names: Sequence[str], bits: int) -> Dict[str, np.ndarray]:
-    """The named weights of a saved model, decompressed to float32 in the checkpoint's [out, in]
-    layout (graph.weight transposes linear weights to [in, out])."""
+def package_weights(package: Path, names: Sequence[str], bits: int, functions=("decode",)) -> Dict[str, np.ndarray]:
+    """The named weights of a saved model's `functions`, decompressed to float32 in the
+    checkpoint's [out, in] layout (graph.weight transposes linear weights to [in, out]; the iOS
+    embedding table is [V, 1, H], its scale one value)."""
     try:
-        constants = named_constants(Path(package))
+        constants = {k: v for function in functions for k, v in named_constants(Path(package), function).items()}
     except (ValueError, KeyError, IndexError, RuntimeError) as e:
         raise OpenELMError(f"{package}: the weights cannot be read from main.mlirb ({e}): re-export it") from None
     out = {}
@@ -149,7 +150,8 @@ def package_weights(package: Path, names: Sequence[str], bits: int) -> Dict[str,
         if name in constants:
             stored = flip(constants[name])
         elif f"{name}.data" in constants:
-            stored = Quantized(flip(constants[f"{name}.data"]), flip(constants[f"{name}.scale"]), bits)
+            data = constants[f"{name}.data"]
+            stored = Quantized(flip(data.reshape(len(data), -1)), flip(constants[f"{name}.scale"]), bits)
         elif f"{name}.indices" in constants:
             lut = constants[f"{name}.lut"]  # [1, groups, n, 1] transposed, [groups, 1, n, 1] not
             stored = Palettized(flip(constants[f"{name}.indices"]), lut.reshape(-1, lut.shape[2]), bits)
