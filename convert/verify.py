@@ -185,11 +185,13 @@ def verify_package(
     prompt: Optional[str],
     tokenizer,
     rtol: Optional[float] = None,
+    beside: Optional[Path] = None,
 ) -> VerifyReport:
     """Check a saved package against the MLX model `model` (see the module docstring).
     `package_weights(names)` reads the named weights back from the package (float32, decompressed,
     [out, in]); `runners` are (backend name, factory of a PackageRunner) to compare with MLX;
-    `rtol` replaces the logits tolerance of the package's compute precision (LOGITS_RTOL)."""
+    `rtol` replaces the logits tolerance of the package's compute precision (LOGITS_RTOL); `beside`
+    is the package's own tokenizer file (default: OUT.tokenizer.model beside it)."""
     source, folder = load_model(model, dtype="float32")
     for key in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size", "num_query_heads", "num_kv_heads"):
         if info.config.get(key) != getattr(source.config, key):
@@ -201,7 +203,7 @@ def verify_package(
     stored = package_weights(list(expected))
     problems, worst = check_weights(stored, expected, info)
 
-    beside = tokenizer_path(package)
+    beside = beside or tokenizer_path(package)
     tok = find_tokenizer(folder, tokenizer or (beside if beside.is_file() else None))  # else the model's
     tokens, steps = prompt_tokens(tok, prompt, info.context, steps)
     reports = []
@@ -253,10 +255,3 @@ def add_verify_arguments(parser, suffix: str, exporter: str):
 
 def check_verify_options(steps: int):
     check_options({"steps": steps}, {"steps": count(0, 1 << 20)})
-
-
-def check_package_path(package, suffix: str) -> Path:
-    package = Path(package)
-    if package.suffix != suffix or not package.is_dir():
-        raise OpenELMError(f"{package} is not a {suffix} package folder")
-    return package
