@@ -126,8 +126,11 @@ def test_float16_bundle_gives_mlx_greedy_tokens(tiny_checkpoint, bundles, calls,
     assert (
         prompt > 2 * CHUNK and calls == [CHUNK] * (prompt // CHUNK) + [prompt % CHUNK] * (prompt % CHUNK > 0) + [1] * 32
     )
-    assert len(coreai.steps) == 33 and coreai.agreement == 1.0
-    assert max(s.max_abs_diff for s in coreai.steps) < coreai.tolerance
+    assert len(coreai.steps) == 33 and max(s.max_abs_diff for s in coreai.steps) < coreai.tolerance
+    # MLX's greedy token at every step, except where MLX's own top two are closer than twice the
+    # difference (the random tiny model's logits are flat: margins down to 0.002 over 33 steps).
+    ties = [s for s in coreai.steps if s.package_token != s.reference_token]
+    assert len(ties) <= 1 and all(s.margin < 2 * s.max_abs_diff for s in ties), ties
 
 
 @pytest.mark.parametrize("compress", ["int8", "int4", "palettize4"])
