@@ -378,6 +378,8 @@ def test_bench_times_the_model_through_apples_runtime(tiny_checkpoint, bundles):
     )
     (entry,) = results["configurations"]
     assert entry["error"] is None and entry["activation_dtype"] == "float16"
+    bundle = read_bundle(bundles(tiny_checkpoint)["output"])
+    assert entry["weight_bytes"] == (bundle.asset / "main.mlirb").stat().st_size
     trials = entry["implementations"]["coreai"]["trials"]
     assert len(trials) == 2 and all(t["prefill_tps"] > 0 and len(t["inter_token_s"]) == 4 for t in trials)
     assert entry["runtime"] == RUNTIME_NOTES["coreai"] and RUNTIME_NOTES["coreai"] in markdown(results)
