@@ -115,7 +115,7 @@ def attention(desc: PackageDescription, i: int, w: dict, x, step: dict, caches):
     """compute-dtype [S, d] -> (float32 [S, d], this layer's updated cache slices). As Apple's
     qwen3.py:83-101: RoPE at the new tokens' positions, their keys (after RoPE) and values written
     at cache[offset:P], attention over cache[:P] under the causal mask."""
-    layer, hd, kv_max = desc.layers[i], desc.config.head_dim, max(lr.kv_heads for lr in desc.layers)
+    layer, hd, kv_max = desc.layers[i], desc.config.head_dim, kv_heads(desc)
     nq, nkv, ctx = layer.q_heads, layer.kv_heads, desc.context
     eps, dtype = desc.config.rms_norm_eps, desc.compute_dtype
     qkv = C.reshape(C.batch_matmul(x, w["qkv_proj"]), [1, -1, nq + 2 * nkv, hd])
