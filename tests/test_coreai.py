@@ -271,7 +271,7 @@ def test_metadata_is_read_as_the_swift_loader_does(tiny_checkpoint, bundles, tmp
     meta = json.loads((bundle / "metadata.json").read_text())
     edit(meta)
     (bundle / "metadata.json").write_text(json.dumps(meta))
-    one_line_error(capsys, ["verify-coreai", bundle, "--model", tiny_checkpoint], fragment)
+    one_line_error(capsys, ["generate", "--backend", "coreai", "--model", bundle, "-p", "hi"], fragment)
 
 
 def test_missing_or_misnamed_bundle_pieces(tiny_checkpoint, bundles, tmp_path, capsys):
@@ -385,3 +385,65 @@ def test_bench_times_the_model_through_apples_runtime(tiny_checkpoint, bundles):
     assert entry["runtime"] == RUNTIME_NOTES["coreai"] and RUNTIME_NOTES["coreai"] in markdown(results)
     if sys.platform == "linux":
         assert RUNTIME_NOTES["coreai"] == "Apple's reference runtime on Linux (coreai-core), not device speed"
+
+
+def model_with(path: Path, meta: dict, inputs: int, states: int, logits_dtype: str):
+    """A Core AI model whose `main` has `inputs` int32 inputs, `states` states and logits of
+    `logits_dtype` (each token id times ones), with the openelm metadata `meta`."""
+    from coreai.authoring import AIProgram, Module
+    from coreai.runtime import AIModelAssetMetadata
+
+    from openelm_mlx.convert.coreai.graph import (
+        DYNAMIC,
+        C,
+        F16Type,
+        F32Type,
+        G,
+        GraphOp,
+        IntegerType,
+        RankedTensorType,
+    )
+
+    module = Module.create()
+    with module:
+        ftype = {"float16": F16Type.get(), "float32": F32Type.get()}[logits_dtype]
+        ids = RankedTensorType.get([1, DYNAMIC], IntegerType.get_signed(32))
+        handle = C.HandleType.get(RankedTensorType.get([1, 4], F16Type.get()))
+        graph = GraphOp(
+            "main",
+            [ids] * inputs + [handle] * states,
+            [RankedTensorType.get([1, DYNAMIC, 384], ftype)] + [C.TokenType.get()] * states,
+            input_names=[f"in{i}" for i in range(inputs)] + [f"state{j}" for j in range(states)],
+            result_names=["logits"] + [f"written{j}" for j in range(states)],
+        )
+        with graph.block:
+            x = C.cast(C.reshape(graph.arguments[0], [1, -1, 1]), np.dtype(logits_dtype).type)
+            written = [G.write_handle(h, *G.read_handle(h, C.create_token())) for h in graph.arguments[inputs:]]
+            C.output([C.broadcasting_mul(x, np.ones((1, 1, 384), logits_dtype))] + written)
+    asset_meta = AIModelAssetMetadata()
+    for key, value in meta.items():
+        asset_meta.set_custom(key, value)
+    AIProgram(module).save_asset(path, metadata=asset_meta)
+
+
+@pytest.mark.parametrize(
+    "inputs,states,logits,fragment",
+    [
+        (1, 2, "float16", "expected 2 inputs, got 1"),
+        (3, 2, "float16", "expected 2 inputs, got 3"),
+        (2, 1, "float16", "expected 2-4 states (KV cache + optional persistent states), got 1"),
+        (2, 5, "float16", "got 5"),
+        (2, 2, "float32", "only float16 logits are supported, got float32"),
+    ],
+)
+def test_engine_refuses_what_the_swift_engine_refuses(
+    tiny_checkpoint, bundles, tmp_path, capsys, inputs, states, logits, fragment
+):
+    """The load-time checks of CoreAISequentialEngine.swift:110-150, one line each (generate: the
+    engine is opened first; verify would stop at the weights this model lacks)."""
+    bundle = copy_bundle(bundles(tiny_checkpoint)["output"], tmp_path / "b")
+    asset = read_bundle(bundle).asset
+    meta = json.loads((asset / "metadata.json").read_text())["creatorDefinedMetadata"]
+    shutil.rmtree(asset)
+    model_with(asset, meta, inputs, states, logits)
+    one_line_error(capsys, ["generate", "--backend", "coreai", "--model", bundle, "-p", "hi"], fragment)
