@@ -1,11 +1,11 @@
-"""The one description of an exported OpenELM package, shared by the Core ML and Core AI exporters.
+"""The one description of an exported OpenELM package, shared by the Core ML and Core AI exporters:
+the weights as stored, the layers' shapes, RoPE tables and the `openelm.*` metadata.
 
-Both packages have the same contract: functions `prefill` (1..prefill_length tokens) and `decode`
+The Core ML package's contract: functions `prefill` (1..prefill_length tokens) and `decode`
 (one token) over one copy of the weights; inputs `input_ids` int32 [1, S] and `position` int32 [1];
 output `logits` of the last token [1, vocab]; per-layer states `k_cache_{i}` / `v_cache_{i}`
-[1, kv_heads_i, context, head_dim] (keys after RoPE); the causal mask built inside from `position`;
-the same `openelm.*` metadata; the tokenizer beside the package. What differs is only how each op
-is spelled (convert/coreml/graph.py, convert/coreai/graph.py)."""
+[1, kv_heads_i, context, head_dim] (keys after RoPE); the tokenizer beside the package. The Core
+AI bundle keeps Apple's stock contract instead (convert/coreai/graph.py, bundle.py)."""
 
 import importlib
 import json
@@ -41,7 +41,7 @@ IOS_CONTEXT = 1024
 # The exporters' numeric options; each is checked against the model once it is loaded as well.
 EXPORT_OPTION_RULES = {
     "context": optional(count(1, 1 << 20)),
-    "prefill_length": count(1, 1 << 20),
+    "prefill_length": optional(count(1, 1 << 20)),
     "block_size": count(1, 1 << 16),
 }
 
@@ -93,6 +93,7 @@ class PackageDescription:
     weights: Dict[str, Union[np.ndarray, Quantized, Palettized]]  # HF name -> stored form
     rope_cos: np.ndarray  # [context, head_dim] float32
     rope_sin: np.ndarray  # sign-folded: rope(x) = x * cos + swap_halves(x) * sin
+    target: str = "macos"  # "ios": the embedding int8 per tensor, int8 per block (ios_form)
 
     @property
     def compute_dtype(self):
@@ -112,6 +113,7 @@ class PackageDescription:
             "openelm.compression": self.compression,
             "openelm.block_size": str(self.block_size) if self.compression == "int4" else "",
             "openelm.compute_precision": self.compute_precision,
+            "openelm.target": self.target,
             "openelm.ffn_scale_exponents": json.dumps([layer.ffn_scale_exponent for layer in self.layers]),
             "openelm.num_parameters": str(self.config.num_parameters()),
             "openelm.toolkit_version": __version__,
@@ -122,7 +124,7 @@ class PackageDescription:
 def describe(
     model_source,
     context: Optional[int],
-    prefill_length: int,
+    prefill_length: Optional[int],
     compression: str,
     block_size: int,
     compute_precision: str,
@@ -131,7 +133,8 @@ def describe(
 ):
     """Load `model_source` (anything openelm_mlx.load accepts), check the export settings (the
     exporter's `compressions`), and describe the package: (PackageDescription, the model's folder).
-    For `target` "ios" the context defaults to IOS_CONTEXT and the weights take ios_form."""
+    prefill_length None: one call takes up to the whole context (Core AI's bundles). For `target`
+    "ios" the context defaults to IOS_CONTEXT and the weights take ios_form."""
     if compute_precision not in COMPUTE_DTYPES:
         raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
@@ -145,6 +148,7 @@ def describe(
         raise OpenELMError(
             f"--context {context} is outside 1..{config.max_context_length} (the model's max_context_length)"
         )
+    prefill_length = context if prefill_length is None else prefill_length
     if not 1 <= prefill_length <= context:
         raise OpenELMError(f"--prefill-length {prefill_length} must be between 1 and --context ({context})")
     scale_exponents = ffn_scale_exponents(model, compute_precision)
@@ -172,6 +176,7 @@ def describe(
         stored,
         cos,
         sin,
+        target,
     )
     return description, folder
 
@@ -190,7 +195,7 @@ def ios_form(name: str, weight: np.ndarray, compression: str, block_size: int, s
     return compress(name, weight, compression, block_size, scale_dtype)
 
 
-def check_export_options(context: Optional[int], prefill_length: int, block_size: int):
+def check_export_options(context: Optional[int], prefill_length: Optional[int], block_size: int):
     """The exporters' numeric options in their ranges (EXPORT_OPTION_RULES), before anything is
     imported or read; describe() checks them against the model."""
     check_options({"context": context, "prefill_length": prefill_length, "block_size": block_size}, EXPORT_OPTION_RULES)
@@ -250,6 +255,7 @@ class PackageInfo:
     source_model: str
     chat_template: str
     config: dict
+    target: str = "macos"  # absent before iOS bundles existed, and in Core ML packages
 
     @classmethod
     def from_metadata(cls, meta: Dict[str, str], package, command: str) -> "PackageInfo":
@@ -267,6 +273,7 @@ class PackageInfo:
                 source_model=meta["openelm.source_model"],
                 chat_template=meta["openelm.chat_template"],
                 config=json.loads(meta["openelm.config"]),
+                target=meta.get("openelm.target", "macos"),
             )
         except (KeyError, ValueError, TypeError) as e:
             raise OpenELMError(f"{package} has no openelm metadata ({e}): export it with `openelm {command}`") from None
@@ -348,15 +355,18 @@ def export_from_args(export, args, **extra):
     )
 
 
-def add_export_arguments(parser, suffix: str, compressions):
+def add_export_arguments(parser, suffix: str, compressions, output_help: Optional[str] = None, prefill: bool = True):
+    """The exporters' shared options; `prefill` False leaves out --prefill-length (Core AI: the
+    runner chooses how many tokens each call takes)."""
     parser.add_argument("model", help="model folder or Hugging Face repo id (MLX folders may be quantized)")
     parser.add_argument(
-        "-o", "--output", required=True, help=f"OUT{suffix} (the tokenizer goes to OUT.tokenizer.model)"
+        "-o", "--output", required=True, help=output_help or f"OUT{suffix} (the tokenizer goes to OUT.tokenizer.model)"
     )
     parser.add_argument(
         "--context", type=int, default=None, help="KV-cache length in tokens (default: the model's max_context_length)"
     )
-    parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call")
+    if prefill:
+        parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call")
     parser.add_argument("--compress", choices=compressions, default="none", help="weight compression (none: 16-bit)")
     parser.add_argument("--block-size", type=int, default=32, help="int4 block size along the input axis")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model if the model folder has none")

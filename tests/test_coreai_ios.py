@@ -4,75 +4,80 @@ the Swift engine reads, and MLX's greedy tokens over a prompt longer than one wi
 decode steps, float16 compute, for every compression. Small ladders (ctx 64/128, q 8/16) keep the
 float16 interpreter (~300x slower than float32) to seconds; exports are shared in the module."""
 
+import json
 import re
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import pytest
 
 pytest.importorskip("coreai.runtime")
 
-from openelm_mlx.convert.compression import BITS  # noqa: E402
-from openelm_mlx.convert.coreai.export import save  # noqa: E402
-from openelm_mlx.convert.coreai.ios_graph import MASKED, StaticShapes, build_program  # noqa: E402
-from openelm_mlx.convert.coreai.static_engine import StaticShapeRunner, causal_mask  # noqa: E402
-from openelm_mlx.convert.coreai.weights import named_constants, package_weights  # noqa: E402
-from openelm_mlx.convert.numerics import fold_ffn_scales  # noqa: E402
-from openelm_mlx.convert.package import EMBEDDING, describe, model_weights  # noqa: E402
-from openelm_mlx.convert.verify import FLOAT16_SUM_RTOL, compare  # noqa: E402
+from conftest import assert_clean_error, tiny_config  # noqa: E402
+
+from openelm_mlx.convert.coreai.bundle import read_bundle  # noqa: E402
+from openelm_mlx.convert.coreai.export import export_coreai  # noqa: E402
+from openelm_mlx.convert.coreai.ios_graph import MASKED, StaticShapes  # noqa: E402
+from openelm_mlx.convert.coreai.runtime import function_names  # noqa: E402
+from openelm_mlx.convert.coreai.static_engine import StaticShapeEngine, causal_mask  # noqa: E402
+from openelm_mlx.convert.coreai.verify import verify_coreai  # noqa: E402
+from openelm_mlx.convert.coreai.weights import named_constants  # noqa: E402
+from openelm_mlx.convert.package import EMBEDDING  # noqa: E402
+from openelm_mlx.convert.runner import open_bundle  # noqa: E402
 from openelm_mlx.errors import OpenELMError  # noqa: E402
-from openelm_mlx.loader import DEMO_MODEL, load_model  # noqa: E402
-from openelm_mlx.model import Model  # noqa: E402
-from openelm_mlx.tokenizer import find_tokenizer  # noqa: E402
+from openelm_mlx.loader import DEMO_MODEL  # noqa: E402
 
 CONTEXT, SMALLEST, QUERY = 128, 64, (8, 16)
 SHAPES = StaticShapes.ladder(CONTEXT, SMALLEST, QUERY)
 COMPRESSIONS = ("none", "int8", "int4", "palettize4", "ios-preset")
-PROMPT = list(range(5, 45))  # 40 tokens: prompt_opt windows of 16, then an extend
 STEPS = 32
 
 
-def export_ios(source, output: Path, compress: str, shapes=SHAPES, precision="float16") -> Path:
-    desc, folder = describe(source, CONTEXT, 16, compress, 32, precision, COMPRESSIONS, target="ios")
-    save(build_program(desc, shapes), desc.metadata(find_tokenizer(folder, None)), output)
+def export_ios(source, output: Path, compress: str = "none", shapes=SHAPES) -> Path:
+    export_coreai(source, output, target="ios", context=CONTEXT, compress=compress, static_shapes=shapes)
     return output
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
-    """bundles(source, compress) -> the saved .aimodel, each exported once per module."""
+    """bundles(source, compress) -> the bundle folder, each exported once per module."""
     folder, made = tmp_path_factory.mktemp("ios"), {}
 
     def get(source, compress="none"):
         key = (str(source), compress)
         if key not in made:
-            made[key] = export_ios(source, folder / f"{Path(source).name}-{compress}.aimodel", compress)
+            made[key] = export_ios(source, folder / f"{Path(source).name}-{compress}", compress)
         return made[key]
 
     return get
 
 
+def asset(bundle: Path) -> Path:
+    return bundle / f"{bundle.name}.aimodel"
+
+
 def test_contract_as_the_swift_engine_reads_it(tiny_checkpoint, bundles):
-    from conftest import tiny_config
     from coreai.authoring import AIModelAsset
 
-    package, config = bundles(tiny_checkpoint), tiny_config()
+    bundle, config = bundles(tiny_checkpoint), tiny_config()
+    package = asset(bundle)
     v, h, hd, layers = config.vocab_size, config.model_dim, config.head_dim, config.num_transformer_layers
     rows = max(config.num_kv_heads) * hd
     assert len(set(config.num_kv_heads)) > 1  # the per-layer kv heads the padded cache holds
     names = AIModelAsset.load(package).summary(include_statistics=False).function_names
     assert sorted(names) == sorted(SHAPES.function_names()) and SHAPES.contexts == (64, 128)
-    runner = StaticShapeRunner(package)
-    assert runner.max_query_length == 16 and runner.info.context == CONTEXT
-    desc = runner._function("load_embeddings").desc
+    runner = open_bundle(bundle)
+    assert runner.max_query_length == 16 and runner.info.context == CONTEXT and runner.info.target == "ios"
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert meta["language"]["max_context_length"] == CONTEXT and meta["language"]["vocab_size"] == v
+    desc = runner.functions["load_embeddings"].desc
     assert list(desc.input_names) == [] and list(desc.output_names) == ["embedding_table"]
     assert (desc.output_descriptor("embedding_table").shape, desc.output_descriptor("embedding_table").dtype) == (
         [v, 1, h],
         "int8",
     )
     for q in QUERY:
-        desc = runner._function(f"gather_embeddings_{q}").desc
+        desc = runner.functions[f"gather_embeddings_{q}"].desc
         assert [
             (n, list(desc.input_descriptor(n).shape), desc.input_descriptor(n).dtype) for n in desc.input_names
         ] == [
@@ -86,7 +91,7 @@ def test_contract_as_the_swift_engine_reads_it(tiny_checkpoint, bundles):
     for kind in ("extend", "prompt_opt"):
         for ctx in SHAPES.contexts:
             for q in QUERY:
-                desc = runner._function(f"{kind}_{ctx}_{q}").desc
+                desc = runner.functions[f"{kind}_{ctx}_{q}"].desc
                 inputs = [
                     (n, list(desc.input_descriptor(n).shape), desc.input_descriptor(n).dtype) for n in desc.input_names
                 ]
@@ -115,52 +120,46 @@ def test_contract_as_the_swift_engine_reads_it(tiny_checkpoint, bundles):
 
 def test_int8_is_per_block_and_the_preset_groups_32_rows(tiny_checkpoint, bundles):
     name = "transformer.layers.1.attn.qkv_proj.weight"
-    int8 = named_constants(bundles(tiny_checkpoint, "int8"), "extend_128_16")
+    int8 = named_constants(asset(bundles(tiny_checkpoint, "int8")), "extend_128_16")
     data, scale = int8[name + ".data"], int8[name + ".scale"]  # [in, out] for batch_matmul
     assert data.dtype == np.int8 and scale.shape == (data.shape[0] // 32, data.shape[1])  # blocks of 32 inputs
-    preset = named_constants(bundles(tiny_checkpoint, "ios-preset"), "extend_128_16")
+    preset = named_constants(asset(bundles(tiny_checkpoint, "ios-preset")), "extend_128_16")
     lut, indices = preset[name + ".lut"], preset[name + ".indices"]
     assert lut.shape == (1, indices.shape[1] // 32, 16, 1)  # one 4-bit LUT per 32 output channels
 
 
-def greedy_against_mlx(package: Path, source, compress: str):
-    """The twin over PROMPT then STEPS decode steps against MLX (float32) holding the package's
-    own weights, read back from main.mlirb: convert/verify.py's comparison, whose rule is that
-    the greedy tokens agree except at a near-tie the logits difference explains (report.ok;
-    measured: one such step, tiny palettize4 decode 5, top-2 margin 0.007 against a 0.017
-    difference)."""
-    runner = StaticShapeRunner(package)
-    model, _ = load_model(source, dtype="float32")
-    functions = ("load_embeddings", f"extend_{CONTEXT}_{max(QUERY)}")
-    weights = package_weights(package, list(model_weights(model)), BITS.get(compress, 0), functions)
-    reference = Model(model.config)
-    reference.load_weights(
-        [(k, mx.array(v)) for k, v in fold_ffn_scales(weights, runner.info.ffn_scale_exponents, unfold=True).items()]
-    )
-    return compare(runner, reference, PROMPT, STEPS, "coreai-ios", FLOAT16_SUM_RTOL)
+def check_greedy(bundle: Path, source):
+    """verify-coreai on the bundle: the weights read back from main.mlirb, then the twin over the
+    default prompt (longer than one 16-token window) and STEPS decode steps against MLX (float32)
+    holding those weights. Its rule: greedy tokens agree except at a near-tie the logits
+    difference explains (measured: one such step, tiny palettize4 decode 5, top-2 margin 0.007
+    against a 0.017 difference)."""
+    report = verify_coreai(bundle, source, steps=STEPS)
+    assert report.ok, (report.weight_problems, [b.problem for b in report.backends])
+    (twin,) = report.backends
+    assert int(twin.steps[0].name[8:-1]) > max(QUERY)  # prefill[n]: more than one window
+    assert len(twin.steps) == STEPS + 1 and twin.agreement >= 0.95
 
 
 @pytest.mark.parametrize("compress", COMPRESSIONS)
 def test_tiny_float16_gives_mlx_greedy_tokens(tiny_checkpoint, bundles, compress):
-    report = greedy_against_mlx(bundles(tiny_checkpoint, compress), tiny_checkpoint, compress)
-    assert report.ok, report.problem
-    assert len(report.steps) == STEPS + 1 and report.agreement >= 0.95
+    check_greedy(bundles(tiny_checkpoint, compress), tiny_checkpoint)
 
 
 @pytest.mark.parametrize("compress", COMPRESSIONS)
 def test_demo_model_float16_gives_mlx_greedy_tokens(bundles, compress):
-    report = greedy_against_mlx(bundles(DEMO_MODEL, compress), DEMO_MODEL, compress)
-    assert report.ok, report.problem
-    assert len(report.steps) == STEPS + 1 and report.agreement >= 0.95
+    check_greedy(bundles(DEMO_MODEL, compress), DEMO_MODEL)
 
 
-def test_an_extend_at_the_max_context_is_required(tiny_checkpoint, tmp_path):
-    shapes = StaticShapes((SMALLEST,), QUERY)  # metadata says 128, the largest extend is 64
-    package = export_ios(tiny_checkpoint, tmp_path / "short.aimodel", "none", shapes)
-    with pytest.raises(
-        OpenELMError, match=r"no extend function with the max context length 128 \(extend_<context>_<q>\)"
-    ):
-        StaticShapeRunner(package)
+def test_an_extend_at_the_max_context_is_required(tiny_checkpoint, tmp_path, cli_here):
+    """metadata.json says 128; the largest extend is extend_64_*: one line from the bundle reader,
+    and the twin's own check (Swift:94-105) refuses it too."""
+    bundle = export_ios(tiny_checkpoint, tmp_path / "short", shapes=StaticShapes((SMALLEST,), QUERY))
+    result = cli_here("verify-coreai", bundle, "--model", tiny_checkpoint)
+    assert_clean_error(result, "no extend_128_* function for language.max_context_length 128")
+    read = read_bundle(bundle)
+    with pytest.raises(OpenELMError, match="no function's key_cache holds language.max_context_length 128"):
+        StaticShapeEngine(read, function_names(read))
 
 
 def test_windows_masks_and_positions_as_the_swift_engine_makes_them(tiny_checkpoint, bundles, monkeypatch):
@@ -168,7 +167,7 @@ def test_windows_masks_and_positions_as_the_swift_engine_makes_them(tiny_checkpo
     the largest) with prompt_opt_ above it, ctx the smallest > position, the window start aligned
     down to a multiple of q, in_step = start, positions start+i, the mask 0 for key <= start+i on
     real rows (CoreAIStaticShapeEngine.swift:268-298, 386-393, 302-326, 466-531)."""
-    runner = StaticShapeRunner(bundles(tiny_checkpoint))
+    runner = open_bundle(bundles(tiny_checkpoint))
     calls = []
     run = runner._run_with_caches
     monkeypatch.setattr(

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import List, Tuple
 
 import numpy as np
-from coreai.authoring import AIProgram, Module  # first: coreai's dialect modules import coreai.authoring
+from coreai.authoring import DebugInfo  # noqa: F401  first: coreai's dialect modules import coreai.authoring
 
 # isort: split
 from coreai._compiler.dialects import _coreai_ops_gen as G
@@ -241,15 +241,13 @@ def extend(desc: PackageDescription, ctx: int, q: int, prompt_only: bool) -> Gra
     return graph
 
 
-def build_program(desc: PackageDescription, shapes: StaticShapes) -> AIProgram:
-    """Every function of the contract in one module (identical constants stored once)."""
-    module = Module.create()
-    with module:  # leaving the block runs coreai's pre-compilation rewrite
-        load_embeddings(desc)
-        for q in shapes.query_lengths:
-            gather_embeddings(desc, q)
-        for prompt_only in (False, True):
-            for ctx in shapes.contexts:
-                for q in shapes.query_lengths:
-                    extend(desc, ctx, q, prompt_only)
-    return AIProgram(module)
+def build_functions(desc: PackageDescription, shapes: StaticShapes):
+    """Every function of the contract, built into the current module (identical constants are
+    stored once)."""
+    load_embeddings(desc)
+    for q in shapes.query_lengths:
+        gather_embeddings(desc, q)
+    for prompt_only in (False, True):
+        for ctx in shapes.contexts:
+            for q in shapes.query_lengths:
+                extend(desc, ctx, q, prompt_only)

@@ -8,42 +8,27 @@ What differs, and why: sampling is the caller's (PackageModel, verify) on the fl
 the row the Swift engine hands its CPU sampler (Swift:438-461); prefix caching across calls
 (Swift:341-355) is the caller's too (our runners reset() for a new sequence)."""
 
-import asyncio
-import weakref
-from contextlib import AsyncExitStack
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from openelm_mlx.errors import OpenELMError
 
-from ..package import PackageInfo, require
-from ..package_runner import PackageRunner
-from .runtime import _close, native_stderr_silenced, package_info
+from .bundle import Bundle
+from .runtime import CoreAIEngine
 
 LOGITS, KEY_CACHE, VALUE_CACHE = "out_logits", "key_cache", "value_cache"  # Swift:19-21
 MASKED = np.float16(-40000.0)  # Swift:312
 
 
-class StaticShapeRunner(PackageRunner):
-    """StaticShapeEngine.init (Swift:67-128) at construction; prefill/decode = inference()."""
+class StaticShapeEngine(CoreAIEngine):
+    """StaticShapeEngine.init (Swift:67-128) at construction; prefill/decode = inference().
+    Every function is loaded up front, as the Swift's warmup does after init (Swift:602-607,
+    ModelResources.swift:168), rather than on first use (Swift:206-213)."""
 
-    def __init__(self, package, info: Optional[PackageInfo] = None):
-        super().__init__(package, info or package_info(package))
-        require("coreai.runtime", "coreai")
-        from coreai.authoring import AIModelAsset
-
-        self._loop = asyncio.new_event_loop()
-        self._stack = AsyncExitStack()
-        self._closer = weakref.finalize(self, _close, self._loop, self._stack)
-        try:
-            asset = AIModelAsset.load(self.package)
-            names = asset.summary(include_statistics=False).function_names
-            self._model = self._loop.run_until_complete(self._stack.enter_async_context(asset.executable()))
-        except (RuntimeError, KeyError, ValueError) as e:
-            self.close()
-            raise OpenELMError(f"{self.package} cannot be loaded by Core AI ({first_line(e)}): re-export it") from None
-        self._functions = {}
+    def __init__(self, bundle: Bundle, names: Sequence[str]):
+        super().__init__(bundle, list(names))
+        self.max_context_length = bundle.max_context_length  # config.maxContextLength, from metadata.json
         # Swift:76-80: decoder functions (extend* and prompt*) sorted by name, gather functions by name.
         self.extend_names = sorted(n for n in names if n.startswith(("extend", "prompt")))
         self.gather_names = {n for n in names if n.startswith("gather_embeddings")}
@@ -53,83 +38,55 @@ class StaticShapeRunner(PackageRunner):
         )
         # Swift:94-105: an extend whose key_cache context equals max_context_length is required
         # (the first in name order; extend_* sorts before prompt_*).
-        largest = next((n for n in self.extend_names if self._context_length(n) == self.info.context), None)
+        largest = next((n for n in self.extend_names if self._context_length(n) == self.max_context_length), None)
         if largest is None:
-            self.close()
             raise OpenELMError(
-                f"{self.package} has no extend function with the max context length {self.info.context} "
-                "(extend_<context>_<q>), which Apple's static-shape engine requires: re-export it with --target ios"
+                f"{bundle.path}: no function's key_cache holds language.max_context_length {self.max_context_length} "
+                "tokens, which Apple's static-shape engine requires: re-export the bundle"
             )
         self._check_contract(largest)  # Swift:108
-        self._embedding_table = self._load_embedding_table()  # Swift:111, once
+        if "load_embeddings" not in self.functions:
+            raise OpenELMError(f"{bundle.path}: no load_embeddings function: re-export the bundle")
+        # Swift:111, 179-202: load_embeddings run once, its embedding_table kept for every call.
+        self._embedding_table = self.run("load_embeddings", {}, {})["embedding_table"]
         # Swift:114-125: one buffer per cache, shaped by the max-context function's descriptor.
         # Swift's NDArray(descriptor:) is IOSurface memory; the Linux runtime's storage is not
         # zeroed, so these start at zero (a guess at the device's: unwritten columns are masked
         # to -40000 either way, but NaN garbage would survive a zero softmax weight).
-        desc = self._function(largest).desc
+        desc = self.functions[largest].desc
         self._caches = {
             name: np.zeros(desc.state_descriptor(name).shape, desc.state_descriptor(name).dtype)
             for name in (KEY_CACHE, VALUE_CACHE)
         }
         self.reset()
 
-    def close(self):
-        self._closer()
-
-    def _function(self, name: str):
-        """Swift:206-213: functions are loaded on first use and kept."""
-        if name not in self._functions:
-            with native_stderr_silenced():
-                self._functions[name] = self._model.load_function(name)
-        return self._functions[name]
-
     def _context_length(self, name: str) -> int:
         """Swift:254-264, as written: the *largest dimension* of key_cache's shape (so a cache
         whose kv_max * head_dim rows exceed its context reports the rows), max_context_length
         for a dynamic one."""
-        shape = list(self._function(name).desc.state_descriptor(KEY_CACHE).shape)
-        return self.info.context if -1 in shape else max(shape)
+        shape = list(self.functions[name].desc.state_descriptor(KEY_CACHE).shape)
+        return self.max_context_length if -1 in shape else max(shape)
 
     def _check_contract(self, name: str):
         """Swift:155-177: out_logits, and no states or both caches."""
-        desc = self._function(name).desc
+        desc = self.functions[name].desc
         states = set(desc.state_names)
         if LOGITS not in desc.output_names or len(states) == 1 or (states and not {KEY_CACHE, VALUE_CACHE} <= states):
             raise OpenELMError(
                 f"{self.package}: function {name} has outputs {list(desc.output_names)} and states "
-                f"{sorted(states)}, not out_logits with {KEY_CACHE} and {VALUE_CACHE}: re-export it with --target ios"
+                f"{sorted(states)}, not out_logits with {KEY_CACHE} and {VALUE_CACHE}: re-export the bundle"
             )
 
-    def _load_embedding_table(self):
-        """Swift:179-202: load_embeddings run once, its embedding_table kept for every call."""
-        if "load_embeddings" not in self._names():
-            raise OpenELMError(f"{self.package} has no load_embeddings function: re-export it with --target ios")
-        return self._call_function("load_embeddings", {})["embedding_table"]
-
-    def _names(self):
-        return set(self.extend_names) | self.gather_names | {"load_embeddings"} | set(self._functions)
-
-    def _call_function(self, name: str, inputs: dict, states=None) -> dict:
-        from coreai.runtime import NDArray
-
-        inputs = {k: v if isinstance(v, NDArray) else NDArray(v) for k, v in inputs.items()}
-        return self._loop.run_until_complete(self._function(name)(inputs, state=states or {}))
-
-    def _reset_states(self):
+    def reset(self):
         """Swift:583-600 (reset to 0): the token count only; the caches keep their contents,
         which the mask hides until each column is written again."""
+        self.position = 0
         self.tokens = []
 
     # Our PackageRunner interface: the tokens so far are the Swift engine's inputTokens, and
     # each call processes those past processedTokenCount (self.position), Swift:370-453.
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
-        tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise OpenELMError("prefill needs at least one token")
-        self._check_room(len(tokens))
-        if any(not 0 <= t < self.info.vocab_size for t in tokens):
-            raise OpenELMError(f"token ids must be in 0..{self.info.vocab_size - 1}, got {max(tokens)}")
-        self.tokens += tokens
+        self.tokens += self._checked(tokens)
         return self.inference()
 
     def decode(self, token: int) -> np.ndarray:
@@ -166,14 +123,14 @@ class StaticShapeRunner(PackageRunner):
             inputs = self._build_inputs(name, self.tokens[start : end + 1], q, start, n)
             out = self._run_with_caches(name, inputs)
             if not prompt:  # Swift:439-449: the row of the window's last real token
-                logits = out[LOGITS].numpy().reshape(-1)[(n - 1) * self.info.vocab_size :][: self.info.vocab_size]
+                logits = out[LOGITS].reshape(-1)[(n - 1) * self.info.vocab_size :][: self.info.vocab_size]
             position = end + 1  # Swift:451-452
             self.position = position
         return logits.astype(np.float32)
 
     def _query_length(self, name: str) -> int:
         """Swift:225-236: transformer_input's dim 1, else the name's last number."""
-        desc = self._function(name).desc
+        desc = self.functions[name].desc
         tx = next((i for i in desc.input_names if "transformer_input" in i), None)
         if tx is not None and len(desc.input_descriptor(tx).shape) >= 2:
             return desc.input_descriptor(tx).shape[1]
@@ -187,20 +144,20 @@ class StaticShapeRunner(PackageRunner):
         leading ctx columns are copied in, and what the function wrote copied back."""
         from coreai.runtime import NDArray
 
-        desc = self._function(name).desc
+        desc = self.functions[name].desc
         views = {}
         for state in (KEY_CACHE, VALUE_CACHE):
             shape = list(desc.state_descriptor(state).shape)
             index = tuple(slice(0, d) for d in shape)  # .slice(at: shape.map { 0..<$0 })
             views[state] = (index, NDArray(np.ascontiguousarray(self._caches[state][index])))
-        out = self._call_function(name, inputs, {state: array for state, (_, array) in views.items()})
+        out = self.run(name, inputs, {state: array for state, (_, array) in views.items()})
         for state, (index, array) in views.items():
             self._caches[state][index] = array.numpy()
         return out
 
     def _build_inputs(self, name: str, window: Sequence[int], q: int, start: int, n: int) -> dict:
         """Swift:466-531: inputs found by name in the function's descriptor."""
-        desc = self._function(name).desc
+        desc = self.functions[name].desc
         names = list(desc.input_names)
         inputs = {}
         if "embedding_table" in names:  # Swift:476-478
@@ -228,9 +185,8 @@ class StaticShapeRunner(PackageRunner):
         their rows are fully masked and their cache columns rewritten before they are read."""
         ids = np.zeros(q, np.int32)
         ids[: min(q, len(window))] = window[:q]
-        out = self._call_function(name, {"in_new_token_ids": ids[None], "embedding_table": self._embedding_table})
-        key = "out_transformer_input" if "out_transformer_input" in out else list(out)[0]
-        return out[key]
+        out = self.run(name, {"in_new_token_ids": ids[None], "embedding_table": self._embedding_table}, {})
+        return out["out_transformer_input"] if "out_transformer_input" in out else out[list(out)[0]]
 
 
 def causal_mask(shape, n: int, start: int) -> np.ndarray:
@@ -244,7 +200,3 @@ def causal_mask(shape, n: int, start: int) -> np.ndarray:
 
 def is_int(text: str) -> bool:
     return text.isdigit()
-
-
-def first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

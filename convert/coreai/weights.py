@@ -9,7 +9,7 @@ under another weight's name, hence the lookup through the program rather than by
 
 import re
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -95,8 +95,9 @@ def _read_group(offsets: _Reader, data, entry: int, strings, out) -> int:
     return entry
 
 
-def named_constants(package: Path, function: str = "decode") -> Dict[str, np.ndarray]:
-    """Weight name -> its array (sub-byte values unpacked) in `function` of a saved model."""
+def named_constants(package: Path, function: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """Weight name -> its array (sub-byte values unpacked) in `function` of a saved model (default:
+    its first function; identical constants are shared between functions)."""
     from coreai.authoring import AIModelAsset  # first: coreai's dialect modules import coreai.authoring
 
     # isort: split
@@ -108,7 +109,7 @@ def named_constants(package: Path, function: str = "decode") -> Dict[str, np.nda
     # The parsed main.mlirb; coreai-core 1.0.0b3 has no public accessor to the module inside.
     program = AIModelAsset.load(package).program._module._mlir_module
     blobs = resources(package / "main.mlirb")
-    graph = next(op for op in program.body.operations if op.attributes["sym_name"].value == function)
+    graph = [op for op in program.body.operations if function in (None, op.attributes["sym_name"].value)][0]
     out = {}
     for op in graph.regions[0].blocks[0].operations:
         attr = op.location.attr
@@ -136,7 +137,7 @@ def _array(blob, shape, dtype) -> np.ndarray:
     return np.frombuffer(blob, dtype).reshape(shape)
 
 
-def package_weights(package: Path, names: Sequence[str], bits: int, functions=("decode",)) -> Dict[str, np.ndarray]:
+def package_weights(package: Path, names: Sequence[str], bits: int, functions=(None,)) -> Dict[str, np.ndarray]:
     """The named weights of a saved model's `functions`, decompressed to float32 in the
     checkpoint's [out, in] layout (graph.weight transposes linear weights to [in, out]; the iOS
     embedding table is [V, 1, H], its scale one value)."""
