@@ -206,3 +206,12 @@ def test_context_ladder_ends_at_the_context():
     with pytest.raises(OpenELMError, match="not a multiple of the largest query length 64"):
         StaticShapes.ladder(1000)
     assert re.fullmatch(r"extend_\d+_\d+", StaticShapes.ladder(512).function_names()[4])
+
+
+def test_bad_ios_contexts_fail_in_one_line(tiny_checkpoint, tmp_path, cli_here):
+    result = cli_here("export-coreai", tiny_checkpoint, "-o", tmp_path / "b", "--target", "ios", "--context", "100")
+    assert_clean_error(result, "--context 100 is not a multiple of the largest query length 64")
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(OpenELMError, match="--context 16 is below the key cache's 32 rows"):
+        export_ios(tiny_checkpoint, tmp_path / "c", shapes=StaticShapes.ladder(16, 8, QUERY))
+    assert not (tmp_path / "c").exists()

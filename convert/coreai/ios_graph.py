@@ -244,6 +244,15 @@ def extend(desc: PackageDescription, ctx: int, q: int, prompt_only: bool) -> Gra
 def build_functions(desc: PackageDescription, shapes: StaticShapes):
     """Every function of the contract, built into the current module (identical constants are
     stored once)."""
+    largest = max(len(desc.layers), kv_rows(desc))
+    if largest > shapes.contexts[-1]:
+        # The engine takes a function's context to be key_cache's largest dimension
+        # (CoreAIStaticShapeEngine.swift:254-264), so the full-context extend would not be found.
+        raise OpenELMError(
+            f"--context {shapes.contexts[-1]} is below the key cache's {largest} rows (layers, or the largest "
+            f"kv-head count times head_dim), which Apple's static-shape engine would read as the context: "
+            f"use a --context of at least {largest}"
+        )
     load_embeddings(desc)
     for q in shapes.query_lengths:
         gather_embeddings(desc, q)
