@@ -91,6 +91,8 @@ class SequentialEngine(CoreAIEngine):
         )
         self.chunk_threshold = chunk_threshold or env_chunk_threshold()
         self.chunk_size = min(MAX_CHUNK, self.chunk_threshold)
+        # The load's warmup(queryLength: 1) (ModelResources.swift:168) is a no-op for this engine
+        # (InferenceEngine.swift:203-208; only the pipelined and static-shape engines override it).
 
     def _check(self, desc):
         """The checks the Swift makes at load (Sequential:110-150), one line each."""
