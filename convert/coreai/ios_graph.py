@@ -16,9 +16,12 @@ CoreAIStaticShapeEngine.swift) loads and drives, for OpenELM (static_engine.py i
 
 OpenELM's kv-head count differs per layer; the caches hold the largest, layer i uses the first
 kv_i * head_dim rows of its slice. Every (ctx, q) function is built explicitly with static shapes
-(graph.py's helpers do the math): AIProgram.set_static_shape_config would clone one graph traced
-with dynamic ctx and q, which needs every reshape here spelled with dynamic dims; explicit
-functions run on Apple's Linux runtime and their identical weight constants are stored once."""
+(graph.py's helpers do the math). Both ways run on Apple's Linux runtime (coreai-core 1.0.0b3):
+AIProgram.set_static_shape_config({'"64"': ..., '"128"': ...}) turned a graph with a dynamic
+state into extend_64 and extend_128 that ran and updated their states; but it clones one graph
+traced with dynamic ctx and q, so every reshape, slice end and broadcast shape here would have
+to be computed from get_shape at run time. Explicit functions keep them constants, and their
+identical weight constants are still stored once (a bundle holds one copy of the weights)."""
 
 from dataclasses import dataclass
 from typing import List, Tuple
