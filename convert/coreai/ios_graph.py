@@ -179,7 +179,11 @@ def window(desc: PackageDescription, ctx: int, q: int, position_ids, in_step, ca
     return {
         "q": q,
         "ctx": ctx,
-        "rope": [C.gather_nd(C.constant(table), rows) for table in (desc.rope_cos, desc.rope_sin)],  # [q, hd]
+        # [q, hd]; resources, so that every function shares one copy (inline constants are not shared)
+        "rope": [
+            C.gather_nd(named_constant(f"rope.{n}", t), rows)
+            for n, t in (("cos", desc.rope_cos), ("sin", desc.rope_sin))
+        ],
         "in_step": in_step,
         "end": C.add(in_step, C.constant(np.array([q], np.int32))),
         "mask": C.reshape(C.cast(mask, desc.compute_dtype), [1, 1, q, ctx]),
