@@ -363,11 +363,17 @@ def add_export_arguments(parser, suffix: str, compressions, output_help: Optiona
         "-o", "--output", required=True, help=output_help or f"OUT{suffix} (the tokenizer goes to OUT.tokenizer.model)"
     )
     parser.add_argument(
-        "--context", type=int, default=None, help="KV-cache length in tokens (default: the model's max_context_length)"
+        "--context",
+        type=int,
+        default=None,
+        help="KV-cache length in tokens (default: the model's max_context_length; for --target ios "
+        f"{IOS_CONTEXT} at most)",
     )
     if prefill:
         parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call")
     parser.add_argument("--compress", choices=compressions, default="none", help="weight compression (none: 16-bit)")
-    parser.add_argument("--block-size", type=int, default=32, help="int4 block size along the input axis")
+    parser.add_argument(
+        "--block-size", type=int, default=32, help="int4 (and on iOS int8) block size along the input axis"
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model if the model folder has none")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
