@@ -25,8 +25,11 @@ SUBCOMMANDS = {
         "export a stateful Core ML package for iOS 18/macOS 15 apps",
     ),
     "verify-coreml": ("openelm_mlx.convert.coreml.verify", "check a Core ML package against the MLX model"),
-    "export-coreai": ("openelm_mlx.convert.coreai.export", "export a stateful Core AI model for OS 27 apps"),
-    "verify-coreai": ("openelm_mlx.convert.coreai.verify", "run a Core AI model with Apple's runtime against MLX"),
+    "export-coreai": (
+        "openelm_mlx.convert.coreai.export",
+        "export a Core AI LanguageBundle for Apple's LLM runners (OS 27)",
+    ),
+    "verify-coreai": ("openelm_mlx.convert.coreai.verify", "run a Core AI bundle with Apple's runtime against MLX"),
     "train": ("openelm_mlx.apps.train", "train a small OpenELM on a text corpus"),
     "eval": ("openelm_mlx.apps.eval", "measure perplexity"),
     "bench": ("openelm_mlx.benchmarks.bench", "benchmark prompt and generation speed"),

@@ -141,7 +141,7 @@ def add_arguments(parser):
         default="mlx",
         choices=["mlx", "coreml", "mil-reference", "coreai"],
         help="mlx; coreml runs an exported .mlpackage with Core ML (macOS 15+); mil-reference runs it with "
-        "the numpy MIL executor anywhere (slow, for checking); coreai runs an exported .aimodel with Apple's "
+        "the numpy MIL executor anywhere (slow, for checking); coreai runs an exported bundle folder with Apple's "
         "Core AI runtime (Linux: the reference runtime, not device speed; macOS 27)",
     )
 

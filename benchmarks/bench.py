@@ -235,7 +235,7 @@ def add_arguments(parser):
         default="270M",
         help="comma-separated sizes (270M,450M,1.1B,3B: random "
         "weights of the real shapes) or checkpoint folders / Hub repos; .mlpackage paths "
-        "with --backend coreml, .aimodel paths with --backend coreai",
+        "with --backend coreml, bundle folders (export-coreai) with --backend coreai",
     )
     parser.add_argument(
         "--precisions",
@@ -257,7 +257,7 @@ def add_arguments(parser):
         choices=["mlx", *PACKAGE_BACKENDS],
         default="mlx",
         help="mlx; coreml times an exported .mlpackage with Core ML (macOS only); coreai times an exported "
-        ".aimodel with Apple's Core AI runtime (on Linux its reference runtime: not device speed)",
+        "bundle with Apple's Core AI runtime (on Linux its reference runtime: not device speed)",
     )
     parser.add_argument("--seed", type=int, default=0, help=f"seed of the random weights and prompt (0 to {2**64 - 1})")
     parser.add_argument(

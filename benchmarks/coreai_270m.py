@@ -1,10 +1,11 @@
-"""Core AI exports of the OpenELM-270M shape (random weights), proven by Apple's runtime:
+"""Core AI macOS bundles of the OpenELM-270M shape (random weights), proven by Apple's runtime:
 
 1. int4, float16 compute (what ships to devices): size, bytes per parameter (target <= 0.6),
-   export time and peak memory;
-2. float32-compute exports, uncompressed and int4, run by Apple's reference runtime on Linux
-   (float16 runs there ~300x slower; the graph code is the same) through a prompt and 16 greedy
-   decode steps against MLX: max |logits difference| per step, greedy agreement, verify time.
+   export time and peak memory, KV-cache memory padded to 5 heads per layer against unpadded;
+2. float32-compute bundles, uncompressed and int4, driven by the sequential-engine twin through
+   Apple's reference runtime on Linux (float16 runs there ~300x slower; the graph code is the same)
+   over a prompt and 16 greedy decode steps against MLX: max |logits difference| per step, greedy
+   agreement, verify time, and the states the stock engines see (2: keyCache, valueCache).
 
     python -m openelm_mlx.benchmarks.coreai_270m [--context 2048]
 
@@ -39,7 +40,8 @@ VERIFY = """
 import json, time; from openelm_mlx.convert.coreai.verify import verify_coreai
 start = time.perf_counter(); r = verify_coreai({output!r}, {source!r}, steps={steps}); seconds = time.perf_counter() - start
 (b,) = r.backends
-{peak}; print(json.dumps(dict(ok=r.ok, weight_max_rel_error=r.weight_max_rel_error, tolerance=b.tolerance,
+from openelm_mlx.convert.runner import open_bundle; states = open_bundle({output!r}).functions["main"].desc.state_names
+{peak}; print(json.dumps(dict(ok=r.ok, states=list(states), weight_max_rel_error=r.weight_max_rel_error, tolerance=b.tolerance,
     greedy_agreement=b.agreement, steps=[dict(name=s.name, max_abs_diff=s.max_abs_diff, token=s.package_token,
     mlx_token=s.reference_token) for s in b.steps], seconds=seconds, peak_rss_bytes=peak)))
 """
@@ -64,7 +66,7 @@ def run(context: int) -> dict:
             ("none", "float32", True),
             ("int4", "float32", True),
         ):
-            output = str(Path(tmp) / f"OpenELM-270M-{compress}-{precision}.aimodel")
+            output = str(Path(tmp) / f"OpenELM-270M-{compress}-{precision}")  # a bundle folder
             summary = child(
                 EXPORT.format(
                     source=source, output=output, context=context, compress=compress, precision=precision, peak=PEAK
@@ -79,12 +81,15 @@ def run(context: int) -> dict:
                 "bytes_per_parameter": round(summary["bytes_per_parameter"], 4),
                 "export_seconds": round(summary["seconds"], 1),
                 "export_peak_rss_gib": round(summary["peak_rss_bytes"] / 2**30, 2),
+                "kv_mib": round(summary["kv_bytes"] / 2**20, 1),
+                "kv_mib_unpadded": round(summary["kv_bytes_unpadded"] / 2**20, 1),
             }
             if verify:
                 result = child(VERIFY.format(output=output, source=source, steps=STEPS, peak=PEAK))
                 entry["verify"] = {
                     "runtime": "Apple's reference runtime on Linux (coreai-core), not device speed",
                     "ok": result["ok"],
+                    "states": result["states"],
                     "steps": result["steps"],
                     "max_abs_logit_diff": max(s["max_abs_diff"] for s in result["steps"]),
                     "tolerance": result["tolerance"],

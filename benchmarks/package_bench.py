@@ -73,7 +73,7 @@ def run_packages(results: dict, progress: bool):
             raise OpenELMError(
                 f"-p {p} + -g {g} exceeds the package's context of {info.context}: re-export with a larger --context"
             )
-        weights = package_weight_bytes(Path(config["spec"]))
+        weights = package_weight_bytes(runner.bundle.asset if backend == "coreai" else Path(config["spec"]))
         kv = 2 * sum(info.config["num_kv_heads"]) * info.config["head_dim"] * np.dtype(info.compute_precision).itemsize
         entry.update(
             precision=f"{info.compression} (package)",

@@ -11,6 +11,12 @@ from openelm_mlx.errors import OpenELMError
 
 BITS = {"int8": 8, "int4": 4, "palettize4": 4, "palettize6": 6}  # bits per stored value
 PALETTE_GROUP = 16  # output channels sharing one LUT (coremltools' per_grouped_channel default)
+# Apple's iOS preset `4bit_weight_palettized_group32` (coreai-models export/presets.py, export/
+# compression.py:301-341): 4-bit k-means LUTs per group of 32 output channels (axis 0); its
+# embedding is int8 per tensor (models/ios/qwen3.py:290-304), which package.describe applies.
+IOS_PRESET = "ios-preset"
+BITS[IOS_PRESET] = 4
+IOS_PALETTE_GROUP = 32
 KMEANS_ITERATIONS = 30
 
 
@@ -29,11 +35,15 @@ class Quantized:
 
 @dataclass
 class Palettized:
-    """weight[r, c] = lut[r // PALETTE_GROUP, indices[r, c]]."""
+    """weight[r, c] = lut[r // group, indices[r, c]] (group: PALETTE_GROUP, or IOS_PALETTE_GROUP)."""
 
     indices: np.ndarray  # uint8 [out, in], values < 2**bits
-    lut: np.ndarray  # [out // PALETTE_GROUP, 2**bits], in the compute precision
+    lut: np.ndarray  # [out // group, 2**bits], in the compute precision
     bits: int
+
+    @property
+    def group(self) -> int:
+        return self.indices.shape[0] // self.lut.shape[0]
 
 
 def compress(name: str, weight: np.ndarray, compression: str, block_size: int, scale_dtype):
@@ -46,6 +56,10 @@ def compress(name: str, weight: np.ndarray, compression: str, block_size: int, s
         raise OpenELMError(f"{name} has {out} rows, not a multiple of {PALETTE_GROUP}: it cannot be palettized")
     if compression == "none":
         return weight.astype(scale_dtype)
+    if compression == IOS_PRESET:
+        if out % IOS_PALETTE_GROUP:
+            raise OpenELMError(f"{name} has {out} rows, not a multiple of {IOS_PALETTE_GROUP}: use another --compress")
+        return palettize(weight, 4, scale_dtype, IOS_PALETTE_GROUP)
     if compression.startswith("palettize"):
         return palettize(weight, BITS[compression], scale_dtype)
     return quantize(weight, BITS[compression], block_size if compression == "int4" else n, scale_dtype)
@@ -57,7 +71,7 @@ def decompress(stored) -> np.ndarray:
         scale = np.repeat(stored.scale.astype(np.float32), stored.block, axis=1)
         return stored.data.astype(np.float32) * scale
     if isinstance(stored, Palettized):
-        rows = np.arange(stored.indices.shape[0]) // PALETTE_GROUP
+        rows = np.arange(stored.indices.shape[0]) // stored.group
         return stored.lut.astype(np.float32)[rows[:, None], stored.indices]
     return np.asarray(stored, np.float32)
 
@@ -73,14 +87,14 @@ def quantize(weight: np.ndarray, bits: int, block: int, scale_dtype) -> Quantize
     return Quantized(data, scale, bits)
 
 
-def palettize(weight: np.ndarray, bits: int, lut_dtype) -> Palettized:
-    """1-D k-means (Lloyd's algorithm) per group of PALETTE_GROUP rows, all groups at once.
+def palettize(weight: np.ndarray, bits: int, lut_dtype, group: int = PALETTE_GROUP) -> Palettized:
+    """1-D k-means (Lloyd's algorithm) per group of `group` rows, all groups at once.
     Written here rather than taken from scikit-learn: in one dimension each cluster is an interval
     of the sorted values, so an iteration is a vectorized search and prefix sums (seconds for a
     270M model, where one KMeans per group takes minutes), and the coreai extra needs no sklearn."""
     out, n = weight.shape
     k = 2**bits
-    groups = weight.reshape(out // PALETTE_GROUP, PALETTE_GROUP * n).astype(np.float64)
+    groups = weight.reshape(out // group, group * n).astype(np.float64)
     ordered = np.sort(groups, axis=1)
     prefix = np.concatenate([np.zeros((len(groups), 1)), np.cumsum(ordered, axis=1)], axis=1)
     lut = np.quantile(ordered, (np.arange(k) + 0.5) / k, axis=1).T  # [groups, k], ascending
@@ -113,3 +127,11 @@ def _search_rows(values: np.ndarray, edges: np.ndarray, sorted_rows: bool = True
         return np.searchsorted(flat, edges - low + shift) - np.arange(len(values))[:, None] * values.shape[1]
     flat = (edges - low + shift).ravel()
     return np.searchsorted(flat, values - low + shift, side="right") - np.arange(len(values))[:, None] * edges.shape[1]
+
+
+def quantize_per_tensor(weight: np.ndarray, scale_dtype) -> Quantized:
+    """int8 with one symmetric scale for the whole tensor (Apple's iOS embedding table,
+    primitives/ios/quantization.py:20-74), held as a Quantized whose per-row scales are equal."""
+    scale = np.asarray(max(float(np.abs(weight).max()), 1e-6) / 127, scale_dtype)
+    data = np.clip(np.round(weight / scale.astype(np.float32)), -127, 127).astype(np.int8)
+    return Quantized(data, np.full((weight.shape[0], 1), scale, scale_dtype), 8)

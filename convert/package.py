@@ -1,10 +1,11 @@
-"""The one description of an exported OpenELM package, shared by the Core ML and Core AI exporters.
+"""The one description of an exported OpenELM package, shared by the Core ML and Core AI exporters:
+the weights as stored, the layers' shapes, RoPE tables and the `openelm.*` metadata.
 
 Both packages hold the same model (weights, FFN scales, RoPE tables, the causal mask built inside
-from positions), the same `openelm.*` metadata, and the tokenizer beside them. Their calling
-contracts are those of the runners they serve: Core AI functions `prefill` (1..prefill_length
-tokens) and `decode` (one token) with `input_ids`, `position` and per-layer states; Core ML
-swift-transformers' `inputIds`, `causalMask`, `keyCache`/`valueCache` (convert/coreml/graph.py)."""
+from positions) and the same `openelm.*` metadata. Their calling contracts are those of the stock
+runners they serve: the Core AI LanguageBundle keeps Apple's (convert/coreai/graph.py for macOS,
+ios_graph.py for iOS, bundle.py), the Core ML package swift-transformers' `inputIds`,
+`causalMask`, `keyCache`/`valueCache` (convert/coreml/graph.py)."""
 
 import importlib
 import json
@@ -22,18 +23,22 @@ from openelm_mlx import __version__, outputs
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.files import optional
+from openelm_mlx.hf_tokenizer import hf_tokenizer_files
 from openelm_mlx.loader import load_model
 from openelm_mlx.model_folder import source_name
 from openelm_mlx.options import check_options, count
 from openelm_mlx.tokenizer import CHAT_TEMPLATE, Tokenizer, find_tokenizer
 
-from .compression import Palettized, Quantized, compress
+from .compression import Palettized, Quantized, compress, quantize, quantize_per_tensor
 from .numerics import ffn_scale_exponents, fold_ffn_scales
 
 FUNCTIONS = ("prefill", "decode")
 EMBEDDING = "transformer.token_embeddings.weight"
 FINAL_NORM = "transformer.norm.weight"
 COMPUTE_DTYPES = {"float16": np.float16, "float32": np.float32}  # --compute-precision
+# iOS's default context: Apple's iPhone GPU path corrupts output once the KV cache reaches 2048
+# (coreai-models #124); the model's max_context_length if smaller.
+IOS_CONTEXT = 1024
 # The exporters' numeric options; each is checked against the model once it is loaded as well.
 EXPORT_OPTION_RULES = {
     "context": optional(count(1, 1 << 20)),
@@ -89,6 +94,7 @@ class PackageDescription:
     weights: Dict[str, Union[np.ndarray, Quantized, Palettized]]  # HF name -> stored form
     rope_cos: np.ndarray  # [context, head_dim] float32
     rope_sin: np.ndarray  # sign-folded: rope(x) = x * cos + swap_halves(x) * sin
+    target: str = "macos"  # "ios": the embedding int8 per tensor, int8 per block (ios_form)
 
     @property
     def compute_dtype(self):
@@ -108,6 +114,7 @@ class PackageDescription:
             "openelm.compression": self.compression,
             "openelm.block_size": str(self.block_size) if self.compression == "int4" else "",
             "openelm.compute_precision": self.compute_precision,
+            "openelm.target": self.target,
             "openelm.ffn_scale_exponents": json.dumps([layer.ffn_scale_exponent for layer in self.layers]),
             "openelm.num_parameters": str(self.config.num_parameters()),
             "openelm.toolkit_version": __version__,
@@ -123,10 +130,12 @@ def describe(
     block_size: int,
     compute_precision: str,
     compressions,
+    target: str = "macos",
 ):
     """Load `model_source` (anything openelm_mlx.load accepts), check the export settings (the
     exporter's `compressions`), and describe the package: (PackageDescription, the model's folder).
-    prefill_length None: one call takes up to the whole context (Core ML's inputIds range)."""
+    prefill_length None: one call takes up to the whole context (Core ML's inputIds range, Core AI's
+    bundles). For `target` "ios" the context defaults to IOS_CONTEXT and the weights take ios_form."""
     if compute_precision not in COMPUTE_DTYPES:
         raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
@@ -134,7 +143,8 @@ def describe(
     check_export_options(context, prefill_length, block_size)
     model, folder = load_model(model_source, dtype="float32")
     config = model.config
-    context = config.max_context_length if context is None else context
+    if context is None:
+        context = min(IOS_CONTEXT, config.max_context_length) if target == "ios" else config.max_context_length
     if not 1 <= context <= config.max_context_length:
         raise OpenELMError(
             f"--context {context} is outside 1..{config.max_context_length} (the model's max_context_length)"
@@ -145,8 +155,9 @@ def describe(
     scale_exponents = ffn_scale_exponents(model, compute_precision)
     weights = fold_ffn_scales(model_weights(model), scale_exponents)
     del model
+    store = ios_form if target == "ios" else compress
     stored = {
-        name: w if is_norm(name) else compress(name, w, compression, block_size, COMPUTE_DTYPES[compute_precision])
+        name: w if is_norm(name) else store(name, w, compression, block_size, COMPUTE_DTYPES[compute_precision])
         for name, w in weights.items()
     }
     layers = [
@@ -166,8 +177,23 @@ def describe(
         stored,
         cos,
         sin,
+        target,
     )
     return description, folder
+
+
+def ios_form(name: str, weight: np.ndarray, compression: str, block_size: int, scale_dtype):
+    """compress() as the iOS contract needs it: the embedding table int8 per tensor (the engine
+    loads it once, load_embeddings), and int8 per block of block_size, never per output channel
+    (per-channel int8 gave garbage on Apple's GPU delegate: coreai-model-zoo
+    knowledge/pipelined-engine.md:274-285)."""
+    if name == EMBEDDING:
+        return quantize_per_tensor(weight, scale_dtype)
+    if compression == "int8":
+        if weight.shape[1] % block_size:
+            raise OpenELMError(f"--block-size {block_size} does not divide the {weight.shape[1]} inputs of {name}")
+        return quantize(weight, 8, block_size, scale_dtype)
+    return compress(name, weight, compression, block_size, scale_dtype)
 
 
 def check_export_options(context: Optional[int], prefill_length: Optional[int], block_size: int):
@@ -230,6 +256,7 @@ class PackageInfo:
     source_model: str
     chat_template: str
     config: dict
+    target: str = "macos"  # absent before iOS bundles existed, and in Core ML packages
 
     @classmethod
     def from_metadata(cls, meta: Dict[str, str], package, command: str) -> "PackageInfo":
@@ -247,6 +274,7 @@ class PackageInfo:
                 source_model=meta["openelm.source_model"],
                 chat_template=meta["openelm.chat_template"],
                 config=json.loads(meta["openelm.config"]),
+                target=meta.get("openelm.target", "macos"),
             )
         except (KeyError, ValueError, TypeError) as e:
             raise OpenELMError(f"{package} has no openelm metadata ({e}): export it with `openelm {command}`") from None
@@ -341,17 +369,37 @@ def export_from_args(export, args, **extra):
 
 def add_export_arguments(parser, suffix: str, compressions, output_help: Optional[str] = None, prefill: bool = True):
     """The exporters' shared options; `prefill` False leaves out --prefill-length (Core ML: the
-    runner sends the whole prompt in one call)."""
+    runner sends the whole prompt in one call; Core AI: the engine chooses how many tokens each call takes)."""
     parser.add_argument("model", help="model folder or Hugging Face repo id (MLX folders may be quantized)")
     parser.add_argument(
         "-o", "--output", required=True, help=output_help or f"OUT{suffix} (the tokenizer goes to OUT.tokenizer.model)"
     )
     parser.add_argument(
-        "--context", type=int, default=None, help="KV-cache length in tokens (default: the model's max_context_length)"
+        "--context",
+        type=int,
+        default=None,
+        help="KV-cache length in tokens (default: the model's max_context_length; for --target ios "
+        f"{IOS_CONTEXT} at most)",
     )
     if prefill:
         parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call")
     parser.add_argument("--compress", choices=compressions, default="none", help="weight compression (none: 16-bit)")
-    parser.add_argument("--block-size", type=int, default=32, help="int4 block size along the input axis")
+    parser.add_argument(
+        "--block-size", type=int, default=32, help="int4 (and on iOS int8) block size along the input axis"
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model if the model folder has none")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+
+
+def tokenizer_files(tok: Tokenizer, instruct: bool, context: int) -> Dict[str, bytes]:
+    """The tokenizer folder both exports ship (Core ML: OUT.tokenizer/, Core AI: the bundle's
+    tokenizer/): tokenizer.json and tokenizer_config.json (+ chat_template.jinja for an Instruct
+    model) for the Swift runners, and tokenizer.model for our own loading (sentencepiece). Built
+    before anything is written: an unusable tokenizer is refused first."""
+    return hf_tokenizer_files(tok.path, instruct, context) | {"tokenizer.model": Path(tok.path).read_bytes()}
+
+
+def write_files(folder: Path, files: Dict[str, bytes]):
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)

@@ -8,8 +8,12 @@ from types import SimpleNamespace
 import mlx.core as mx
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.tokenizer import find_tokenizer
 
-from .coreai.runtime import CoreAIRunner
+from .coreai.bundle import check_static_functions, engine_kind, read_bundle
+from .coreai.runtime import function_names
+from .coreai.sequential_engine import SequentialEngine
+from .coreai.static_engine import StaticShapeEngine
 from .coreml.swift_transformers import CoreMLRunner
 from .package import package_tokenizer
 from .package_runner import PackageRunner
@@ -18,19 +22,32 @@ from .package_runner import PackageRunner
 BACKENDS = {
     "coreml": (".mlpackage", "Core ML itself (macOS 15+)"),
     "mil-reference": (".mlpackage", "the numpy MIL executor, anywhere (slow, for checking)"),
-    "coreai": (".aimodel", "Apple's Core AI runtime (Linux: the reference runtime in coreai-core; macOS 27)"),
+    "coreai": (
+        "",
+        "Apple's Core AI runtime (Linux: the reference runtime in coreai-core; macOS 27)",
+    ),  # a bundle folder
 }
 
 
 def open_runner(package, backend: str) -> PackageRunner:
     if backend not in BACKENDS:
         raise OpenELMError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    if backend == "coreai":
+        return open_bundle(package)
     suffix = BACKENDS[backend][0]
     if Path(package).suffix != suffix:
         raise OpenELMError(f"--backend {backend} runs {suffix} packages, got '{package}'")
-    if backend == "coreai":
-        return CoreAIRunner(package)
     return CoreMLRunner(package, backend)
+
+
+def open_bundle(bundle, chunk_threshold=None) -> PackageRunner:
+    """A Core AI bundle behind the engine twin that the stock runner would pick (bundle.engine_kind)."""
+    bundle = read_bundle(bundle)
+    names = function_names(bundle)
+    if engine_kind(names) == "static":
+        check_static_functions(bundle, names)
+        return StaticShapeEngine(bundle, names)
+    return SequentialEngine(bundle, chunk_threshold)
 
 
 class PackageModel:
@@ -54,7 +71,11 @@ class PackageModel:
 def load_package(package, backend: str, tokenizer=None):
     """(PackageModel, Tokenizer) of an exported package for `openelm generate --backend ...`."""
     if package is None:
-        raise OpenELMError(
-            f"--backend {backend} needs --model OUT{BACKENDS.get(backend, ('',))[0]} (an exported package)"
+        what = "OUT (an exported bundle folder)" if backend == "coreai" else f"OUT{BACKENDS.get(backend, ('',))[0]}"
+        raise OpenELMError(f"--backend {backend} needs --model {what}")
+    runner = open_runner(package, backend)
+    if backend == "coreai":
+        return PackageModel(runner), find_tokenizer(
+            None, tokenizer or runner.bundle.tokenizer_folder / "tokenizer.model"
         )
-    return PackageModel(open_runner(package, backend)), package_tokenizer(package, tokenizer)
+    return PackageModel(runner), package_tokenizer(package, tokenizer)

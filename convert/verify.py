@@ -22,9 +22,9 @@ from openelm_mlx.model import Model
 from openelm_mlx.options import check_options, count
 from openelm_mlx.tokenizer import find_tokenizer
 
-from .compression import BITS
+from .compression import BITS, IOS_PRESET
 from .numerics import fold_ffn_scales
-from .package import PackageInfo, is_norm, model_weights, tokenizer_path
+from .package import EMBEDDING, PackageInfo, is_norm, model_weights, tokenizer_path
 
 DEFAULT_PROMPT = "Once upon a time there was a little model that wanted to write stories about the sea and the stars."
 # Logits tolerance, relative to the largest |logit| (at least 1.0), per compute precision.
@@ -48,7 +48,7 @@ FLOAT16_SUM_RTOL = 0.05
 # 16 rows) has no per-value bound: ||package - source|| / ||source|| per tensor must stay below
 # these, ~1.5x the worst measured on random weights (0.10 for 4 bits, 0.025 for 6).
 FP16_SLACK = 4 * 2.0**-11
-PALETTE_RTOL = {"palettize4": 0.15, "palettize6": 0.04}
+PALETTE_RTOL = {"palettize4": 0.15, "palettize6": 0.04, IOS_PRESET: 0.15}  # ios-preset: 4 bits per 32 rows
 
 
 @dataclass
@@ -110,10 +110,13 @@ def check_weights(package_w: Dict[str, np.ndarray], source_w: Dict[str, np.ndarr
             rel = float(np.linalg.norm(err) / max(np.linalg.norm(src), 1e-12))
         rel = rel if np.isfinite(rel) else float("inf")
         worst = max(worst, rel)
-        if is_norm(name) or info.compression == "none":
+        if info.target == "ios" and name == EMBEDDING:  # int8 per tensor (package.ios_form), one step for all
+            step = np.abs(src).max() / 127
+            bad = int(np.sum(~(err <= 0.5 * step * (1 + 2.0**-10) + FP16_SLACK * np.abs(src))))
+        elif is_norm(name) or info.compression == "none":
             stored_dtype = np.float32 if is_norm(name) or info.compute_precision == "float32" else np.float16
             bad = int(np.sum(got != src.astype(stored_dtype).astype(np.float32)))
-        elif not info.compression.startswith("palettize"):
+        elif info.compression not in PALETTE_RTOL:
             block = src.shape[1] if info.compression == "int8" else info.block_size
             rows = src.reshape(src.shape[0], -1, block)
             step = np.abs(rows).max(axis=-1, keepdims=True) / (2 ** (BITS[info.compression] - 1) - 1)
@@ -185,11 +188,13 @@ def verify_package(
     prompt: Optional[str],
     tokenizer,
     rtol: Optional[float] = None,
+    beside: Optional[Path] = None,
 ) -> VerifyReport:
     """Check a saved package against the MLX model `model` (see the module docstring).
     `package_weights(names)` reads the named weights back from the package (float32, decompressed,
     [out, in]); `runners` are (backend name, factory of a PackageRunner) to compare with MLX;
-    `rtol` replaces the logits tolerance of the package's compute precision (LOGITS_RTOL)."""
+    `rtol` replaces the logits tolerance of the package's compute precision (LOGITS_RTOL); `beside`
+    is the package's own tokenizer file (default: OUT.tokenizer.model beside it)."""
     source, folder = load_model(model, dtype="float32")
     for key in ("num_transformer_layers", "model_dim", "head_dim", "vocab_size", "num_query_heads", "num_kv_heads"):
         if info.config.get(key) != getattr(source.config, key):
@@ -201,7 +206,7 @@ def verify_package(
     stored = package_weights(list(expected))
     problems, worst = check_weights(stored, expected, info)
 
-    beside = tokenizer_path(package)
+    beside = beside or tokenizer_path(package)
     tok = find_tokenizer(folder, tokenizer or (beside if beside.is_file() else None))  # else the model's
     tokens, steps = prompt_tokens(tok, prompt, info.context, steps)
     reports = []
@@ -253,10 +258,3 @@ def add_verify_arguments(parser, suffix: str, exporter: str):
 
 def check_verify_options(steps: int):
     check_options({"steps": steps}, {"steps": count(0, 1 << 20)})
-
-
-def check_package_path(package, suffix: str) -> Path:
-    package = Path(package)
-    if package.suffix != suffix or not package.is_dir():
-        raise OpenELMError(f"{package} is not a {suffix} package folder")
-    return package

@@ -23,9 +23,9 @@ from openelm_mlx.benchmarks.synthetic import TEXT
 
 TRAIN = (*TRAIN_ANY, "--text", "text.txt")  # the text: the `text` setup
 EXPORT_ML = ("export-coreml", "{model}", "-o", "{out}.mlpackage")
-EXPORT_AI = ("export-coreai", "{model}", "-o", "{out}.aimodel")
+EXPORT_AI = ("export-coreai", "{model}", "-o", "{out}")  # a bundle folder
 VERIFY_ML = ("verify-coreml", "{out}.mlpackage", "--model", "{model}")
-VERIFY_AI = ("verify-coreai", "{out}.aimodel", "--model", "{model}")
+VERIFY_AI = ("verify-coreai", "{out}", "--model", "{model}")
 COUNT = "must be an integer from 1 to 2,147,483,648, got"
 SEED = "must be an integer from 0 to 18,446,744,073,709,551,615, got"
 text = root_file("text.txt", TEXT.encode())
@@ -84,7 +84,6 @@ VALUES = category(
     Row("export-coreml-context-3", (*EXPORT_ML, "--context", "3"), nothing, "swift-transformers needs at least 4"),
     Row("export-coreml-block-0", (*EXPORT_ML, "--block-size", "0"), nothing, "--block-size must be an integer from 1"),
     Row("export-coreai-context-negative", (*EXPORT_AI, "--context", "-5"), nothing, "got -5"),
-    Row("export-coreai-prefill-0", (*EXPORT_AI, "--prefill-length", "0"), nothing, "--prefill-length must be"),
     Row("export-coreai-block-huge", (*EXPORT_AI, "--block-size", "100000"), nothing, "65,536, got 100000"),
     Row("verify-coreml-steps-negative", (*VERIFY_ML, "--steps", "-1"), nothing, "--steps must be an integer from 0"),
     Row("verify-coreai-steps-huge", (*VERIFY_AI, "--steps", "9999999"), nothing, "1,048,576, got 9999999"),
@@ -108,6 +107,12 @@ USAGE = category(
     Row("convert-no-output", ("convert", "{model}"), nothing, "the following arguments are required: -o/--output"),
     Row("convert-bits-3", ("convert", "{model}", "-o", "{out}", "--bits", "3"), nothing, "argument --bits: invalid"),
     Row("convert-unknown-option", ("convert", "{model}", "-o", "{out}", "--fast"), nothing, "unrecognized arguments"),
+    Row(
+        "export-coreai-no-prefill-option",
+        (*EXPORT_AI, "--prefill-length", "8"),
+        nothing,
+        "unrecognized arguments: --prefill-length",
+    ),
     Row("eval-no-metric", ("eval",), nothing, "the following arguments are required: METRIC"),
     Row("eval-unknown-metric", ("eval", "bleu"), nothing, "argument METRIC: invalid choice: 'bleu'"),
     Row("eval-unknown-option", (*EVAL, "--fast"), nothing, "unrecognized arguments: --fast"),
@@ -148,7 +153,8 @@ OUTPUTS = category(
     Row("convert-symlink-loop", ("convert", "{model}", "-o", "loop/out"), root_link("loop", "loop"), "symlink loop"),
     Row("export-wrong-suffix", ("export-coreml", "{model}", "-o", "{out}.zip"), nothing, "must end in .mlpackage"),
     Row("export-tokenizer-there", EXPORT_ML, root_folder("out.tokenizer"), "out.tokenizer already exists"),
-    Row("export-coreai-package-there", EXPORT_AI, root_folder("out.aimodel"), "out.aimodel already exists"),
+    Row("export-coreai-bundle-there", EXPORT_AI, root_folder("out"), "--force"),
+    Row("export-coreai-model-file-name", ("export-coreai", "{model}", "-o", "{out}.aimodel"), nothing, "bundle folder"),
     Row("train-text-inside-force", ("train", "r", "--text", "r/t.txt", "--force"), root_file("r/t.txt"), "r/t.txt"),
     Row("train-into-cwd-force", ("train", ".", "--text", "text.txt", "--force"), text, ". is or holds"),
     Row("train-not-empty", TRAIN, both(text, root_file("out/keep.txt")), "out is not empty: pass --resume"),

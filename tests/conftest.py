@@ -97,7 +97,7 @@ EXPORT_CONTEXT, EXPORT_PREFILL = 96, 16  # of the shared exports: 3 Core AI pref
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """Core ML and Core AI exports, each made once per test run on first use and shared by the test
+    """Core ML packages and Core AI (macOS) bundles, each made once per test run on first use and shared by the test
     modules and by pytest-xdist's workers (a folder of the run and a lock per export: a worker that
     wants an export another is writing waits for it): exported(kind, source, compress, precision)
     -> the exporter's summary. Core ML packages compute in float16 only."""
@@ -118,14 +118,8 @@ def exported(tmp_path_factory):
                 if kind == "coreml":  # one call per prompt, as swift-transformers sends it: no prefill length
                     assert precision == "float16"
                     summary = export_coreml(source, folder / f"{name}.mlpackage", **settings)
-                else:
-                    summary = export_coreai(
-                        source,
-                        folder / f"{name}.aimodel",
-                        prefill_length=EXPORT_PREFILL,
-                        compute_precision=precision,
-                        **settings,
-                    )
+                else:  # a bundle folder
+                    summary = export_coreai(source, folder / name, compute_precision=precision, **settings)
                 done.write_text(json.dumps(summary))
             return json.loads(done.read_text())
 

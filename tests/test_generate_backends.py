@@ -49,9 +49,13 @@ def test_coreml_backend_needs_macos(package, cli_here):
     assert_clean_error(cli_here("generate", "--model", package, "--backend", "coreml", "-p", "hi"), "macOS")
 
 
-@pytest.mark.parametrize("backend,suffix", [("mil-reference", ".mlpackage"), ("coreai", ".aimodel")])
-def test_backend_needs_its_package(tiny_checkpoint, cli_here, backend, suffix):
-    assert_clean_error(
-        cli_here("generate", "--model", tiny_checkpoint, "--backend", backend, "-p", "hi"), f"runs {suffix} packages"
-    )
-    assert_clean_error(cli_here("generate", "--backend", backend, "-p", "hi"), f"needs --model OUT{suffix}")
+@pytest.mark.parametrize(
+    "backend,wrong,missing",
+    [
+        ("mil-reference", "runs .mlpackage packages", "needs --model OUT.mlpackage"),
+        ("coreai", "is not a Core AI bundle (no metadata.json)", "needs --model OUT (an exported bundle folder)"),
+    ],
+)
+def test_backend_needs_its_package(tiny_checkpoint, cli_here, backend, wrong, missing):
+    assert_clean_error(cli_here("generate", "--model", tiny_checkpoint, "--backend", backend, "-p", "hi"), wrong)
+    assert_clean_error(cli_here("generate", "--backend", backend, "-p", "hi"), missing)

@@ -1,6 +1,15 @@
-"""The Core AI program of one package function, block by block as openelm_mlx/model.py writes the
-model: attention, feed_forward, transformer_block, and the embedding and output around them.
-convert/coreml/graph.py is the same program in Core ML's ops; package.py describes both.
+"""The macOS Core AI program (`main`, the dynamic contract of Apple's stock LLM engines), block by
+block as openelm_mlx/model.py writes the model: attention, feed_forward, transformer_block, and the
+embedding and output around them. The helpers above `attention` (u32, named_constant, pack_nibbles,
+weight, rms_norm, rope, feed_forward) are shared with the iOS graph (ios_graph.py): keep their names
+and signatures.
+
+The contract (docs/apps.md; Apple's `models/macos/qwen3.py:83-101` and the Swift engines that drive
+it, `CoreAISequentialEngine.swift:110-146`): inputs `input_ids` int32 [1, S] (the new tokens) then
+`position_ids` int32 [1, P] (0..P-1, everything so far); states `keyCache`, `valueCache`
+[L, 1, kv_max, T, head_dim] with T = the context; output `logits` float16 [1, S, vocab], every
+position. OpenELM's per-layer KV heads share the one pair padded to the largest count: layer i
+reads and writes only its first kv_i heads (the stock engines accept 2 to 4 states, not 2 per layer).
 
 Core AI's differences in spelling: activations are [S, width] (batch 1), linear weights are stored
 [in, out] for batch_matmul, states are handles read and written with tokens, and the attention is
@@ -29,6 +38,7 @@ from ..compression import Palettized, Quantized
 from ..package import EMBEDDING, FINAL_NORM, Layer, PackageDescription, block_names, is_norm
 
 DYNAMIC = ShapedType.get_dynamic_size()
+STATES = ("keyCache", "valueCache")  # the names the stock engines bind by index (first K, then V)
 
 
 def u32(values):
@@ -101,33 +111,34 @@ def rope(x, cos, sin):
     return C.broadcasting_add(C.broadcasting_mul(x, cos), C.broadcasting_mul(C.concat(np.int32(3), [x2, x1]), sin))
 
 
-def attention(desc: PackageDescription, layer: Layer, w: dict, x, step: dict, k_handle, v_handle):
-    """compute-dtype [S, d] -> (float32 [S, d], the two cache write tokens). Writes this call's keys
-    (after RoPE) and values into the cache handles at `position` and attends over the whole cache
-    under the causal mask."""
-    hd, nq, nkv, ctx = desc.config.head_dim, layer.q_heads, layer.kv_heads, desc.context
+def attention(desc: PackageDescription, i: int, w: dict, x, step: dict, caches):
+    """compute-dtype [S, d] -> (float32 [S, d], this layer's updated cache slices). As Apple's
+    qwen3.py:83-101: RoPE at the new tokens' positions, their keys (after RoPE) and values written
+    at cache[offset:P], attention over cache[:P] under the causal mask."""
+    layer, hd, kv_max = desc.layers[i], desc.config.head_dim, kv_heads(desc)
+    nq, nkv, ctx = layer.q_heads, layer.kv_heads, desc.context
     eps, dtype = desc.config.rms_norm_eps, desc.compute_dtype
     qkv = C.reshape(C.batch_matmul(x, w["qkv_proj"]), [1, -1, nq + 2 * nkv, hd])
     q, k, v = C.split(C.transpose(qkv, u32([0, 2, 1, 3])), u32([nq, nkv, nkv]), np.int32(1))  # q | k | v heads
     scale = np.float32(hd**-0.5)  # folded into q, in float32
     q = C.cast(C.broadcasting_mul(rope(rms_norm(C.cast(q, np.float32), w["q_norm"], eps), *step["rope"]), scale), dtype)
     k = C.cast(rope(rms_norm(C.cast(k, np.float32), w["k_norm"], eps), *step["rope"]), dtype)
-    caches, tokens = [], []
-    for handle, new in ((k_handle, k), (v_handle, v)):
-        old, read = G.read_handle(handle, C.create_token())
-        full = C.slice_update(old, step["start"], C.add(step["start"], step["extent"][nkv]), np.ones(4, np.int32), new)
-        tokens.append(G.write_handle(handle, full, read))
-        if nq != nkv:  # GQA: query head j reads kv head j // (nq / nkv)
-            full = C.reshape(
-                C.broadcast_to(C.reshape(full, [1, nkv, 1, ctx, hd]), u32([1, nkv, nq // nkv, ctx, hd])),
-                [1, nq, ctx, hd],
-            )
-        caches.append(full)
-    scores = C.batch_matmul(q, C.transpose(caches[0], u32([0, 1, 3, 2])))  # [1, nq, S, context]
-    scores = C.broadcasting_where(step["future"], np.array(-np.inf, dtype), scores)
-    out = C.batch_matmul(C.softmax(scores, np.int32(3)), caches[1])  # [1, nq, S, hd]
-    out = C.reshape(C.transpose(out, u32([0, 2, 1, 3])), [-1, nq * hd])
-    return C.cast(C.batch_matmul(out, w["out_proj"]), np.float32), tokens
+    updated, attended = [], []
+    for cache, new in zip(caches, (k, v)):
+        # Layer i's slice of the shared state, all kv_max heads: [1, kv_max, T, hd]. Only its first
+        # nkv heads at positions offset..P-1 change; the padding heads keep their (zero) contents.
+        own = C.reshape(C.slice_(cache, [i, 0, 0, 0, 0], [i + 1, 1, kv_max, ctx, hd], [1] * 5), [1, kv_max, ctx, hd])
+        own = C.slice_update(own, step["write_begin"], step["extent"][nkv], np.ones(4, np.int32), new)
+        updated.append(C.reshape(own, [1, 1, kv_max, ctx, hd]))
+        attended.append(C.slice_(own, C.constant(np.zeros(4, np.int32)), step["extent"][nkv], [1] * 4))  # [1,nkv,P,hd]
+    # GQA without copying K/V: query head j reads kv head j // g, so the g query heads of one kv
+    # head become g * S rows of one matmul against that head's keys.
+    q = C.reshape(q, [1, nkv, -1, hd])  # [1, nkv, g * S, hd]
+    scores = C.batch_matmul(q, C.transpose(attended[0], u32([0, 1, 3, 2])))  # [1, nkv, g * S, P]
+    scores = C.broadcasting_where(step["future"][nq // nkv], np.array(-np.inf, dtype), scores)
+    out = C.batch_matmul(C.softmax(scores, np.int32(3)), attended[1])  # [1, nkv, g * S, hd]
+    out = C.reshape(C.transpose(C.reshape(out, [1, nq, -1, hd]), u32([0, 2, 1, 3])), [-1, nq * hd])
+    return C.cast(C.batch_matmul(out, w["out_proj"]), np.float32), updated
 
 
 def feed_forward(layer: Layer, w: dict, x):
@@ -139,84 +150,102 @@ def feed_forward(layer: Layer, w: dict, x):
     return out
 
 
-def transformer_block(desc: PackageDescription, i: int, h, weights: dict, step: dict, handles):
+def transformer_block(desc: PackageDescription, i: int, h, weights: dict, step: dict, caches):
     """The residual stream h stays float32; each sub-layer gets a compute-dtype input."""
     w = {role: weights[name] for role, name in block_names(i).items()}
     layer, eps, dtype = desc.layers[i], desc.config.rms_norm_eps, desc.compute_dtype
-    attn, tokens = attention(desc, layer, w, C.cast(rms_norm(h, w["attn_norm"], eps), dtype), step, *handles)
+    attn, updated = attention(desc, i, w, C.cast(rms_norm(h, w["attn_norm"], eps), dtype), step, caches)
     h = C.broadcasting_add(h, attn)
-    return C.broadcasting_add(h, feed_forward(layer, w, C.cast(rms_norm(h, w["ffn_norm"], eps), dtype))), tokens
+    return C.broadcasting_add(h, feed_forward(layer, w, C.cast(rms_norm(h, w["ffn_norm"], eps), dtype))), updated
 
 
-def positions(desc: PackageDescription, input_ids, position, seq_len) -> dict:
-    """What every block needs from `position`: S, cache slots, causal mask, RoPE rows."""
-    if seq_len == 1:  # decode: static shapes throughout
-        n, q_pos = C.constant(np.array([1], np.int32)), C.reshape(position, [1, 1])
-    else:
-        n = C.slice_(C.cast(C.get_shape(input_ids), np.int32), [1], [2], [1])  # [1]: S
-        end = C.reshape(C.add(position, n), [])
-        q_pos = C.reshape(C.range_(C.reshape(position, []), end, C.constant(np.int32(1))), [-1, 1])  # [S, 1]
-    # Key slot k is hidden from the query at q_pos iff k > q_pos: later tokens and stale slots.
-    future = C.broadcasting_greater(np.arange(desc.context, dtype=np.int32)[None, :], q_pos)  # [S, context]
+def sizes(x):
+    """A tensor's dimensions as an int32 [rank] value (dynamic ones known only at run time)."""
+    return C.cast(C.get_shape(x), np.int32)
+
+
+def positions(desc: PackageDescription, input_ids, position_ids) -> dict:
+    """What every block needs from the two inputs: S new tokens, P tokens in all, offset = P - S
+    (Apple's qwen3.py:83-88), RoPE rows, cache write and read extents, the causal mask."""
     hd = desc.config.head_dim
+    s = C.slice_(sizes(input_ids), [1], [2], [1])  # [1]
+    p = C.slice_(sizes(position_ids), [1], [2], [1])  # [1]
+    offset = C.sub(p, s)
+    # RoPE at the position values of the new tokens, position_ids[offset:P] (Apple: narrow(-1, offset, S)).
+    new_positions = C.slice_(
+        position_ids,
+        C.concat(np.int32(0), [C.constant(np.zeros(1, np.int32)), offset]),
+        C.concat(np.int32(0), [C.constant(np.ones(1, np.int32)), p]),
+        [1, 1],
+    )
+    rows = C.reshape(new_positions, [-1, 1])  # [S, 1]
+    # Key slot k is hidden from the new token at slot offset + j iff k > offset + j. Rows repeat
+    # per query head of a group (attention's GQA layout): row r is token r mod S.
+    keys = C.range_(C.constant(np.int32(0)), C.reshape(p, []), C.constant(np.int32(1)))  # [P]
+    queries = C.range_(C.reshape(offset, []), C.reshape(p, []), C.constant(np.int32(1)))  # [S]
+    groups = {layer.q_heads // layer.kv_heads for layer in desc.layers}
+    zero, one = C.constant(np.zeros(1, np.int32)), C.constant(np.ones(1, np.int32))
     return {
-        "n": n,
-        "future": C.reshape(future, [1, 1, -1, desc.context]),
-        "rope": [C.gather_nd(C.constant(table), q_pos) for table in (desc.rope_cos, desc.rope_sin)],  # [S, hd]
-        "start": C.concat(
-            np.int32(0), [C.constant(np.zeros(2, np.int32)), position, C.constant(np.zeros(1, np.int32))]
-        ),
-        "extent": {
+        "rope": [C.gather_nd(C.constant(table), rows) for table in (desc.rope_cos, desc.rope_sin)],  # [S, hd]
+        # [1, 1, g*S, P] (a rank-2 mask reshaped to rank 4 came out wrong from coreai's rewrites)
+        "future": {
+            g: C.broadcasting_greater(keys, C.reshape(C.concat(np.int32(0), [queries] * g), [1, 1, -1, 1]))
+            for g in groups
+        },
+        "write_begin": C.concat(np.int32(0), [zero, zero, offset, zero]),
+        "extent": {  # end of the first kv heads, positions up to P: where a layer writes and what it reads
             kv: C.concat(
-                np.int32(0), [C.constant(np.array([1, kv], np.int32)), n, C.constant(np.array([hd], np.int32))]
+                np.int32(0), [one, C.constant(np.array([kv], np.int32)), p, C.constant(np.array([hd], np.int32))]
             )
             for kv in {layer.kv_heads for layer in desc.layers}
         },
     }
 
 
-def output_logits(desc: PackageDescription, h, weights: dict, n):
-    """float32 [S, d] -> [1, vocab] of the last token, through the tied embedding ([vocab, d],
-    multiplied from the left, so it is stored once for the lookup and the output)."""
-    d = desc.config.model_dim
-    last = C.slice_(
-        h,
-        C.concat(np.int32(0), [C.sub(n, C.constant(np.array([1], np.int32))), C.constant(np.zeros(1, np.int32))]),
-        C.concat(np.int32(0), [n, C.constant(np.array([d], np.int32))]),
-        [1, 1],
-    )
-    x = C.cast(rms_norm(C.reshape(last, [1, d]), weights[FINAL_NORM], desc.config.rms_norm_eps), desc.compute_dtype)
-    logits = C.batch_matmul(weights[EMBEDDING], C.transpose(x, u32([1, 0])))  # [vocab, 1]
-    return C.reshape(logits, [1, desc.config.vocab_size])
+def output_logits(desc: PackageDescription, h, weights: dict):
+    """float32 [S, d] -> float16 [1, S, vocab] for every position (the stock engines read float16
+    logits: CoreAISequentialEngine.swift:146), through the tied embedding ([vocab, d], multiplied
+    from the left, so it is stored once for the lookup and the output)."""
+    x = C.cast(rms_norm(h, weights[FINAL_NORM], desc.config.rms_norm_eps), desc.compute_dtype)
+    logits = C.transpose(C.batch_matmul(weights[EMBEDDING], C.transpose(x, u32([1, 0]))), u32([1, 0]))  # [S, vocab]
+    return C.cast(C.reshape(logits, [1, -1, desc.config.vocab_size]), np.float16)
 
 
-def build_function(desc: PackageDescription, name: str, seq_len) -> GraphOp:
-    """One function of the package, built into the current module: seq_len None is prefill (any
-    length; runners keep each call within prefill_length), 1 is decode."""
-    config = desc.config
+def kv_heads(desc: PackageDescription) -> int:
+    """Heads per layer in the shared cache: the largest layer's (the others are padded to it)."""
+    return max(layer.kv_heads for layer in desc.layers)
+
+
+def cache_shape(desc: PackageDescription) -> list:
+    """[L, 1, kv_max, T, head_dim] of keyCache and valueCache, T = the context."""
+    return [len(desc.layers), 1, kv_heads(desc), desc.context, desc.config.head_dim]
+
+
+def build_main(desc: PackageDescription) -> GraphOp:
+    """The function `main`, built into the current module."""
     ftype = F16Type.get() if desc.compute_dtype == np.float16 else F32Type.get()
     int32 = IntegerType.get_signed(32)
-    state_names, handle_types = [], []
-    for i, layer in enumerate(desc.layers):
-        for kind in "kv":
-            state_names.append(f"{kind}_cache_{i}")
-            cache = RankedTensorType.get([1, layer.kv_heads, desc.context, config.head_dim], ftype)
-            handle_types.append(C.HandleType.get(cache))
+    handle = C.HandleType.get(RankedTensorType.get(cache_shape(desc), ftype))
     graph = GraphOp(
-        name,
-        [RankedTensorType.get([1, seq_len or DYNAMIC], int32), RankedTensorType.get([1], int32)] + handle_types,
-        [RankedTensorType.get([1, config.vocab_size], ftype)] + [C.TokenType.get()] * len(state_names),
-        input_names=["input_ids", "position"] + state_names,
-        result_names=["logits"] + [f"written_{n}" for n in state_names],  # the runtime drops the tokens
+        "main",
+        [RankedTensorType.get([1, DYNAMIC], int32)] * 2 + [handle] * 2,
+        [RankedTensorType.get([1, DYNAMIC, desc.config.vocab_size], F16Type.get())] + [C.TokenType.get()] * 2,
+        input_names=["input_ids", "position_ids", *STATES],
+        result_names=["logits"] + [f"written_{n}" for n in STATES],  # the runtime drops the tokens
     )
     with graph.block:
-        input_ids, position, *handles = graph.arguments
+        input_ids, position_ids, *handles = graph.arguments
         weights = {n: weight(n, w, transpose=n != EMBEDDING and not is_norm(n)) for n, w in desc.weights.items()}
-        step = positions(desc, input_ids, position, seq_len)
+        step = positions(desc, input_ids, position_ids)
+        reads = [G.read_handle(handle, C.create_token()) for handle in handles]  # (value, token) each
         h = C.cast(C.gather_nd(weights[EMBEDDING], C.reshape(input_ids, [-1, 1])), np.float32)  # [S, d]
-        written = []
+        layers = []
         for i in range(len(desc.layers)):
-            h, tokens = transformer_block(desc, i, h, weights, step, handles[2 * i : 2 * i + 2])
-            written += tokens
-        C.output([output_logits(desc, h, weights, step["n"])] + written)
+            h, updated = transformer_block(desc, i, h, weights, step, [value for value, _ in reads])
+            layers.append(updated)
+        written = [
+            G.write_handle(handle, C.concat(np.int32(0), [u[j] for u in layers]), token)
+            for j, (handle, (_, token)) in enumerate(zip(handles, reads))
+        ]
+        C.output([output_logits(desc, h, weights)] + written)
     return graph

@@ -1,5 +1,6 @@
-"""A saved Core AI model run by Apple's runtime (coreai.runtime: on Linux the reference runtime in
-the coreai-core wheel, on macOS 27 the OS framework), behind the shared PackageRunner."""
+"""A bundle's Core AI model run by Apple's runtime (coreai.runtime: on Linux the reference runtime in
+the coreai-core wheel, on macOS 27 the OS framework): what the engine twins share (CoreAIEngine,
+behind the shared PackageRunner), the integrity check and the openelm.* metadata read back."""
 
 import asyncio
 import hashlib
@@ -10,13 +11,13 @@ import threading
 import weakref
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
-
-import numpy as np
+from typing import List
 
 from openelm_mlx.errors import OpenELMError
 
-from ..package import FUNCTIONS, PackageInfo, require
+from ..package import PackageInfo, require
 from ..package_runner import PackageRunner
+from .bundle import Bundle
 
 
 def check_integrity(package: Path):
@@ -32,63 +33,79 @@ def check_integrity(package: Path):
         raise OpenELMError(f"{package}/main.mlirb does not match its main.hash (corrupted or edited): re-export it")
 
 
-def package_info(package) -> PackageInfo:
-    """The openelm.* metadata in the model's metadata.json (readable without coreai-core), once
-    main.mlirb has passed check_integrity."""
-    package = Path(package)
-    check_integrity(package)
+def package_info(bundle: Bundle) -> PackageInfo:
+    """The openelm.* metadata in the bundle's model (its own metadata.json, readable without
+    coreai-core), once main.mlirb has passed check_integrity."""
+    check_integrity(bundle.asset)
     try:
-        meta = json.loads((package / "metadata.json").read_text())["creatorDefinedMetadata"]
+        meta = json.loads((bundle.asset / "metadata.json").read_text())["creatorDefinedMetadata"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise OpenELMError(
-            f"{package} is not a Core AI model with openelm metadata ({type(e).__name__}: {e})"
+            f"{bundle.asset} is not a Core AI model with openelm metadata ({type(e).__name__}: {e})"
         ) from None
-    return PackageInfo.from_metadata(meta, package, "export-coreai")
+    return PackageInfo.from_metadata(meta, bundle.path, "export-coreai")
 
 
-class CoreAIRunner(PackageRunner):
-    """Keeps one `async with asset.executable()` open on one event loop for the runner's life (loading
-    lowers the program for the device, so it is done once), and the states as NDArrays that the
-    runtime updates in place."""
+def function_names(bundle: Bundle) -> List[str]:
+    """The model's functions, read from main.mlirb after check_integrity (the engine choice needs them)."""
+    from coreai.authoring import AIModelAsset
 
-    def __init__(self, package):
-        super().__init__(package, package_info(package))
+    check_integrity(bundle.asset)
+    try:
+        with native_stderr_silenced():
+            return list(AIModelAsset.load(bundle.asset).summary(include_statistics=False).function_names)
+    except (RuntimeError, ValueError) as e:
+        raise OpenELMError(f"{bundle.asset} cannot be read by Core AI ({_first_line(e)}): re-export it") from None
+
+
+class CoreAIEngine(PackageRunner):
+    """What every engine twin shares: one `async with asset.executable()` open on one event loop
+    for the engine's life (loading lowers the program for the device, so it is done once), the
+    named functions loaded from it, and calls that update NDArray states in place. Engines provide
+    reset(), prefill() and decode()."""
+
+    def __init__(self, bundle: Bundle, functions: List[str]):
+        super().__init__(bundle.path, package_info(bundle))
         require("coreai.runtime", "coreai")
         from coreai.authoring import AIModelAsset
 
+        self.bundle = bundle
         self._loop = asyncio.new_event_loop()
         self._stack = AsyncExitStack()
         self._closer = weakref.finalize(self, _close, self._loop, self._stack)
         try:
             model = self._loop.run_until_complete(
-                self._stack.enter_async_context(AIModelAsset.load(self.package).executable())
+                self._stack.enter_async_context(AIModelAsset.load(bundle.asset).executable())
             )
             with native_stderr_silenced():
-                self._functions = {name: model.load_function(name) for name in FUNCTIONS}
+                self.functions = {name: model.load_function(name) for name in functions}
         except (RuntimeError, KeyError, ValueError) as e:
             self.close()
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise OpenELMError(f"{self.package} cannot be loaded by Core AI ({first}): re-export it") from None
-        desc = self._functions["decode"].desc
-        self._state_specs = {
-            name: (desc.state_descriptor(name).shape, desc.state_descriptor(name).dtype) for name in desc.state_names
-        }
-        self.reset()
+            raise OpenELMError(f"{bundle.path} cannot be loaded by Core AI ({_first_line(e)}): re-export it") from None
 
     def close(self):
         self._closer()
 
-    def _reset_states(self):
+    def _checked(self, tokens) -> List[int]:
+        """Token ids in range and room for them in the context, else one line."""
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise OpenELMError("prefill needs at least one token")
+        if any(not 0 <= t < self.info.vocab_size for t in tokens):
+            raise OpenELMError(f"token ids must be in 0..{self.info.vocab_size - 1}, got {max(tokens)}")
+        self._check_room(len(tokens))
+        return tokens
+
+    def run(self, function: str, inputs: dict, states: dict) -> dict:
+        """One call: numpy inputs, NDArray states (updated in place); numpy outputs by name."""
         from coreai.runtime import NDArray
 
-        # Fresh zeros: storage the runtime allocates is not zeroed on Linux.
-        self._states = {name: NDArray(np.zeros(shape, dtype)) for name, (shape, dtype) in self._state_specs.items()}
+        call = self.functions[function]({k: NDArray(v) for k, v in inputs.items()}, state=states)
+        return {name: value.numpy() for name, value in self._loop.run_until_complete(call).items()}
 
-    def _run(self, function: str, inputs: dict) -> np.ndarray:
-        from coreai.runtime import NDArray
 
-        call = self._functions[function]({k: NDArray(v) for k, v in inputs.items()}, state=self._states)
-        return self._loop.run_until_complete(call)["logits"].numpy()
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 @contextmanager

@@ -1,44 +1,48 @@
-"""`openelm verify-coreai`: run a saved Core AI model with Apple's own runtime and compare it with
-the MLX model (see convert/verify.py): on Linux the reference runtime bundled with coreai-core, on
-macOS 27 the OS framework. The weights are read back from main.mlirb (weights.py)."""
+"""`openelm verify-coreai`: run a saved Core AI bundle with Apple's own runtime, driven by the twin
+of the engine the stock runner would pick, and compare it with the MLX model (see
+convert/verify.py): on Linux the reference runtime bundled with coreai-core, on macOS 27 the OS
+framework. The weights are read back from the model's main.mlirb (weights.py)."""
+
+from typing import Optional
 
 from ..compression import BITS
 from ..package import require
-from ..verify import (
-    FLOAT16_SUM_RTOL,
-    add_verify_arguments,
-    check_package_path,
-    check_verify_options,
-    print_report,
-    verify_package,
-)
-from .runtime import CoreAIRunner, package_info
+from ..runner import open_bundle
+from ..verify import FLOAT16_SUM_RTOL, add_verify_arguments, check_verify_options, print_report, verify_package
+from .bundle import check_static_functions, engine_kind, read_bundle
+from .runtime import function_names, package_info
 from .weights import package_weights
 
 
-def verify_coreai(package, model, steps: int = 16, prompt=None, tokenizer=None):
+def verify_coreai(bundle, model, steps: int = 16, prompt=None, tokenizer=None, chunk_threshold: Optional[int] = None):
+    """`chunk_threshold`: the engine's (default COREAI_CHUNK_THRESHOLD or 1024, as in Swift)."""
     check_verify_options(steps)
     require("coreai.runtime", "coreai")
 
-    package = check_package_path(package, ".aimodel")
-    info = package_info(package)
+    bundle = read_bundle(bundle)
+    info = package_info(bundle)
     bits = BITS.get(info.compression, 0)
+    names, functions = function_names(bundle), (None,)  # None: the first function (macOS: main)
+    if engine_kind(names) == "static":  # the table is load_embeddings' output, the rest in any extend
+        check_static_functions(bundle, names)
+        functions = ("load_embeddings", min(n for n in names if n.startswith(f"extend_{bundle.max_context_length}_")))
     return verify_package(
-        package,
+        bundle.path,
         model,
         info,
-        lambda names: package_weights(package, names, bits),
-        [("coreai", lambda: CoreAIRunner(package))],
+        lambda names: package_weights(bundle.asset, names, bits, functions),
+        [("coreai", lambda: open_bundle(bundle.path, chunk_threshold))],
         [],
         steps,
         prompt,
         tokenizer,
         rtol=FLOAT16_SUM_RTOL if info.compute_precision == "float16" else None,
+        beside=bundle.tokenizer_folder / "tokenizer.model",
     )
 
 
 def add_arguments(parser):
-    add_verify_arguments(parser, ".aimodel", "export-coreai")
+    add_verify_arguments(parser, "bundle folder", "export-coreai")
 
 
 def main(args) -> int:

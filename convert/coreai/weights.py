@@ -9,7 +9,7 @@ under another weight's name, hence the lookup through the program rather than by
 
 import re
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -95,8 +95,9 @@ def _read_group(offsets: _Reader, data, entry: int, strings, out) -> int:
     return entry
 
 
-def named_constants(package: Path, function: str = "decode") -> Dict[str, np.ndarray]:
-    """Weight name -> its array (sub-byte values unpacked) in `function` of a saved model."""
+def named_constants(package: Path, function: Optional[str] = None) -> Dict[str, np.ndarray]:
+    """Weight name -> its array (sub-byte values unpacked) in `function` of a saved model (default:
+    its first function; identical constants are shared between functions)."""
     from coreai.authoring import AIModelAsset  # first: coreai's dialect modules import coreai.authoring
 
     # isort: split
@@ -108,7 +109,7 @@ def named_constants(package: Path, function: str = "decode") -> Dict[str, np.nda
     # The parsed main.mlirb; coreai-core 1.0.0b3 has no public accessor to the module inside.
     program = AIModelAsset.load(package).program._module._mlir_module
     blobs = resources(package / "main.mlirb")
-    graph = next(op for op in program.body.operations if op.attributes["sym_name"].value == function)
+    graph = [op for op in program.body.operations if function in (None, op.attributes["sym_name"].value)][0]
     out = {}
     for op in graph.regions[0].blocks[0].operations:
         attr = op.location.attr
@@ -136,11 +137,12 @@ def _array(blob, shape, dtype) -> np.ndarray:
     return np.frombuffer(blob, dtype).reshape(shape)
 
 
-def package_weights(package: Path, names: Sequence[str], bits: int) -> Dict[str, np.ndarray]:
-    """The named weights of a saved model, decompressed to float32 in the checkpoint's [out, in]
-    layout (graph.weight transposes linear weights to [in, out])."""
+def package_weights(package: Path, names: Sequence[str], bits: int, functions=(None,)) -> Dict[str, np.ndarray]:
+    """The named weights of a saved model's `functions`, decompressed to float32 in the
+    checkpoint's [out, in] layout (graph.weight transposes linear weights to [in, out]; the iOS
+    embedding table is [V, 1, H], its scale one value)."""
     try:
-        constants = named_constants(Path(package))
+        constants = {k: v for function in functions for k, v in named_constants(Path(package), function).items()}
     except (ValueError, KeyError, IndexError, RuntimeError) as e:
         raise OpenELMError(f"{package}: the weights cannot be read from main.mlirb ({e}): re-export it") from None
     out = {}
@@ -149,7 +151,8 @@ def package_weights(package: Path, names: Sequence[str], bits: int) -> Dict[str,
         if name in constants:
             stored = flip(constants[name])
         elif f"{name}.data" in constants:
-            stored = Quantized(flip(constants[f"{name}.data"]), flip(constants[f"{name}.scale"]), bits)
+            data = constants[f"{name}.data"]
+            stored = Quantized(flip(data.reshape(len(data), -1)), flip(constants[f"{name}.scale"]), bits)
         elif f"{name}.indices" in constants:
             lut = constants[f"{name}.lut"]  # [1, groups, n, 1] transposed, [groups, 1, n, 1] not
             stored = Palettized(flip(constants[f"{name}.indices"]), lut.reshape(-1, lut.shape[2]), bits)

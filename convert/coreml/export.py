@@ -15,7 +15,6 @@ import numpy as np
 
 from openelm_mlx import __version__, outputs
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.hf_tokenizer import hf_tokenizer_files
 from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import Tokenizer, find_tokenizer, is_instruct_model
 
@@ -27,7 +26,9 @@ from ..package import (
     export_from_args,
     export_summary,
     require,
+    tokenizer_files,
     tokenizer_folder,
+    write_files,
 )
 
 COMPRESSIONS = ("none", "int8", "int4", "palettize4", "palettize6")
@@ -78,9 +79,7 @@ def export_coreml(
         places = [output, tokenizer_folder(output)]
         with outputs.staged_outputs(places, force, reads=[folder, tok.path]) as (package, beside):
             write_package(desc, metadata(desc, tok), package, bar)
-            beside.mkdir()
-            for name, data in files.items():
-                (beside / name).write_bytes(data)
+            write_files(beside, files)
     return export_summary(desc, output, time.perf_counter() - start)
 
 
@@ -94,13 +93,6 @@ def metadata(desc: PackageDescription, tok: Tokenizer) -> Dict[str, str]:
         "co.huggingface.exporters.task": "text-generation",
         "co.huggingface.exporters.architecture": "OpenELMForCausalLM",
     }
-
-
-def tokenizer_files(tok: Tokenizer, instruct: bool, context: int) -> Dict[str, bytes]:
-    """The files of OUT.tokenizer/: tokenizer.json and tokenizer_config.json (+ chat_template.jinja
-    for an Instruct model) for swift-transformers' AutoTokenizer.from(modelFolder:), and
-    tokenizer.model for our own loading (sentencepiece)."""
-    return hf_tokenizer_files(tok.path, instruct, context) | {"tokenizer.model": Path(tok.path).read_bytes()}
 
 
 def write_package(desc: PackageDescription, meta: dict, path: Path, bar):
