@@ -246,3 +246,11 @@ def test_generate_through_the_twin_gives_mlx_text(bundles):
     assert result.returncode == 0, result.stderr
     assert result.stdout == generate(model, tokenizer, prompt, max_tokens=24, temp=0.0) + "\n"
     assert len(result.stdout.split()) > 10 and "ODIE" not in result.stderr
+
+
+def test_the_ios_preset_serves_macos_bundles_too(tiny_checkpoint, tmp_path):
+    """--target macos --compress ios-preset: every matrix, the embedding too, 4-bit per 32 rows."""
+    summary = export_coreai(tiny_checkpoint, tmp_path / "mac", context=96, compress="ios-preset")
+    assert summary["bytes_per_parameter"] < 0.7
+    report = verify_coreai(tmp_path / "mac", tiny_checkpoint, steps=16)
+    assert report.ok and report.backends[0].agreement == 1.0 and report.weight_max_rel_error < 0.15

@@ -237,6 +237,9 @@ def build_main(desc: PackageDescription) -> GraphOp:
         input_ids, position_ids, *handles = graph.arguments
         weights = {n: weight(n, w, transpose=n != EMBEDDING and not is_norm(n)) for n, w in desc.weights.items()}
         step = positions(desc, input_ids, position_ids)
+        # One read and one write per state and call: the coreai-model-zoo notes several per-slot
+        # writes to one state dropped on the GPU delegate (knowledge/pipelined-engine.md:174-182).
+        # The price: each call copies the cache (each layer's slice, then the concatenation).
         reads = [G.read_handle(handle, C.create_token()) for handle in handles]  # (value, token) each
         h = C.cast(C.gather_nd(weights[EMBEDDING], C.reshape(input_ids, [-1, 1])), np.float32)  # [S, d]
         layers = []
