@@ -122,12 +122,14 @@ def add_arguments(parser):
 
 
 def main(args):
-    model, tokenizer, draft = load_for_cli(args, chat=True)
+    def room(model, tokenizer):  # before the Instruct notice: a refusal is one line
+        ChatSession(model, tokenizer, args.system).check_room(args.max_tokens)
+
+    model, tokenizer, draft = load_for_cli(args, chat=True, check=room)
     context = model.config.max_context_length
     import readline  # noqa: F401  (arrow keys and history in input())
 
     session = ChatSession(model, tokenizer, args.system)
-    session.check_room(args.max_tokens)
     print(HELP, file=sys.stderr)
     told = False
     while True:
