@@ -11,7 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from openelm_mlx.checkpoint import DTYPE_SIZES, read_header, weight_problems
+from openelm_mlx.checkpoint import read_header, weight_problems
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.files import each, field_problem, integer, read_json, rule, text
 from openelm_mlx.outputs import check_output, remove
@@ -26,23 +26,19 @@ def _is_number(v) -> bool:
     return type(v) in (int, float)  # read_json has refused NaN and infinities
 
 
+LOSSES = each(
+    rule(
+        lambda v: isinstance(v, list) and len(v) == 2 and type(v[0]) is int and _is_number(v[1]),
+        "must be a [step, loss] pair of numbers",
+    )
+)
 # Every field of train_state.json besides "config" (compared with the settings); "step" is
 # checked against --steps.
 STATE_RULES = {
     "step": integer(0, 1 << 62),
     "seconds": rule(lambda v: _is_number(v) and v >= 0, "must be a number of at least 0"),
-    "train_loss": each(
-        rule(
-            lambda v: isinstance(v, list) and len(v) == 2 and type(v[0]) is int and _is_number(v[1]),
-            "must be a [step, loss] pair of numbers",
-        )
-    ),
-    "val_loss": each(
-        rule(
-            lambda v: isinstance(v, list) and len(v) == 2 and type(v[0]) is int and _is_number(v[1]),
-            "must be a [step, loss] pair of numbers",
-        )
-    ),
+    "train_loss": LOSSES,
+    "val_loss": LOSSES,
     "tokenizer_sha256": text,
 }
 
@@ -118,7 +114,7 @@ def load_checkpoint(output: Path, model, optimizer, settings: dict, tokenizer_sh
             f"--resume: {output / 'tokenizer.model'} is not the tokenizer this run was trained with "
             f"(its SHA-256 differs from the one in {folder / STATE}): put the run's tokenizer back, or {RESTART}"
         )
-    weights = _read_tensors(folder / "model.safetensors")
+    weights = _read_tensors(folder / "model.safetensors", {"F32": 4})  # as save_checkpoint writes them
     problems = weight_problems(model, weights)
     if problems:
         raise OpenELMError(
@@ -127,18 +123,25 @@ def load_checkpoint(output: Path, model, optimizer, settings: dict, tokenizer_sh
     model.load_weights(list(weights.items()))
     moments = _read_tensors(folder / "optimizer.safetensors", {"F32": 4, "U64": 8})  # U64: AdamW's step
     optimizer.init(model.trainable_parameters())  # the moments a fresh run would have: their names and shapes
-    expected = {k: v.shape for k, v in tree_flatten(optimizer.state)}
-    wrong = sorted(set(expected) ^ set(moments)) or [k for k in expected if moments[k].shape != expected[k]]
+    expected = {k: (v.shape, v.dtype) for k, v in tree_flatten(optimizer.state)}
+    wrong = sorted(set(expected) ^ set(moments)) or [
+        k for k, v in expected.items() if (moments[k].shape, moments[k].dtype) != v
+    ]
     if wrong:
         raise OpenELMError(
             f"--resume: {folder / 'optimizer.safetensors'} does not hold this model's optimizer state "
             f"(first difference: {wrong[0]}): {RESTART}"
         )
+    if moments["step"].item() != state["step"]:  # AdamW's bias correction and the schedule count it
+        raise OpenELMError(
+            f"--resume: {folder / 'optimizer.safetensors'} is at step {moments['step'].item()}, "
+            f"{folder / STATE} at step {state['step']}: {RESTART}"
+        )
     optimizer.state = tree_unflatten(list(moments.items()))
     return state
 
 
-def _read_tensors(path: Path, dtypes=DTYPE_SIZES) -> dict:
+def _read_tensors(path: Path, dtypes: dict) -> dict:
     read_header(path, RESTART, dtypes)  # complete and well-formed, before MLX reads it
     try:
         return mx.load(str(path))

@@ -39,6 +39,16 @@ def folder_for_state(work):
     (work.model / SAVED).mkdir()
 
 
+def float16_weights(work):
+    """The checkpoint's weights stored as float16 (the trainer writes float32)."""
+    import mlx.core as mx
+
+    path = work.model / "checkpoint" / "model.safetensors"
+    weights = {k: v.astype(mx.float16) for k, v in mx.load(str(path)).items()}
+    mx.eval(weights)  # read before the file is written over
+    mx.save_safetensors(str(path), weights)
+
+
 def other_optimizer(work):
     """Moments of another model: AdamW's step and learning rate alone."""
     import mlx.core as mx
@@ -70,6 +80,7 @@ RESUME_ROWS = category(
     Row("step-fraction", RESUME, state(step=1.5), f"{STEP}, got 1.5"),
     Row("step-boolean", RESUME, state(step=True), f"{STEP}, got true"),
     Row("step-missing", RESUME, state(step=DELETE), "field 'step' is missing"),
+    Row("step-edited", RESUME, state(step=1), "optimizer.safetensors is at step 2"),
     Row("step-in-run-folder-state", RESUME, state(STATE, step="two"), f'{STEP}, got "two"'),
     Row("loss-null", RESUME, state(train_loss=[[1, None], [2, 5.9]]), f"field 'train_loss' item 0 {PAIR}"),
     Row("loss-string", RESUME, state(train_loss=[[1, "6.3"]]), PAIR),
@@ -125,6 +136,7 @@ RESUME_ROWS = category(
     ),
     Row("weights-not-safetensors", RESUME, damaged(write("checkpoint/model.safetensors", b"PK\x03\x04 zip")), RESTART),
     Row("weights-a-fifo", RESUME, damaged(special("checkpoint/model.safetensors", "fifo")), "is a named pipe (FIFO)"),
+    Row("weights-float16", RESUME, damaged(float16_weights), 'must be one of "F32", got "F16"'),
     Row("weights-of-another-model", RESUME, damaged(foreign_weights), "is not this run's model (unexpected tensors"),
     Row("optimizer-of-another-model", RESUME, damaged(other_optimizer), "does not hold this model's optimizer state"),
     # the tokenizer
