@@ -48,7 +48,8 @@ class ChatSession:
         base = len(self.encode_all("", []))  # the system message and the template around a message
         if base + reply < context:
             return
-        given = "--max-tokens" if max_tokens is not None else "the default --max-tokens, half the context"
+        half = ", half the context" if reply == context // 2 else ""
+        given = "--max-tokens" if max_tokens is not None else f"the default --max-tokens{half}"
         if not self.system:
             raise OpenELMError(
                 f"--max-tokens {reply} leaves no room for a message in the model's context of {context} "
