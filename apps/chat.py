@@ -4,7 +4,7 @@ import sys
 from typing import Dict, Iterator, List, Optional
 
 from openelm_mlx.cache import make_cache
-from openelm_mlx.errors import OpenELMError
+from openelm_mlx.errors import OpenELMError, Terminated
 from openelm_mlx.generate import DEFAULT_MAX_TOKENS, GenerationChunk, fit_context, stream_generate
 from openelm_mlx.model import Model
 from openelm_mlx.tokenizer import Tokenizer, chat_prompt
@@ -15,8 +15,11 @@ HELP = "type a message; /reset starts over, /quit (or Ctrl-D) leaves, Ctrl-C sto
 
 
 class ChatSession:
-    """A conversation whose tokens stay in the KV cache: each turn feeds only what is new. When
-    the context fills, the oldest turns are dropped and the rest is fed again."""
+    """A conversation whose tokens stay in the KV cache: each turn feeds only what is new. Every
+    turn keeps room for a reply of max_tokens (default: DEFAULT_MAX_TOKENS or half the context).
+    When the context fills, the oldest turns are dropped (the system message stays) and the rest
+    is fed again; a message too long to fit even alone is refused, and the conversation stays as
+    it was (docs/generate.md, "openelm chat")."""
 
     def __init__(self, model: Model, tokenizer: Tokenizer, system: Optional[str] = None):
         self.model, self.tokenizer, self.system = model, tokenizer, system
@@ -28,10 +31,36 @@ class ChatSession:
         self.tokens: List[int] = []  # the conversation so far, as the template tokenizes it
         self.messages: List[Dict[str, str]] = []  # the finished turns as text: user, assistant, ...
 
-    def encode_all(self, user: str) -> List[int]:
-        """The whole conversation, system message first, ending with the new user message."""
+    def encode_all(self, user: str, messages: Optional[List[Dict[str, str]]] = None) -> List[int]:
+        """The whole conversation (or `messages`), system message first, ending with the new user message."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return self.tokenizer.encode(chat_prompt(system + self.messages + [{"role": "user", "content": user}]))
+        turns = self.messages if messages is None else messages
+        return self.tokenizer.encode(chat_prompt(system + turns + [{"role": "user", "content": user}]))
+
+    def reply_room(self, max_tokens: Optional[int]) -> int:
+        context = self.model.config.max_context_length
+        return min(DEFAULT_MAX_TOKENS, context // 2) if max_tokens is None else max_tokens
+
+    def check_room(self, max_tokens: Optional[int]):
+        """Refuse, before the first turn, a --system or --max-tokens that leaves no room for a
+        message: otherwise every turn would fail."""
+        context, reply = self.model.config.max_context_length, self.reply_room(max_tokens)
+        base = len(self.encode_all("", []))  # the system message and the template around a message
+        if base + reply < context:
+            return
+        half = ", half the context" if reply == context // 2 else ""
+        given = "--max-tokens" if max_tokens is not None else f"the default --max-tokens{half}"
+        if not self.system:
+            raise OpenELMError(
+                f"--max-tokens {reply} leaves no room for a message in the model's context of {context} "
+                f"(the chat template takes {base}): use at most {context - base - 1}"
+            )
+        system = base - len(ChatSession(self.model, self.tokenizer).encode_all("", []))
+        lower = f" or pass --max-tokens {context - base - 1} or less" if base + 1 < context else ""
+        raise OpenELMError(
+            f"the system message (--system) is {system} tokens: with the chat template and a reply of {reply} "
+            f"({given}) it leaves no room for a message in the model's context of {context}: shorten it{lower}"
+        )
 
     def turn_tokens(self, user: str) -> List[int]:
         if not self.tokens:
@@ -40,18 +69,26 @@ class ChatSession:
         return self.tokenizer.encode("\n" + chat_prompt([{"role": "user", "content": user}]), bos=False)
 
     def send(self, user: str, max_tokens: Optional[int] = None, **sampling) -> Iterator[GenerationChunk]:
-        context = self.model.config.max_context_length
-        reply_room = min(DEFAULT_MAX_TOKENS, context // 2) if max_tokens is None else max_tokens
+        context, reply_room = self.model.config.max_context_length, self.reply_room(max_tokens)
         new = self.turn_tokens(user)
-        if len(self.tokens) + len(new) + reply_room > context and self.messages:
-            # Drop the oldest turns until the rest, fed again from the start, leaves room for a reply.
-            self.tokens, self.cache = [], make_cache(self.model)
+        if len(self.tokens) + len(new) + reply_room > context:
+            # Drop the oldest turns until the rest, fed again from the start, leaves room for a
+            # reply; planned first, so that a message that cannot fit changes nothing.
+            kept = self.messages
             while True:
-                self.messages = self.messages[2:]  # the oldest user message and its reply
-                self.dropped_turns += 1
-                new = self.encode_all(user)
-                if not self.messages or len(new) + reply_room <= context:
+                new = self.encode_all(user, kept)
+                if len(new) + reply_room <= context or not kept:
                     break
+                kept = kept[2:]  # the oldest user message and its reply
+            if len(new) + reply_room > context:
+                alone, around = len(new) - len(self.encode_all("", [])), "the system message, " if self.system else ""
+                raise OpenELMError(
+                    f"this message is {alone} tokens, too long for the model's context of {context} with "
+                    f"{around}the chat template and a reply of {reply_room}: send a shorter one "
+                    "(the conversation so far is kept)"
+                )
+            self.dropped_turns += (len(self.messages) - len(kept)) // 2
+            self.messages, self.tokens, self.cache = kept, [], make_cache(self.model)
         pending = self.tokens[self._cached() :] + new
         pending, max_tokens = fit_context(pending, max_tokens, context, self._cached())
         self.tokens += new
@@ -86,7 +123,10 @@ def add_arguments(parser):
 
 
 def main(args):
-    model, tokenizer, draft = load_for_cli(args, chat=True)
+    def room(model, tokenizer):  # before the Instruct notice: a refusal is one line
+        ChatSession(model, tokenizer, args.system).check_room(args.max_tokens)
+
+    model, tokenizer, draft = load_for_cli(args, chat=True, check=room)
     context = model.config.max_context_length
     import readline  # noqa: F401  (arrow keys and history in input())
 
@@ -100,6 +140,8 @@ def main(args):
         except EOFError:
             print()
             return 0
+        except Terminated:  # SIGTERM ends the chat (apps/cli.py: status 143); Ctrl-C only the line
+            raise
         except KeyboardInterrupt:
             print()
             continue
@@ -124,8 +166,11 @@ def main(args):
                         file=sys.stderr,
                     )
                 print(chunk.text, end="", flush=True)
+        except Terminated:  # the reply's cleanup ran (send's finally); the chat ends
+            print()
+            raise
         except KeyboardInterrupt:
             print(" [stopped]", end="")
         except OpenELMError as e:
-            print(f"error: {e}; /reset starts a new conversation", end="", file=sys.stderr)
+            print(f"error: {e}", file=sys.stderr)
         print()

@@ -11,9 +11,11 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 
 from openelm_mlx import __version__
-from openelm_mlx.errors import OpenELMError
+from openelm_mlx.errors import OpenELMError, Terminated
+from openelm_mlx.outputs import SIGNALS
 
 # subcommand -> (module, one-line help); modules are imported only when chosen.
 SUBCOMMANDS = {
@@ -61,12 +63,50 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.command_prog}: error: {message} (see {self.prog} --help)\n")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that every cleanup written for Ctrl-C runs."""
+def _on_signal(signum, frame):
+    """Ctrl-C and SIGTERM: raised where the program is (Terminated for SIGTERM), so that every
+    cleanup written for Ctrl-C runs, and recorded, so that a library's bare `except:` that
+    swallows the exception cannot let the run place its outputs (outputs.raise_if_signalled)."""
+    SIGNALS.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-def _terminate(signum, frame):
-    raise Terminated()
+def _standard_streams():
+    """A closed stdin or stdout (`<&-`, `>&-`) becomes /dev/null: reads are empty, writes go
+    nowhere. Left closed, the first file the run opens would take descriptor 0 or 1, and the
+    prompt would be read from (or the output written to) a checkpoint file."""
+    for fd, name in ((0, "stdin"), (1, "stdout")):
+        if getattr(sys, name) is None:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
+
+
+def _check_environment():
+    """What every command needs of its environment, checked before any work. The current folder
+    must exist (relative paths mean nothing in a deleted one). MLX's CPU backend compiles its
+    kernels in $TMPDIR/mlx/VERSION/cpu (C++'s temp_directory_path): a TMPDIR that is missing, a
+    file or read-only would fail the first computation, so a usable one takes its place (the first
+    of Python's tempfile candidates: /tmp, /var/tmp, ...), with a warning."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise OpenELMError("the current folder was deleted: cd to a folder that exists and run this again") from None
+    wanted = os.environ.get("TMPDIR")
+    if wanted is None or (os.path.isdir(wanted) and os.access(wanted, os.W_OK | os.X_OK)):
+        return
+    del os.environ["TMPDIR"]
+    tempfile.tempdir = None
+    try:
+        usable = tempfile.gettempdir()
+    except FileNotFoundError:
+        raise OpenELMError(
+            f"TMPDIR={wanted!r} is not a writable folder, and neither is /tmp: set TMPDIR to one"
+        ) from None
+    os.environ["TMPDIR"] = usable
+    print(f"openelm: warning: TMPDIR={wanted!r} is not a writable folder: using {usable}", file=sys.stderr)
 
 
 def _fail(command: str, message: str, code: int):
@@ -104,13 +144,15 @@ def build_parser(command=None):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else None
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (`cmd &`)
+        signal.signal(signal.SIGINT, _on_signal)
     # coremltools imports transformers, which tells stderr that PyTorch is missing: a line about
     # nothing this toolkit uses, which would break one-line errors (mlx-lm silences it the same way).
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    if sys.stdout is None:  # started with stdout closed (`>&-`): what it prints goes nowhere
-        sys.stdout = open(os.devnull, "w")
+    _standard_streams()
     try:
+        _check_environment()
         parser, chosen = build_parser(command)
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # said by the command's parser, not the top one: `openelm COMMAND: error: ...`

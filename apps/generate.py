@@ -73,8 +73,9 @@ def sampling_options(args) -> dict:
     )
 
 
-def load_for_cli(args, chat: bool):
-    """(model, tokenizer, draft model or None) for generate and chat, the options checked."""
+def load_for_cli(args, chat: bool, check=None):
+    """(model, tokenizer, draft model or None) for generate and chat, the options checked, and
+    check(model, tokenizer) if given (chat's room for a message), before any notice is printed."""
     speculative = args.prompt_lookup or args.draft_model
     if getattr(args, "backend", "mlx") != "mlx":
         if speculative:
@@ -96,13 +97,18 @@ def load_for_cli(args, chat: bool):
     model, tokenizer = load(folder, tokenizer=args.tokenizer, dtype=args.dtype)
     draft = None
     if args.draft_model:
-        draft, draft_tokenizer = load(args.draft_model, tokenizer=args.tokenizer, dtype=args.dtype)
+        try:
+            draft, draft_tokenizer = load(args.draft_model, tokenizer=args.tokenizer, dtype=args.dtype)
+        except OpenELMError as e:  # its own words speak of "the model": say which one
+            raise OpenELMError(f"--draft-model {args.draft_model}: {e}") from None
         if draft_tokenizer.sp.serialized_model_proto() != tokenizer.sp.serialized_model_proto():
             raise OpenELMError(
                 f"the draft model's tokenizer ({draft_tokenizer.path}) differs from the model's ({tokenizer.path}): "
                 "a draft model must share the model's tokenizer"
             )
     check_options(args, model, tokenizer, draft, chat)
+    if check is not None:
+        check(model, tokenizer)
     if chat and not is_instruct_model(args.model or folder, folder):
         print(
             "openelm: warning: this does not look like an Instruct model; chat replies may not follow", file=sys.stderr

@@ -8,6 +8,8 @@ checkpoint/ (weights and optimizer state) and, at the end, model/ (written by th
 Data: train_data.py; checkpoints and resuming: train_checkpoint.py; the plot: train_plot.py.
 """
 
+import hashlib
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -21,18 +23,18 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from openelm_mlx.apps.train_checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, start_run
+from openelm_mlx.apps.train_checkpoint import CHECKPOINT, RESTART, load_checkpoint, save_checkpoint, start_run
 from openelm_mlx.apps.train_data import batch_at, encode_documents, train_tokenizer, validation_windows
 from openelm_mlx.apps.train_plot import plot_losses
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.files import number, read_text
+from openelm_mlx.files import number, read_bytes, read_text
 from openelm_mlx.model import Model
 from openelm_mlx.model_folder import write_model_folder
 from openelm_mlx.options import SEED, between, check_options, count
-from openelm_mlx.outputs import remove
+from openelm_mlx.outputs import check_output, remove
 from openelm_mlx.progress import progress_bar
-from openelm_mlx.tokenizer import Tokenizer
+from openelm_mlx.tokenizer import MAX_TOKENIZER_BYTES, Tokenizer
 
 
 @dataclass
@@ -174,21 +176,29 @@ def _train(cfg: TrainConfig, output: Path, paths, texts, resume, checkpoint_ever
     """train()'s work inside the run folder; `paths` and `texts`: the training and validation
     text files and their contents (None for no validation text)."""
     text = paths[0]
+    check_output(output / "model", force=True, reads=paths)  # now, not after the last step
     tokenizer_file = output / "tokenizer.model"
-    tokenizer = (
-        Tokenizer(tokenizer_file) if tokenizer_file.is_file() else train_tokenizer(Path(text), output, cfg.vocab_size)
-    )
+    if resume and not os.path.lexists(tokenizer_file):  # training a new one would change every token
+        raise OpenELMError(f"--resume: {tokenizer_file} is missing: put the run's tokenizer back, or {RESTART}")
+    tokenizer = Tokenizer(tokenizer_file) if resume else train_tokenizer(Path(text), output, cfg.vocab_size)
+    tokenizer_sha256 = hashlib.sha256(read_bytes(tokenizer_file, MAX_TOKENIZER_BYTES)).hexdigest()
     train_tokens = encode_documents(tokenizer, texts[0])
     val_tokens = encode_documents(tokenizer, texts[1]) if texts[1] is not None else None
-    if len(train_tokens) <= cfg.context + 1:
-        raise OpenELMError(f"{text} has only {len(train_tokens)} tokens, fewer than --context {cfg.context}")
+    # A batch is a window of context + 1 tokens (inputs and their next tokens), so is a validation window.
+    for path, tokens in zip(paths, (train_tokens, val_tokens)):
+        if tokens is not None and len(tokens) <= cfg.context + 1:
+            raise OpenELMError(
+                f"{path} has {len(tokens)} tokens, too few for a window of --context {cfg.context} + 1: "
+                "give a longer text or a smaller --context"
+            )
 
     config = cfg.model_config(tokenizer)
     mx.random.seed(cfg.seed)
     model, optimizer = Model(config), cfg.optimizer()
     state = {"config": asdict(cfg), "step": 0, "seconds": 0.0, "train_loss": [], "val_loss": []}
+    state["tokenizer_sha256"] = tokenizer_sha256  # --resume refuses another tokenizer
     if resume:
-        state = load_checkpoint(output, model, optimizer)
+        state = load_checkpoint(output, model, optimizer, asdict(cfg), tokenizer_sha256)
     optimizer.init(model.trainable_parameters())  # keeps the moments a checkpoint restored
     print(
         f"model: {config.num_parameters() / 1e6:.2f}M parameters, q heads {config.num_query_heads}, "
@@ -225,6 +235,11 @@ def optimize(model, optimizer, cfg: TrainConfig, state, output, train_tokens, va
     for i in bar:
         loss = step(batch_at(train_tokens, i, cfg.seed, cfg.batch_size, cfg.context))
         mx.eval(loss, compiled_state)
+        if not math.isfinite(loss.item()):  # diverged: every later step would be NaN too
+            raise OpenELMError(
+                f"the training loss is {loss.item()} at step {i + 1}: the run diverged: "
+                "start again with a lower --learning-rate (and --force)"
+            )
         state["step"], state["seconds"] = i + 1, time.perf_counter() - start
         state["train_loss"].append((i + 1, round(loss.item(), 4)))
         bar.set_postfix(

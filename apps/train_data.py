@@ -12,11 +12,19 @@ from openelm_mlx.errors import OpenELMError
 from openelm_mlx.tokenizer import Tokenizer
 
 EVAL_WINDOWS = 16  # validation windows scored during training: a quick, fixed subset
+MAX_LINE_BYTES = 1 << 16  # sentencepiece's max_sentence_length: it skips longer lines
 
 
 def train_tokenizer(text_file: Path, output: Path, vocab_size: int) -> Tokenizer:
     """A LLaMA-style sentencepiece BPE model (unk 0, bos 1, eos 2, byte fallback, LLaMA's identity
     normalization) trained on the text, saved as output/tokenizer.model."""
+    with open(text_file, "rb") as f:  # read_text has checked it: a regular file of UTF-8
+        lines = [len(line.rstrip(b"\r\n")) for line in f if line.strip()]
+    if lines and min(lines) > MAX_LINE_BYTES:  # sentencepiece would say only "[!sentences_.empty()]"
+        raise OpenELMError(
+            f"cannot train the tokenizer on {text_file}: each of its lines is longer than {MAX_LINE_BYTES:,} bytes, "
+            "the most the tokenizer trainer reads as one line: put one document a line"
+        )
     prefix = output / "tokenizer-tmp"
     try:
         spm.SentencePieceTrainer.train(
@@ -32,7 +40,7 @@ def train_tokenizer(text_file: Path, output: Path, vocab_size: int) -> Tokenizer
             pad_id=-1,
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
-            max_sentence_length=1 << 16,
+            max_sentence_length=MAX_LINE_BYTES,
             character_coverage=1.0,
             num_threads=2,
             minloglevel=2,

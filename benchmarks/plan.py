@@ -4,6 +4,7 @@ package_bench.py for exported packages): one entry per configuration, failures r
 from typing import Callable, List, Optional
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.outputs import SIGNALS
 from openelm_mlx.progress import progress_bar
 
 from . import timing
@@ -72,5 +73,6 @@ def run_plan(
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the CLI raises it as a KeyboardInterrupt)
         results["interrupted"] = True
         results["interrupted_by"] = "SIGTERM" if type(e).__name__ == "Terminated" else "SIGINT"
+        SIGNALS.clear()  # handled: what was gathered is written, and the status says what stopped it
     finally:
         bar.close()

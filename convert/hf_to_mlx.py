@@ -7,7 +7,7 @@ from typing import Dict, Optional
 
 import mlx.core as mx
 
-from openelm_mlx.checkpoint import build_model, quantized_paths, read_weights, resolve_source
+from openelm_mlx.checkpoint import build_model, quantized_paths, read_header, read_weights, resolve_source, weight_files
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import DTYPES, named_dtype
@@ -130,14 +130,21 @@ def add_arguments(parser):
 
 
 def main(args):
-    convert(
-        args.source,
-        args.output,
-        dtype=args.dtype,
-        bits=args.bits,
-        group_size=args.group_size,
-        tokenizer=args.tokenizer,
-        quantize_embedding=args.quantize_embedding,
-        chat_template=args.chat_template,
-        force=args.force,
-    )
+    try:
+        convert(
+            args.source,
+            args.output,
+            dtype=args.dtype,
+            bits=args.bits,
+            group_size=args.group_size,
+            tokenizer=args.tokenizer,
+            quantize_embedding=args.quantize_embedding,
+            chat_template=args.chat_template,
+            force=args.force,
+        )
+    except RuntimeError:
+        # MLX reads the weights lazily, as they are written: a file truncated since its header was
+        # checked fails there without its name ("[read] Unable to read from file"); name it.
+        for path in weight_files(resolve_source(args.source)):
+            read_header(path)
+        raise

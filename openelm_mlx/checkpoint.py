@@ -5,7 +5,7 @@ import os
 import struct
 from math import prod
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -132,13 +132,17 @@ def shard_problem(name) -> Optional[str]:
     return None
 
 
-def read_header(path: Path) -> Dict[str, dict]:
+def read_header(
+    path: Path, fix: str = "download or convert it again", dtypes: Dict[str, int] = DTYPE_SIZES
+) -> Dict[str, dict]:
     """The tensors a safetensors file declares (name -> dtype, shape, data_offsets), checked as
     the format defines them before MLX reads any data: a header within the file and the cap,
-    known dtypes, whole dimensions, offsets that match each shape and tile the data exactly."""
+    known dtypes, whole dimensions, offsets that match each shape and tile the data exactly.
+    `fix`: what the error tells the user to do; `dtypes`: the ones allowed, with their sizes."""
+    rules = {**TENSOR_RULES, "dtype": one_of(*dtypes)}
 
     def fail(why):
-        raise OpenELMError(f"{path} {why}: download or convert it again")
+        raise OpenELMError(f"{path} {why}: {fix}")
 
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
@@ -156,12 +160,12 @@ def read_header(path: Path) -> Dict[str, dict]:
         fail(f"has a '__metadata__' that is not an object of strings: {shown(metadata)}")
     spans = []
     for name, entry in header.items():
-        missing = [k for k in TENSOR_RULES if k not in entry] if isinstance(entry, dict) else []
-        problem = obj(entry) or (f"field '{missing[0]}' is missing" if missing else field_problem(entry, TENSOR_RULES))
+        missing = [k for k in rules if k not in entry] if isinstance(entry, dict) else []
+        problem = obj(entry) or (f"field '{missing[0]}' is missing" if missing else field_problem(entry, rules))
         if problem:
             fail(f"declares tensor '{name}' wrongly: {problem}")
         offsets, shape, dtype = entry["data_offsets"], entry["shape"], entry["dtype"]
-        need = prod(shape) * DTYPE_SIZES[dtype]
+        need = prod(shape) * dtypes[dtype]
         if len(offsets) != 2 or offsets[1] - offsets[0] != need:
             fail(
                 f"declares tensor '{name}' wrongly: data_offsets {offsets} do not span the {need:,} bytes of {dtype} {shape}"
@@ -237,6 +241,17 @@ def build_model(config: OpenELMConfig, weights: Dict[str, mx.array]) -> Model:
 
 
 def check_weights(model: nn.Module, weights: Dict[str, mx.array]):
+    problems = weight_problems(model, weights)
+    if problems:
+        raise OpenELMError(
+            "the weights do not match config.json ("
+            + "; ".join(problems)
+            + "): check that config.json belongs to these weights"
+        )
+
+
+def weight_problems(model: nn.Module, weights: Dict[str, mx.array]) -> List[str]:
+    """What keeps `weights` from being `model`'s: missing, unexpected, wrongly shaped or typed tensors."""
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -264,9 +279,4 @@ def check_weights(model: nn.Module, weights: Dict[str, mx.array]):
         problems.append(f"wrong shapes: {show(wrong)}")
     if wrong_dtype:
         problems.append(f"wrong dtypes: {show(wrong_dtype)}")
-    if problems:
-        raise OpenELMError(
-            "the weights do not match config.json ("
-            + "; ".join(problems)
-            + "): check that config.json belongs to these weights"
-        )
+    return problems

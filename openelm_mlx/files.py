@@ -85,16 +85,17 @@ def read_text(path: Path) -> str:
         ) from None
 
 
-def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES):
-    return parse_json(read_bytes(path, max_bytes), path)
+def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES, fix: str = "download or write it again"):
+    return parse_json(read_bytes(path, max_bytes), path, fix)
 
 
-def parse_json(data: bytes, source) -> object:
+def parse_json(data: bytes, source, fix: str = "download or write it again") -> object:
     """JSON as the checkpoint formats define it: UTF-8, no NaN or Infinity (Python's json takes
-    them), no number beyond float range, no duplicate keys, nesting within Python's stack."""
+    them), no number beyond float range, no duplicate keys, nesting within Python's stack. `fix`:
+    what the error tells the user to do."""
 
     def fail(why):
-        raise OpenELMError(f"{source} {why}: download or write it again") from None
+        raise OpenELMError(f"{source} {why}: {fix}") from None
 
     if not data.strip():
         fail("is empty")

@@ -7,22 +7,34 @@ renamex_np's RENAME_EXCL on macOS): a file or folder that appeared at the output
 and the other gets an error. `--force` replaces an existing output only after the new one is
 complete, and never an output that is or holds what the run reads (its inputs, the current folder).
 A killed run (kill -9) leaves only `.NAME.openelm-partial-PID-XXXX[.suffix]` beside the output: recognizable,
-never read, and removed by the next run that writes NAME once PID is gone.
+never read, and removed by the next run that writes NAME once PID is gone. An output is never
+placed after Ctrl-C or SIGTERM, even when a library swallowed the interrupt in a bare `except:`.
 """
 
 import ctypes
 import errno
 import os
 import shutil
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, List, Sequence
 
-from .errors import OpenELMError
+from .errors import OpenELMError, Terminated
 
 PARTIAL = ".openelm-partial-"  # marks temporary outputs
 REPLACED = ".openelm-replaced-"  # an output moved aside by --force, deleted once the new one is in place
+# The signals (SIGINT, SIGTERM) received, appended by apps/cli.py's handler: coremltools runs some
+# passes inside a bare `except:`, which swallows the KeyboardInterrupt and goes on as if nothing
+# happened; the record outlives the exception, so the run still stops before it places an output.
+SIGNALS: List[int] = []
+
+
+def raise_if_signalled():
+    """Raise the interrupt (Ctrl-C) or Terminated (SIGTERM) that a library may have swallowed."""
+    if SIGNALS:
+        raise Terminated() if SIGNALS[-1] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _libc_rename(src: Path, dst: Path) -> bool:
@@ -195,6 +207,7 @@ def staged_outputs(outputs: Sequence, force: bool = False, reads: Iterable = ())
         for tmp, output in zip(temps, outputs):
             if not os.path.lexists(tmp):
                 raise OpenELMError(f"internal error: {output} was not written")
+        raise_if_signalled()
         _place_all(temps, outputs, force)
     except BaseException:
         for tmp in temps:

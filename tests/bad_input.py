@@ -36,7 +36,7 @@ class Row:
     setup: Callable[[Work], None]
     message: str  # a fragment of the one error line
     exit: int = 1
-    base: str = "tiny"  # which fixture checkpoint is copied: tiny, sharded, q4 or massive
+    base: str = "tiny"  # which fixture is copied: tiny, sharded, q4, massive or run (a train run folder)
     stdin: str = "hi\n"
     env: Tuple[Tuple[str, str], ...] = ()  # (name, value) for the run's environment; "{root}" filled in
 

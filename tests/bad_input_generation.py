@@ -5,8 +5,13 @@ not in UTF-8. Each row runs through tests/test_bad_input.py's runner."""
 import shutil
 
 from bad_input import CHAT, GENERATE, Row, Work, category, nothing
+from conftest import tiny_config
+
+from openelm_mlx.benchmarks.synthetic import random_weights, write_checkpoint
 
 NAN, INF = "nan", "inf"
+LONG_SYSTEM = "be kind and brief " * 40  # ~200 tokens of the 256 the tiny model holds
+ROOMLESS = "leaves no room for a message in the model's context of 256"
 BAD_UTF8 = "a\udcffb"  # a lone surrogate: handed to the command as the raw byte 0xff
 
 
@@ -14,6 +19,17 @@ def draft_with_other_tokenizer(work: Work):
     """root/draft: the model again, with a tokenizer of 320 pieces beside it."""
     shutil.copytree(work.model, work.root / "draft")
     shutil.copyfile(work.assets["tokenizer-320"], work.root / "draft" / "tokenizer.model")
+
+
+def draft_with_broken_config(work: Work):
+    shutil.copytree(work.model, work.root / "draft")
+    (work.root / "draft" / "config.json").write_text('{"vocab_size": "many"')
+
+
+def draft_of_another_vocabulary(work: Work):
+    """root/draft: a whole model of 320 pieces, its own tokenizer beside it (the model's has 384)."""
+    config = tiny_config(vocab_size=320)
+    write_checkpoint(work.root / "draft", config, random_weights(config), work.assets["tokenizer-320"])
 
 
 SAMPLING = [
@@ -45,7 +61,25 @@ GENERATION = category(
         "generate.draft-other-tokenizer",
         (*GENERATE, "--draft-model", "{root}/draft"),
         draft_with_other_tokenizer,
-        "has 320 pieces but the model's vocab_size is 384",
+        "error: --draft-model ",
+    ),
+    Row(
+        "generate.draft-broken-config",
+        (*GENERATE, "--draft-model", "{root}/draft"),
+        draft_with_broken_config,
+        "error: --draft-model ",
+    ),
+    Row(
+        "generate.draft-other-vocabulary",
+        (*GENERATE, "--draft-model", "{root}/draft"),
+        draft_of_another_vocabulary,
+        "a draft model must share the model's tokenizer",
+    ),
+    Row(
+        "chat.draft-other-tokenizer",
+        (*CHAT, "--draft-model", "{root}/draft"),
+        draft_with_other_tokenizer,
+        "error: --draft-model ",
     ),
     Row(
         "generate.lookup-on-a-package",
@@ -53,6 +87,17 @@ GENERATION = category(
         nothing,
         "need --backend mlx",
     ),
+    # chat at the edge of its context: refused before the first turn, naming what takes the room
+    Row("chat.system-too-long", (*CHAT, "--system", LONG_SYSTEM * 2), nothing, "the system message (--system) is"),
+    Row("chat.system-and-max-tokens", (*CHAT, "--system", LONG_SYSTEM, "--max-tokens", "100"), nothing, ROOMLESS),
+    Row(
+        "chat.system-and-default-reply",
+        ("chat", "--model", "{model}", "--system", LONG_SYSTEM),
+        nothing,
+        "the default --max-tokens, half the context",
+    ),
+    Row("chat.max-tokens-near-context", ("chat", "--model", "{model}", "--max-tokens", "250"), nothing, "use at most"),
+    Row("chat.max-tokens-255", ("chat", "--model", "{model}", "--max-tokens", "255"), nothing, ROOMLESS),
     Row(
         "chat.max-tokens-past-context", ("chat", "--model", "{model}", "--max-tokens", "256"), nothing, "from 1 to 255"
     ),

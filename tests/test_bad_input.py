@@ -19,9 +19,11 @@ from bad_input import GENERATE, Row, Work, category, nothing, tree
 from bad_input_checkpoints import CHECKPOINT_ROWS
 from bad_input_generation import GENERATION
 from bad_input_options import OPTION_ROWS
+from bad_input_training import TINY_RUN, TRAINING_ROWS
 from conftest import assert_clean_error, run_cli, tiny_config
 
-from openelm_mlx.benchmarks.synthetic import train_tokenizer, write_checkpoint
+from openelm_mlx.apps.train import train
+from openelm_mlx.benchmarks.synthetic import TEXT, train_tokenizer, write_checkpoint
 from openelm_mlx.files import is_repo_id
 
 LONG_PROMPT = "the sea and the stars " * 60  # > 256 tokens, the tiny model's context
@@ -42,7 +44,7 @@ OPTIONS = category(
     ),
 )
 
-ROWS = CHECKPOINT_ROWS + OPTIONS + OPTION_ROWS + GENERATION
+ROWS = CHECKPOINT_ROWS + OPTIONS + OPTION_ROWS + GENERATION + TRAINING_ROWS
 
 # --- the runner -----------------------------------------------------------------------------
 
@@ -56,11 +58,15 @@ def bases(tmp_path_factory, tiny_checkpoint, tokenizer_file, massive_activation_
     weights = dict(mx.load(str(tiny_checkpoint / "model.safetensors")))
     sharded = write_checkpoint(root / "sharded", tiny_config(), weights, tokenizer_file, shards=2)
     q4 = convert(tiny_checkpoint, root / "q4", bits=4)
+    (root / "text.txt").write_text(TEXT * 4)
+    run = root / "run"
+    train(root / "text.txt", run, **TINY_RUN)  # a finished run, for --resume to be handed damaged
     return {
         "tiny": tiny_checkpoint,
         "sharded": sharded,
         "q4": q4,
         "massive": massive_activation_checkpoint,
+        "run": run,
         "tokenizer-512": train_tokenizer(root / "t512", vocab_size=512),
         "tokenizer-320": train_tokenizer(root / "t320", vocab_size=320),
     }

@@ -12,6 +12,7 @@ the test's open() of the FIFO returns, the run is waiting there, its temporary o
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,55 @@ if os.environ.get("OPENELM_TEST_GATE"):
         return place_all(*args, **kwargs)
 
     outputs._place_all = gated
+
+if os.environ.get("OPENELM_TEST_REPLY_GATE"):  # chat: wait at the gate once a reply has begun
+    import importlib
+
+    generate = importlib.import_module("openelm_mlx.generate")  # the package's `generate` is a function
+    stream_generate = generate.stream_generate
+
+    def gated_stream(*args, **kwargs):
+        chunks = stream_generate(*args, **kwargs)
+        yield next(chunks)
+        with open(os.environ["OPENELM_TEST_REPLY_GATE"], "rb") as gate:
+            gate.read()
+        yield from chunks
+
+    generate.stream_generate = gated_stream
+
+if os.environ.get("OPENELM_TEST_SWALLOW_INTERRUPT"):  # Ctrl-C inside coremltools' own bare `except:`
+    import logging
+    import signal
+    import time
+
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # as the CLI sets it, later than this
+    import coremltools
+
+    convert = coremltools.convert
+
+    def swallowing(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(10)  # the handler raises in here
+        except:  # noqa: E722 (what coremltools does)
+            pass
+        return convert(*args, **kwargs)
+
+    coremltools.convert = swallowing
+
+if os.environ.get("OPENELM_TEST_TRUNCATE"):  # a weight file truncated once its header was checked
+    from openelm_mlx import checkpoint
+
+    read_weights = checkpoint.read_weights
+
+    def truncating(folder):
+        weights = read_weights(folder)
+        path = os.path.join(folder, "model.safetensors")
+        os.truncate(path, os.path.getsize(path) // 2)
+        return weights
+
+    checkpoint.read_weights = truncating
 """
 
 CONVERT = ("convert", "{model}", "-o", "out")
@@ -77,13 +127,14 @@ class Work:
     def argv(self, argv) -> list:
         return [arg.format(model=self.model, root=self.root) for arg in argv]
 
-    def start(self, argv, gate: Path, **popen):
+    def start(self, argv, gate: Path, hooks=("OPENELM_TEST_GATE",), **popen):
+        """`openelm ARGV` started with the test hooks named in `hooks` set to `gate`."""
         env = {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
             "OPENELM_TOKENIZER": "",
             "PYTHONPATH": str(self.hook),
-            "OPENELM_TEST_GATE": str(gate),
+            **dict.fromkeys(hooks, str(gate)),
         }
         popen.setdefault("stdout", subprocess.PIPE)
         return subprocess.Popen(
@@ -115,7 +166,9 @@ def work(tmp_path, tiny_checkpoint) -> Work:
 @contextmanager
 def held(gate: Path, run: subprocess.Popen):
     """Returns once the run waits at the gate (its end of the FIFO is open); the run goes on when
-    the block ends. Fails, instead of waiting forever, if the run ends before it gets there."""
+    the block ends. Fails, instead of waiting forever, if the run ends before it gets there or
+    has not got there in 5 minutes."""
+    deadline = time.monotonic() + 300
     while True:
         try:
             fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until the run opens its end
@@ -125,6 +178,9 @@ def held(gate: Path, run: subprocess.Popen):
                 raise
             if run.poll() is not None:
                 pytest.fail(f"the run ended before it placed its output: {run.stderr.read()}")
+            if time.monotonic() > deadline:
+                run.kill()
+                pytest.fail(f"the run did not reach the gate: {run.communicate()[1]}")
             time.sleep(0.02)
     try:
         yield
@@ -336,3 +392,141 @@ def test_stdout_without_a_reader_or_closed_is_quiet(work, stdout):
         )
         assert result.returncode == 0 and result.stderr == ""
     assert (work.root / "out" / "model.safetensors").is_file() and partials(work.root) == []
+
+
+# --- chat and signals: SIGTERM ends it (143, after the reply's cleanup), Ctrl-C stops only a line
+#     or a reply; an interrupt that coremltools swallows still stops export-coreml ---------------
+
+CHAT = ("chat", "--model", "{model}", "--max-tokens", "40")
+
+
+@pytest.mark.parametrize(
+    "where, sig, exit",
+    [
+        ("prompt", signal.SIGTERM, 143),
+        ("reply", signal.SIGTERM, 143),
+        ("prompt", signal.SIGINT, 0),
+        ("reply", signal.SIGINT, 0),
+    ],
+    ids=["sigterm-at-prompt", "sigterm-in-reply", "sigint-at-prompt", "sigint-in-reply"],
+)
+def test_chat_ends_on_sigterm_and_goes_on_after_ctrl_c(work, where, sig, exit):
+    gate = work.root.parent / "gate"
+    os.mkfifo(gate)
+    run = work.start(CHAT, gate, hooks=("OPENELM_TEST_REPLY_GATE",), stdin=subprocess.PIPE)
+    if where == "prompt":
+        assert run.stdout.read(3) == ">> "  # written by input(), which now waits for a line
+        run.send_signal(sig)
+    else:
+        run.stdin.write("Tell me about the sea\n")
+        run.stdin.flush()
+        with held(gate, run):  # the reply has begun
+            run.send_signal(sig)
+    stdout, stderr = run.communicate(timeout=120)  # closes stdin: after Ctrl-C, its end ends the chat
+    assert run.returncode == exit and "Traceback" not in stderr, stderr
+    if sig == signal.SIGTERM:
+        assert stderr.splitlines()[-1] == "terminated"
+    else:
+        assert "terminated" not in stderr and "interrupted" not in stderr
+        assert (" [stopped]" in stdout) == (where == "reply")
+
+
+def test_an_interrupt_swallowed_by_coremltools_still_stops_the_export(work):
+    pytest.importorskip("coremltools")
+    before = tree(work.root)
+    argv = ("export-coreml", "{model}", "-o", "out.mlpackage")
+    run = work.start(argv, Path("on"), hooks=("OPENELM_TEST_SWALLOW_INTERRUPT",))
+    _, stderr = run.communicate(timeout=600)
+    assert run.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1] == "interrupted"
+    assert tree(work.root) == before  # no package, nothing beside it
+
+
+# --- odd environments: TMPDIR unusable, the current folder deleted, stdin closed, a weight file
+#     truncated while convert reads it ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EnvRow:
+    id: str
+    argv: Tuple[str, ...]
+    start: str  # the sh -c line that runs the command, "$@"
+    env: Tuple[Tuple[str, str], ...]
+    exit: int
+    says: str  # an error: in its one line; else: somewhere in stderr
+    makes: str = ""  # what the run must create ("": nothing changes)
+
+
+PLAIN, NO_STDIN = 'exec "$@"', 'exec "$@" <&-'
+GONE = 'mkdir gone && cd gone && rmdir ../gone && exec "$@"'
+GENERATE = ("generate", "--model", "{model}", "-p", "hi", "--max-tokens", "2")
+CONVERT_ABS = ("convert", "{model}", "-o", "{root}/out")
+UNUSABLE = "is not a writable folder: using"
+DELETED = "the current folder was deleted: cd to a folder that exists"
+
+ENV_ROWS = [
+    EnvRow(
+        "generate-tmpdir-missing",
+        GENERATE,
+        PLAIN,
+        (("TMPDIR", "{root}/nope"),),
+        0,
+        f"TMPDIR='{{root}}/nope' {UNUSABLE}",
+    ),
+    EnvRow("generate-tmpdir-a-file", GENERATE, PLAIN, (("TMPDIR", "{root}/text.txt"),), 0, UNUSABLE),
+    EnvRow("generate-tmpdir-empty", GENERATE, PLAIN, (("TMPDIR", ""),), 0, f"TMPDIR='' {UNUSABLE}"),
+    EnvRow("convert-tmpdir-missing", CONVERT, PLAIN, (("TMPDIR", "{root}/nope"),), 0, UNUSABLE, "out/config.json"),
+    EnvRow("generate-cwd-deleted", GENERATE, GONE, (), 1, DELETED),
+    EnvRow("convert-cwd-deleted", CONVERT_ABS, GONE, (), 1, DELETED),
+    EnvRow(
+        "train-cwd-deleted", ("train", "{root}/run", "--text", "{root}/text.txt", "--steps", "1"), GONE, (), 1, DELETED
+    ),
+    EnvRow("generate-stdin-closed", GENERATE[:3] + GENERATE[5:], NO_STDIN, (), 0, "no prompt given, continuing"),
+    EnvRow("chat-stdin-closed", CHAT, NO_STDIN, (), 0, "type a message"),
+    EnvRow("convert-stdin-closed", CONVERT, NO_STDIN, (), 0, "", "out/model.safetensors"),
+    EnvRow("eval-stdin-closed", ("eval", "ppl", "--model", "{model}", "--max-tokens", "16"), NO_STDIN, (), 0, ""),
+    EnvRow(
+        "convert-weights-truncated-while-read",
+        ("convert", "{root}/model", "-o", "out"),
+        PLAIN,
+        (("PYTHONPATH", "{hook}"), ("OPENELM_TEST_TRUNCATE", "1")),
+        1,
+        "model.safetensors is truncated",
+    ),
+]
+
+
+@pytest.mark.parametrize("row", ENV_ROWS, ids=lambda row: row.id)
+def test_odd_environment(row, work):
+    text(work)
+    if "{root}/model" in row.argv:  # a private copy: the run's hook truncates it
+        shutil.copytree(work.model, work.root / "model")
+    fields = {"model": work.model, "root": work.root, "hook": work.hook}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OPENELM_TOKENIZER": ""}
+    env.update((name, value.format(**fields)) for name, value in row.env)
+    before = settled(work.root)
+    argv = [sys.executable, "-m", "openelm_mlx", *(arg.format(**fields) for arg in row.argv)]
+    result = subprocess.run(
+        ["sh", "-c", row.start, "sh", *argv], cwd=work.root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == row.exit and "Traceback" not in result.stderr, result.stderr
+    if row.exit:
+        assert one_line(result.stderr).startswith(f"openelm {row.argv[0]}: error: ")
+    assert row.says.format(**fields) in result.stderr
+    after = settled(work.root)
+    if row.makes:
+        assert (work.root / row.makes).is_file()
+    elif row.id.endswith("truncated-while-read"):
+        assert not (work.root / "out").exists()
+    else:
+        assert after == before
+    assert partials(work.root) == []
+
+
+def test_tmpdir_on_a_read_only_filesystem_falls_back(work):
+    ro = work.root / "ro"
+    with tmpfs(ro, "1m", read_only=True):
+        env = {"TMPDIR": str(ro)}
+        result = work.run(GENERATE, env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"TMPDIR='{ro}' {UNUSABLE}" in result.stderr

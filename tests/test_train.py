@@ -85,6 +85,26 @@ def test_interrupted_run_resumes_exactly(tmp_path, texts, straight_run, monkeypa
         assert mx.array_equal(expected[name], got[name]), name
 
 
+def test_a_diverged_run_stops_and_its_checkpoint_stays_valid(tmp_path, texts, monkeypatch):
+    """A NaN loss stops the run with one error; the last checkpoint (and its JSON) stays resumable."""
+    output, real_loss = tmp_path / "diverged", train_app.loss_fn
+
+    def nan_after_step_6(model, batch):
+        step = (
+            json.loads((output / "train_state.json").read_text())["step"]
+            if (output / "train_state.json").exists()
+            else 0
+        )
+        return real_loss(model, batch) * (float("nan") if step >= 6 else 1.0)
+
+    monkeypatch.setattr(train_app, "loss_fn", nan_after_step_6)
+    monkeypatch.setattr(mx, "compile", lambda fun, **kwargs: fun)  # a traced step would not see the switch
+    with pytest.raises(OpenELMError, match="the training loss is nan at step 7: the run diverged"):
+        train_app.train(texts[0], output, checkpoint_every=6, **TINY)
+    state = json.loads((output / "checkpoint" / "train_state.json").read_text())  # strict JSON: no NaN
+    assert state["step"] == 6 and all(math.isfinite(loss) for _, loss in state["train_loss"])
+
+
 def test_refusals(tmp_path, texts, straight_run):
     with pytest.raises(OpenELMError, match="not empty"):
         train_app.train(texts[0], straight_run, **TINY)
