@@ -28,7 +28,7 @@ from openelm_mlx.model_folder import source_name
 from openelm_mlx.options import check_options, count
 from openelm_mlx.tokenizer import CHAT_TEMPLATE, Tokenizer, find_tokenizer
 
-from .compression import Palettized, Quantized, compress
+from .compression import BLOCKWISE, Palettized, Quantized, compress
 from .numerics import ffn_scale_exponents, fold_ffn_scales
 
 FUNCTIONS = ("prefill", "decode")
@@ -107,7 +107,7 @@ class PackageDescription:
             "openelm.chat_template": CHAT_TEMPLATE,
             "openelm.source_model": self.source,
             "openelm.compression": self.compression,
-            "openelm.block_size": str(self.block_size) if self.compression == "int4" else "",
+            "openelm.block_size": str(self.block_size) if self.compression in BLOCKWISE else "",
             "openelm.compute_precision": self.compute_precision,
             "openelm.ffn_scale_exponents": json.dumps([layer.ffn_scale_exponent for layer in self.layers]),
             "openelm.num_parameters": str(self.config.num_parameters()),
@@ -124,9 +124,11 @@ def describe(
     block_size: int,
     compute_precision: str,
     compressions,
+    tokenizer=None,
 ):
     """Load `model_source` (anything openelm_mlx.load accepts), check the export settings (the
-    exporter's `compressions`), and describe the package: (PackageDescription, the model's folder)."""
+    exporter's `compressions`), and describe the package: (PackageDescription, the model's folder).
+    `tokenizer` (a path, else the model folder's) encodes the float16 guard's calibration text."""
     if compute_precision not in COMPUTE_DTYPES:
         raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
@@ -141,8 +143,9 @@ def describe(
         )
     if not 1 <= prefill_length <= context:
         raise OpenELMError(f"--prefill-length {prefill_length} must be between 1 and --context ({context})")
-    scale_exponents = ffn_scale_exponents(model, compute_precision)
-    weights = fold_ffn_scales(model_weights(model), scale_exponents)
+    weights = model_weights(model)
+    scale_exponents = ffn_scale_exponents(model, weights, compute_precision, find_tokenizer(folder, tokenizer))
+    weights = fold_ffn_scales(weights, scale_exponents)
     del model
     stored = {
         name: w if is_norm(name) else compress(name, w, compression, block_size, COMPUTE_DTYPES[compute_precision])
@@ -223,7 +226,7 @@ class PackageInfo:
     bos_token_id: int
     eos_token_id: int
     compression: str
-    block_size: int  # int4 only, else 0
+    block_size: int  # int8 and int4 (compression.BLOCKWISE), else 0
     compute_precision: str
     ffn_scale_exponents: List[int]
     source_model: str
@@ -337,6 +340,6 @@ def add_export_arguments(parser, suffix: str, compressions):
     )
     parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call")
     parser.add_argument("--compress", choices=compressions, default="none", help="weight compression (none: 16-bit)")
-    parser.add_argument("--block-size", type=int, default=32, help="int4 block size along the input axis")
+    parser.add_argument("--block-size", type=int, default=32, help="int8 and int4 block size along the input axis")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model if the model folder has none")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")

@@ -1,6 +1,6 @@
 """Core AI export, run by Apple's own runtime (the reference runtime in coreai-core on Linux):
 the saved model's functions, states and metadata, its logits and greedy tokens against MLX,
-compression, massive activations, corrupted files, and generation with the demo model."""
+compression, corrupted files, and generation with the demo model."""
 
 import json
 import shutil
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("coreai.runtime")
 
-from conftest import EXPORT_CONTEXT, EXPORT_PREFILL, MASSIVE_LAYER, assert_clean_error, run_cli, tiny_config  # noqa: E402
+from conftest import EXPORT_CONTEXT, EXPORT_PREFILL, assert_clean_error, run_cli, tiny_config  # noqa: E402
 
 from openelm_mlx import generate, load  # noqa: E402
 from openelm_mlx.apps.cli import main as cli  # noqa: E402
@@ -25,7 +25,6 @@ from openelm_mlx.errors import OpenELMError  # noqa: E402
 from openelm_mlx.loader import DEMO_MODEL  # noqa: E402
 
 CONTEXT, PREFILL = EXPORT_CONTEXT, EXPORT_PREFILL
-MASSIVE_PROMPT = "A journey of a thousand miles begins with a single step."  # no near-ties in its greedy run
 
 
 @pytest.fixture
@@ -85,7 +84,7 @@ def test_float32_export_matches_mlx_closely(tiny_checkpoint, packages):
 
 
 @pytest.mark.parametrize(
-    "compress,max_bpp,max_rel_error", [("int8", 1.2, 0.01), ("int4", 0.75, 0.1), ("palettize4", 0.7, 0.1)]
+    "compress,max_bpp,max_rel_error", [("int8", 1.25, 0.01), ("int4", 0.75, 0.1), ("palettize4", 0.7, 0.1)]
 )
 def test_compressed_exports_verify(tiny_checkpoint, packages, compress, max_bpp, max_rel_error):
     summary = packages(tiny_checkpoint, compress)
@@ -95,9 +94,10 @@ def test_compressed_exports_verify(tiny_checkpoint, packages, compress, max_bpp,
     if compress == "palettize4":
         indices = constants[proj + ".indices"]
         assert indices.max() <= 15 and constants[proj + ".lut"].shape == (1, indices.shape[1] // 16, 16, 1)
-    else:
-        data = constants[proj + ".data"]
+    else:  # int8 and int4 alike: one scale per 32 inputs ([in, out] here), as Apple's presets
+        data, scale = constants[proj + ".data"], constants[proj + ".scale"]
         assert data.dtype == np.int8 and np.abs(data).max() == (7 if compress == "int4" else 127)
+        assert scale.shape == (data.shape[0] // 32, data.shape[1])
     report = verify_coreai(summary["output"], tiny_checkpoint, steps=8)
     assert report.ok, report
     assert 0 < report.weight_max_rel_error < max_rel_error
@@ -111,17 +111,6 @@ def test_int4_is_packed_two_values_per_byte(tiny_checkpoint, packages):
     blob = resources(package / "main.mlirb")["transformer.layers.0.ffn.proj_1.weight.data"]
     config = tiny_config()
     assert len(blob) == 2 * config.ffn_dims[0] * config.model_dim // 2  # [in, 2 * ffn] nibbles
-
-
-def test_massive_activation_float16(massive_activation_checkpoint, packages):
-    """The float16 Core AI export of the model whose FFN channel reaches ~1e5 at BOS (conftest):
-    finite, within tolerance of MLX float32 and greedy identical over 17 steps."""
-    summary = packages(massive_activation_checkpoint)
-    assert summary["ffn_scale_exponents"][MASSIVE_LAYER] == 6 and sum(summary["ffn_scale_exponents"]) == 6
-    report = verify_coreai(summary["output"], massive_activation_checkpoint, steps=16, prompt=MASSIVE_PROMPT)
-    (coreai,) = report.backends
-    assert report.ok and len(coreai.steps) == 17 and coreai.agreement == 1.0
-    assert max(s.max_abs_diff for s in coreai.steps) < coreai.tolerance
 
 
 def copy_package(package, to):

@@ -50,7 +50,7 @@ def export_coreai(
     with bar:
         bar.set_postfix_str("load, calibrate, compress")
         desc, folder = describe(
-            model_source, context, prefill_length, compress, block_size, compute_precision, COMPRESSIONS
+            model_source, context, prefill_length, compress, block_size, compute_precision, COMPRESSIONS, tokenizer
         )
         tok = find_tokenizer(folder, tokenizer)
         bar.update()

@@ -60,7 +60,9 @@ def export_coreml(
     bar = progress_bar(total=len(steps), show=progress, desc="export-coreml", unit="step")
     with bar:
         bar.set_postfix_str("load, calibrate, compress")
-        desc, folder = describe(model_source, context, prefill_length, compress, block_size, "float16", COMPRESSIONS)
+        desc, folder = describe(
+            model_source, context, prefill_length, compress, block_size, "float16", COMPRESSIONS, tokenizer
+        )
         tok = find_tokenizer(folder, tokenizer)
         bar.update()
         with staged_package(output, tok, force, reads=[folder, tok.path]) as staged:
