@@ -40,6 +40,14 @@ def ffn_float16(x, proj_1, proj_2, k: int, flush: bool):
     return fp16(product @ fp16(proj_2, flush).T, flush) * 2.0**k
 
 
+def summed_bound(proj_1, proj_2, gain) -> float:
+    """proj_2's bound summing every unit's worst case (what numerics.ffn_bounds improves on)."""
+    d = gain.shape[0]
+    a, b = np.split(normed_rows(proj_1, gain), 2)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    return float((np.abs(proj_2) @ (d * (na * nb + np.abs((a * b).sum(1))) / 2)).max())
+
+
 def ffn_inputs(model, tokens):
     """Each layer's FFN input (after ffn_norm) on `tokens`, float32 [S, d]."""
     h = model.transformer.token_embeddings(mx.array([tokens]))
@@ -78,23 +86,22 @@ def main(source=None):
         proj_1, proj_2, gain = w[p + "ffn.proj_1.weight"], w[p + "ffn.proj_2.weight"], w[p + "ffn_norm.weight"]
         gate, up = np.split(x @ proj_1.T, 2, axis=-1)
         peak = float(np.abs((gate / (1 + np.exp(-gate)) * up) @ proj_2.T).max())
-        a, b = np.split(normed_rows(proj_1, gain), 2)
-        d = gain.shape[0]
-        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-        summed = float((np.abs(proj_2) @ (d * (na * nb + np.abs((a * b).sum(1))) / 2)).max())
+        summed = summed_bound(proj_1, proj_2, gain)
         used = ffn_bounds(proj_1, proj_2, gain)["proj_2"]
         print(
             f"  layer {i}: {peak:9.3g}  {summed:9.3g} (k={exponent_for(summed)})  {used:9.3g} (k={exponent_for(used)})"
         )
 
-    print("3. time of ffn_bounds on one layer (random weights, variance 1/fan_in)")
+    print("3. one layer of random weights (variance 1/fan_in): ffn_bounds' time, its bound, the summed one")
     rng = np.random.default_rng(0)
     for name, d, ffn in (("270M widest", 1280, 5120), ("3B widest", 3072, 12288)):
         proj_1 = (rng.standard_normal((2 * ffn, d)) / np.sqrt(d)).astype(np.float32)
         proj_2 = (rng.standard_normal((d, ffn)) / np.sqrt(ffn)).astype(np.float32)
         start = time.perf_counter()
-        bound = ffn_bounds(proj_1, proj_2, np.ones(d, np.float32))["proj_2"]
-        print(f"  {name} (d={d}, ffn={ffn}): {time.perf_counter() - start:.1f} s, proj_2 bound {bound:.3g}")
+        gain = np.ones(d, np.float32)
+        bound = ffn_bounds(proj_1, proj_2, gain)["proj_2"]
+        seconds = time.perf_counter() - start
+        print(f"  {name} (d={d}, ffn={ffn}): {seconds:.1f} s, {bound:.3g}, {summed_bound(proj_1, proj_2, gain):.3g}")
 
 
 if __name__ == "__main__":
