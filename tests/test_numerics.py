@@ -185,3 +185,24 @@ def test_a_weight_of_1e5_in_up_is_folded_exactly(tmp_path, tokenizer_file, expor
     assert np.float16(BIG * 2.0**-k) in (proj_1[64, 0], proj_1[0, 64])  # [out, in] in Core ML, [in, out] in Core AI
     report = verifier(target)(summary["output"], checkpoint, steps=2)
     assert report.ok and report.weight_max_rel_error < 5e-4, report
+
+
+@pytest.mark.parametrize(
+    "name,where,value,message",
+    [
+        ("transformer.norm.weight", (5,), 1e4, "layer 3's logits reaches .* on the calibration text"),
+        ("transformer.layers.2.attn.q_norm.weight", (0,), 1e4, "layer 2's attention scores can reach"),
+        (PROJ_1, (64, 0), 1e7, r"layer 0's FFN can reach .*2\*\*-1[3-9]"),
+    ],
+)
+def test_what_float16_cannot_hold_even_rescaled_is_refused(tmp_path, tokenizer_file, name, where, value, message):
+    """The logits (calibration text within 4x of 65504), the scores (their QK-norm bound) and an
+    FFN that would need k > MAX_EXPONENT: refused in one line pointing to float32."""
+    from openelm_mlx.errors import OpenELMError
+
+    checkpoint = write_massive_checkpoint(tmp_path / "m", tokenizer_file, 1, big_weight=(name, where, value))
+    model, _ = load_model(checkpoint, "float32")
+    tok = Tokenizer(tokenizer_file)
+    with pytest.raises(OpenELMError, match=message + ".*--compute-precision float32"):
+        ffn_scale_exponents(model, model_weights(model), "float16", tok)
+    assert ffn_scale_exponents(model, model_weights(model), "float32", tok) == [0] * 4
