@@ -24,6 +24,7 @@ from openelm_mlx.convert.numerics import (
     calibration_text,
     calibration_tokens,
     ffn_scale_exponents,
+    top_eigenvalue_bound,
     weight_bounds,
 )
 from openelm_mlx.convert.package import model_weights
@@ -90,6 +91,16 @@ def test_weight_bounds_hold_over_the_calibration_text(massive_checkpoint, source
         assert all(b["proj_2"] < 2000 for b in bounds)
     else:  # the massive unit's bound is ~1.7x its real peak (~1e5): k = 3, not 6 as a 32x margin gave
         assert FLOAT16_MAX < bounds[MASSIVE_LAYER]["proj_2"] < 2e5
+
+
+def test_top_eigenvalue_bound_is_above_the_eigenvalue_and_close():
+    rng = np.random.default_rng(0)
+    for rows, d in ((64, 128), (1024, 256)):  # low rank and full rank
+        m = rng.standard_normal((rows, d))
+        m[0] *= 30  # one dominant direction, as a massive-activation unit makes
+        for gram in (m.T @ m, (m[1:].T @ m[1:])):
+            exact = np.linalg.eigvalsh(gram)[-1]
+            assert exact <= top_eigenvalue_bound(gram) < 1.1 * exact
 
 
 def test_rescaling_does_not_depend_on_the_calibration_text(tmp_path, tokenizer_file):
