@@ -21,17 +21,20 @@ from the weights alone (weight_bounds), with a_j = gate row j * g and b_j = up r
 - proj_2's output channel c (and any partial sum of it): sum_j |P_cj| |prod_j|, at most both
   sum_j |P_cj| bound_j and max_j |P_cj| * sum_j |prod_j|, where sum_j |prod_j| <= d/2 lambda_max(Q),
   Q = sum_j t_j a_j a_j^T + b_j b_j^T / t_j, t_j = ||b_j|| / ||a_j|| (AM-GM per unit; lambda_max
-  itself bounded with a proof, top_eigenvalue_bound). The second
-  form keeps the bound near the real peak on ordinary layers, where summing every unit's worst
-  case would be ~d/4 times too loose (and a too large k pushes small values into float16's
-  subnormals: docs/numerics.md has the measurements).
+  itself bounded with a proof, top_eigenvalue_bound). The second form keeps the bound near what
+  text reaches on ordinary layers, where summing every unit's worst case is 2-3x looser on the
+  demo model and 56x on a random layer of 270M's widest shape; a loose bound raises k for
+  nothing, pushing small values into float16's subnormals (docs/numerics.md: the measurements).
 k is the least that brings that bound within FLOAT16_MAX / BOUND_MARGIN (the margin covers the
 float16 rounding of inputs and partial sums). A layer whose bound needs more than MAX_EXPONENT is
 refused: float16 would keep too little of its ordinary values.
 
+The attention scores are bounded by QK-norm (head_dim * max|q gain| * max|k gain|, reached by
+aligned q and k): refused past FLOAT16_MAX / BOUND_MARGIN.
+
 Where it is not safe: tensors that cannot be rescaled this way (q/k/v, the attention output,
-the gate, the scores, the logits) are bounded the same way, but only refused when realistic text
-comes within CALIBRATION_MARGIN of overflow (calibration_peaks over openelm_mlx/data/calibration.txt
+the gate, the logits) are bounded the same way, but only refused when realistic text comes
+within CALIBRATION_MARGIN of overflow (calibration_peaks over openelm_mlx/data/calibration.txt
 through the model's own tokenizer: prose, punctuation, newlines, digits, code, the chat template).
 A model whose worst case for one of those exceeds float16 while real text stays far below is
 exported, and could still overflow on an input unlike any text; --compute-precision float32
@@ -49,8 +52,8 @@ from openelm_mlx.errors import OpenELMError
 
 FLOAT16_MAX = 65504.0
 BOUND_MARGIN = 2.0  # worst-case bound * 2 <= FLOAT16_MAX
-GRAM_SLACK = 1.001
-POWER_ITERATIONS = 50
+GRAM_SLACK = 1.001  # covers the float32 sums of the FFN bound's Gram matrix
+POWER_ITERATIONS = 50  # top_eigenvalue_bound's first guess; more only tightens it
 # Refuse a tensor that cannot be rescaled when real text brings it within 4x of float16's range.
 CALIBRATION_MARGIN = 4.0
 # Rescaling moves a layer's ordinary values toward float16's subnormals (below 6.1e-5). Measured
