@@ -175,7 +175,8 @@ def package_arrays(summary, target):
     if target == "coreai":
         from openelm_mlx.convert.coreai.weights import named_constants
 
-        return named_constants(Path(summary["output"]))
+        out = Path(summary["output"])  # the .aimodel, or the bundle folder that holds one
+        return named_constants(next(out.glob("*.aimodel"), out))
     from openelm_mlx.convert.coreml.executor import MILExecutor
 
     executor = MILExecutor(summary["output"])
