@@ -1,7 +1,11 @@
-"""Weight compression, the same math for both exporters: symmetric linear quantization (int8 per
-output channel, int4 per block along the input axis) and palettization (a k-means look-up table
-per group of 16 output channels). Weights are [out, in] as in the checkpoint; each exporter lays
-the arrays out the way its decompression op wants them."""
+"""Weight compression, the same math for both exporters: symmetric linear quantization (int8 and
+int4 per block of --block-size, 32 by default, along the input axis, as Apple's presets do: per
+output channel int8 returns garbage on Core AI's GPU delegate, apple-runners.md section 8) and
+palettization (a k-means look-up table per group of 16 output channels). Weights are [out, in] as
+in the checkpoint; each exporter lays the arrays out the way its decompression op wants them.
+A weight the compute dtype cannot hold (float16: |w| > 65504) is refused in one line naming the
+tensor (check_stored), never written as inf; the float16 guard (numerics.py) has already folded
+what it can (proj_1's `up` rows, times 2**-k)."""
 
 from dataclasses import dataclass
 
@@ -10,6 +14,7 @@ import numpy as np
 from openelm_mlx.errors import OpenELMError
 
 BITS = {"int8": 8, "int4": 4, "palettize4": 4, "palettize6": 6}  # bits per stored value
+BLOCKWISE = ("int8", "int4")  # one scale per --block-size inputs
 PALETTE_GROUP = 16  # output channels sharing one LUT (coremltools' per_grouped_channel default)
 # Apple's iOS preset `4bit_weight_palettized_group32` (coreai-models export/presets.py, export/
 # compression.py:301-341): 4-bit k-means LUTs per group of 32 output channels (axis 0); its
@@ -50,19 +55,39 @@ def compress(name: str, weight: np.ndarray, compression: str, block_size: int, s
     """The stored form of the float32 [out, in] weight `name`: itself in `scale_dtype` for "none",
     else a Quantized or Palettized whose scales or LUT are `scale_dtype`."""
     out, n = weight.shape
-    if compression == "int4" and n % block_size:
+    if compression in BLOCKWISE and n % block_size:
         raise OpenELMError(f"--block-size {block_size} does not divide the {n} inputs of {name}: choose another")
     if compression.startswith("palettize") and out % PALETTE_GROUP:
         raise OpenELMError(f"{name} has {out} rows, not a multiple of {PALETTE_GROUP}: it cannot be palettized")
-    if compression == "none":
-        return weight.astype(scale_dtype)
-    if compression == IOS_PRESET:
-        if out % IOS_PALETTE_GROUP:
-            raise OpenELMError(f"{name} has {out} rows, not a multiple of {IOS_PALETTE_GROUP}: use another --compress")
-        return palettize(weight, 4, scale_dtype, IOS_PALETTE_GROUP)
-    if compression.startswith("palettize"):
-        return palettize(weight, BITS[compression], scale_dtype)
-    return quantize(weight, BITS[compression], block_size if compression == "int4" else n, scale_dtype)
+    with np.errstate(over="ignore"):  # a value beyond scale_dtype becomes inf here and is refused below
+        if compression == "none":
+            stored = weight.astype(scale_dtype)
+        elif compression == IOS_PRESET:
+            if out % IOS_PALETTE_GROUP:
+                raise OpenELMError(
+                    f"{name} has {out} rows, not a multiple of {IOS_PALETTE_GROUP}: use another --compress"
+                )
+            stored = palettize(weight, 4, scale_dtype, IOS_PALETTE_GROUP)
+        elif compression.startswith("palettize"):
+            stored = palettize(weight, BITS[compression], scale_dtype)
+        else:
+            stored = quantize(weight, BITS[compression], block_size, scale_dtype)
+    check_stored(name, weight, stored, scale_dtype)
+    return stored
+
+
+def check_stored(name: str, weight: np.ndarray, stored, dtype):
+    """Refuse a stored form the package cannot compute with: every form is decompressed to the
+    compute dtype on the device, so a weight past its range is inf there, whether it is stored
+    plainly or as int8/int4 data times a scale that fits, or as a LUT entry."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        dense = decompress(stored).astype(dtype)
+    if not np.isfinite(dense).all():
+        raise OpenELMError(
+            f"{name} holds a weight of {float(np.abs(weight).max()):.3g}, past {np.dtype(dtype).name}'s largest "
+            f"{float(np.finfo(dtype).max):.0f} (compressed or not, the package computes with {np.dtype(dtype).name} "
+            "weights): export with --compute-precision float32 (export-coreai)"
+        )
 
 
 def decompress(stored) -> np.ndarray:

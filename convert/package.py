@@ -29,7 +29,7 @@ from openelm_mlx.model_folder import source_name
 from openelm_mlx.options import check_options, count
 from openelm_mlx.tokenizer import CHAT_TEMPLATE, Tokenizer, find_tokenizer
 
-from .compression import Palettized, Quantized, compress, quantize, quantize_per_tensor
+from .compression import BLOCKWISE, Palettized, Quantized, check_stored, compress, quantize_per_tensor
 from .numerics import ffn_scale_exponents, fold_ffn_scales
 
 FUNCTIONS = ("prefill", "decode")
@@ -112,7 +112,7 @@ class PackageDescription:
             "openelm.chat_template": CHAT_TEMPLATE,
             "openelm.source_model": self.source,
             "openelm.compression": self.compression,
-            "openelm.block_size": str(self.block_size) if self.compression == "int4" else "",
+            "openelm.block_size": str(self.block_size) if self.compression in BLOCKWISE else "",
             "openelm.compute_precision": self.compute_precision,
             "openelm.target": self.target,
             "openelm.ffn_scale_exponents": json.dumps([layer.ffn_scale_exponent for layer in self.layers]),
@@ -130,12 +130,14 @@ def describe(
     block_size: int,
     compute_precision: str,
     compressions,
+    tokenizer=None,
     target: str = "macos",
 ):
     """Load `model_source` (anything openelm_mlx.load accepts), check the export settings (the
     exporter's `compressions`), and describe the package: (PackageDescription, the model's folder).
     prefill_length None: one call takes up to the whole context (Core ML's inputIds range, Core AI's
-    bundles). For `target` "ios" the context defaults to IOS_CONTEXT and the weights take ios_form."""
+    bundles). `tokenizer` (a path, else the model folder's) encodes the float16 guard's calibration
+    text. For `target` "ios" the context defaults to IOS_CONTEXT and the weights take ios_form."""
     if compute_precision not in COMPUTE_DTYPES:
         raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
@@ -152,8 +154,9 @@ def describe(
     prefill_length = context if prefill_length is None else prefill_length
     if not 1 <= prefill_length <= context:
         raise OpenELMError(f"--prefill-length {prefill_length} must be between 1 and --context ({context})")
-    scale_exponents = ffn_scale_exponents(model, compute_precision)
-    weights = fold_ffn_scales(model_weights(model), scale_exponents)
+    weights = model_weights(model)
+    scale_exponents = ffn_scale_exponents(model, weights, compute_precision, find_tokenizer(folder, tokenizer))
+    weights = fold_ffn_scales(weights, scale_exponents)
     del model
     store = ios_form if target == "ios" else compress
     stored = {
@@ -184,15 +187,14 @@ def describe(
 
 def ios_form(name: str, weight: np.ndarray, compression: str, block_size: int, scale_dtype):
     """compress() as the iOS contract needs it: the embedding table int8 per tensor (the engine
-    loads it once, load_embeddings), and int8 per block of block_size, never per output channel
-    (per-channel int8 gave garbage on Apple's GPU delegate: coreai-model-zoo
+    loads it once, load_embeddings); everything else as compress() stores it, int8 per block, never
+    per output channel (per-channel int8 gave garbage on Apple's GPU delegate: coreai-model-zoo
     knowledge/pipelined-engine.md:274-285)."""
     if name == EMBEDDING:
-        return quantize_per_tensor(weight, scale_dtype)
-    if compression == "int8":
-        if weight.shape[1] % block_size:
-            raise OpenELMError(f"--block-size {block_size} does not divide the {weight.shape[1]} inputs of {name}")
-        return quantize(weight, 8, block_size, scale_dtype)
+        with np.errstate(over="ignore"):  # a value past scale_dtype becomes inf and is refused
+            stored = quantize_per_tensor(weight, scale_dtype)
+        check_stored(name, weight, stored, scale_dtype)
+        return stored
     return compress(name, weight, compression, block_size, scale_dtype)
 
 
@@ -250,7 +252,7 @@ class PackageInfo:
     bos_token_id: int
     eos_token_id: int
     compression: str
-    block_size: int  # int4 only, else 0
+    block_size: int  # int8 and int4 (compression.BLOCKWISE), else 0
     compute_precision: str
     ffn_scale_exponents: List[int]
     source_model: str
@@ -384,9 +386,7 @@ def add_export_arguments(parser, suffix: str, compressions, output_help: Optiona
     if prefill:
         parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call")
     parser.add_argument("--compress", choices=compressions, default="none", help="weight compression (none: 16-bit)")
-    parser.add_argument(
-        "--block-size", type=int, default=32, help="int4 (and on iOS int8) block size along the input axis"
-    )
+    parser.add_argument("--block-size", type=int, default=32, help="int8 and int4 block size along the input axis")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model if the model folder has none")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
 

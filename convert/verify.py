@@ -41,7 +41,7 @@ LOGITS_RTOL = {"float16": 0.02, "float32": 1e-3}
 # models' n <= 512, per matmul. Its float16 logits are held to 5% (measured: up to 2% on the tiny
 # test models, with a massive activation); float16 on large models is checked on devices.
 FLOAT16_SUM_RTOL = 0.05
-# Compressed weights. Linear quantization (int8 per row, int4 per block of --block-size along the
+# Compressed weights. Linear quantization (int8 and int4 per block of --block-size along the
 # input axis, symmetric; compression.BITS): every value must lie within half a quantization step of the source, the
 # step being max|block| / (2**(bits-1) - 1), plus four float16 roundings (the weight before
 # quantization, the scale, the product, the source's own float16 cast). Palettization (k-means per
@@ -117,7 +117,7 @@ def check_weights(package_w: Dict[str, np.ndarray], source_w: Dict[str, np.ndarr
             stored_dtype = np.float32 if is_norm(name) or info.compute_precision == "float32" else np.float16
             bad = int(np.sum(got != src.astype(stored_dtype).astype(np.float32)))
         elif info.compression not in PALETTE_RTOL:
-            block = src.shape[1] if info.compression == "int8" else info.block_size
+            block = info.block_size or src.shape[1]  # int8 before block-wise scales: per row
             rows = src.reshape(src.shape[0], -1, block)
             step = np.abs(rows).max(axis=-1, keepdims=True) / (2 ** (BITS[info.compression] - 1) - 1)
             bad = int(np.sum(~(err.reshape(rows.shape) <= 0.5 * step + FP16_SLACK * np.abs(rows))))

@@ -127,15 +127,19 @@ def exported(tmp_path_factory):
 
 
 MASSIVE_LAYER, MASSIVE_CHANNEL = 1, 7
+# Where real LLMs put massive activations (Sun et al. 2024), as the pieces of the tests' tokenizer:
+# BOS, a full stop, a newline (byte fallback) and '|', which only the chat template's markers hold.
+MASSIVE_TRIGGERS = {"bos": "<s>", "period": ".", "newline": "<0x0A>", "chat": "<0x7C>"}
 
 
-@pytest.fixture(scope="session")
-def massive_activation_checkpoint(tmp_path_factory, tokenizer_file) -> Path:
-    """tiny_config() with a "massive activation" as real LLMs have them: at the first token (BOS)
-    only, one FFN output channel of layer MASSIVE_LAYER reaches ~1e5, past float16's 65504.
-    How: embedding channel 5 is +20 for BOS and -2 for every other token; FFN unit 3 of that layer
-    reads only channel 5 (gate and up rows 36 * e_5), so silu(gate) * up is ~1e5 at BOS and ~0
-    elsewhere; proj_2 passes unit 3 to output channel MASSIVE_CHANNEL alone, with weight 1."""
+def write_massive_checkpoint(folder: Path, tokenizer_file: Path, trigger: int, big_weight=None) -> Path:
+    """tiny_config() with a "massive activation" as real LLMs have them, at token id `trigger`
+    only: one FFN output channel of layer MASSIVE_LAYER reaches ~1e5, past float16's 65504, with
+    every weight ordinary (|w| <= 36). How: embedding channel 5 is +20 for the trigger and -2 for
+    every other token; FFN unit 3 of that layer reads only channel 5 (gate and up rows 36 * e_5),
+    so silu(gate) * up is ~1e5 at the trigger and ~0 elsewhere; proj_2 passes unit 3 to output
+    channel MASSIVE_CHANNEL alone, with weight 1. `big_weight` (name, (row, column), value) sets
+    one weight, e.g. past float16's range."""
     import mlx.core as mx
     import numpy as np
 
@@ -145,7 +149,7 @@ def massive_activation_checkpoint(tmp_path_factory, tokenizer_file) -> Path:
     w = {k: np.array(v) for k, v in random_weights(config).items()}
     emb = w["transformer.token_embeddings.weight"]
     emb[:, 5] = -2.0
-    emb[config.bos_token_id, 5] = 20.0
+    emb[trigger, 5] = 20.0
     proj_1 = w[f"transformer.layers.{MASSIVE_LAYER}.ffn.proj_1.weight"]
     for row in (3, proj_1.shape[0] // 2 + 3):  # gate row 3, up row 3
         proj_1[row] = 0.0
@@ -153,5 +157,30 @@ def massive_activation_checkpoint(tmp_path_factory, tokenizer_file) -> Path:
     proj_2 = w[f"transformer.layers.{MASSIVE_LAYER}.ffn.proj_2.weight"]
     proj_2[:, 3] = 0.0
     proj_2[MASSIVE_CHANNEL, 3] = 1.0
-    folder = tmp_path_factory.mktemp("massive") / "OpenELM-tiny-massive"
+    if big_weight:
+        name, where, value = big_weight
+        w[name][where] = value
     return write_checkpoint(folder, config, weights={k: mx.array(v) for k, v in w.items()}, tokenizer=tokenizer_file)
+
+
+@pytest.fixture(scope="session")
+def massive_checkpoint(tmp_path_factory, tokenizer_file):
+    """massive_checkpoint(trigger) -> the checkpoint of write_massive_checkpoint whose massive
+    activation fires at MASSIVE_TRIGGERS[trigger], made once per session."""
+    from openelm_mlx.tokenizer import Tokenizer
+
+    sp, made = Tokenizer(tokenizer_file).sp, {}
+
+    def get(trigger: str) -> Path:
+        if trigger not in made:
+            folder = tmp_path_factory.mktemp(f"massive-{trigger}") / f"OpenELM-tiny-massive-{trigger}"
+            made[trigger] = write_massive_checkpoint(folder, tokenizer_file, sp.piece_to_id(MASSIVE_TRIGGERS[trigger]))
+        return made[trigger]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def massive_activation_checkpoint(massive_checkpoint) -> Path:
+    """The massive activation at the first token (BOS): write_massive_checkpoint."""
+    return massive_checkpoint("bos")

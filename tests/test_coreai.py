@@ -1,7 +1,7 @@
 """Core AI LanguageBundle export, driven by the sequential-engine twin through Apple's own runtime
 (the reference runtime in coreai-core on Linux): the bundle's files, function, states and metadata,
 the metadata read as the Swift loader reads it, greedy tokens against MLX over chunked prompts
-(compressed too), massive activations, corrupted files, generation with the demo model, the bench."""
+(compressed too), corrupted files, generation with the demo model, the bench."""
 
 import hashlib
 import json
@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("coreai.runtime")
 
-from conftest import EXPORT_CONTEXT, MASSIVE_LAYER, assert_clean_error, run_cli, tiny_config  # noqa: E402
+from conftest import EXPORT_CONTEXT, assert_clean_error, run_cli, tiny_config  # noqa: E402
 
 from openelm_mlx import generate, load  # noqa: E402
 from openelm_mlx.apps.cli import main as cli  # noqa: E402
@@ -33,7 +33,6 @@ from openelm_mlx.loader import DEMO_MODEL  # noqa: E402
 CONTEXT = EXPORT_CONTEXT
 CHUNK = 16  # the engine's chunk threshold in these tests (Swift's 1024 needs prompts too long to run here)
 DEMO_PROMPT = "And it came to pass, when the men of the city saw the king and all the people of the land, that they"
-MASSIVE_PROMPT = "A journey of a thousand miles begins with a single step."  # no near-ties in its greedy run
 
 
 @pytest.fixture
@@ -121,7 +120,7 @@ def assert_greedy(coreai, steps: int):
 
 @pytest.mark.parametrize(
     "compress,max_bpp,max_rel_error",
-    [("none", 2.3, 5e-4), ("int8", 1.2, 0.01), ("int4", 0.75, 0.1), ("palettize4", 0.7, 0.1)],
+    [("none", 2.3, 5e-4), ("int8", 1.25, 0.01), ("int4", 0.75, 0.1), ("palettize4", 0.7, 0.1)],
 )
 def test_float16_bundle_gives_mlx_greedy_tokens(tiny_checkpoint, bundles, calls, compress, max_bpp, max_rel_error):
     """A prompt of three chunks and 32 decode steps, each call as the Swift engine makes it, against
@@ -163,17 +162,6 @@ def test_float32_bundle_matches_mlx_closely(tiny_checkpoint, bundles):
     # float32 compute, float16 logits (what the stock engines read): one float16 rounding (2**-11 of
     # the largest |logit| at most) and float32's own error; tolerance = 1e-3 * the largest |logit|
     assert max(s.max_abs_diff for s in coreai.steps) < 2.0**-10 * coreai.tolerance / 1e-3
-
-
-def test_massive_activation_float16(massive_activation_checkpoint, bundles):
-    """The float16 bundle of the model whose FFN channel reaches ~1e5 at BOS (conftest): finite,
-    within tolerance of MLX float32 and greedy identical over 17 steps."""
-    summary = bundles(massive_activation_checkpoint)
-    assert summary["ffn_scale_exponents"][MASSIVE_LAYER] == 6 and sum(summary["ffn_scale_exponents"]) == 6
-    report = verify_coreai(summary["output"], massive_activation_checkpoint, steps=16, prompt=MASSIVE_PROMPT)
-    (coreai,) = report.backends
-    assert report.ok and len(coreai.steps) == 17 and coreai.agreement == 1.0
-    assert max(s.max_abs_diff for s in coreai.steps) < coreai.tolerance
 
 
 def test_demo_model_float16_gives_mlx_greedy_tokens(bundles, calls):

@@ -63,7 +63,7 @@ def export_coreai(
     with bar:
         bar.set_postfix_str("load, calibrate, compress")
         desc, folder = describe(
-            model_source, context, None, compress, block_size, compute_precision, COMPRESSIONS, target
+            model_source, context, None, compress, block_size, compute_precision, COMPRESSIONS, tokenizer, target
         )
         tok = find_tokenizer(folder, tokenizer)
         files = tokenizer_files(tok, is_instruct_model(desc.source, folder), desc.context)  # may refuse: first

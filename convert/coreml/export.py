@@ -72,7 +72,7 @@ def export_coreml(
     bar = progress_bar(total=len(steps), show=progress, desc="export-coreml", unit="step")
     with bar:
         bar.set_postfix_str("load, calibrate, compress")
-        desc, folder = describe(model_source, context, None, compress, block_size, "float16", COMPRESSIONS)
+        desc, folder = describe(model_source, context, None, compress, block_size, "float16", COMPRESSIONS, tokenizer)
         tok = find_tokenizer(folder, tokenizer)
         files = tokenizer_files(tok, is_instruct_model(desc.source, folder), desc.context)  # may refuse: first
         bar.update()
