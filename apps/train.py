@@ -21,6 +21,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from openelm_mlx import cpu_layers
 from openelm_mlx.apps.train_checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint, start_run
 from openelm_mlx.apps.train_data import batch_at, encode_documents, train_tokenizer, validation_windows
 from openelm_mlx.apps.train_plot import plot_losses
@@ -185,7 +186,7 @@ def _train(cfg: TrainConfig, output: Path, paths, texts, resume, checkpoint_ever
 
     config = cfg.model_config(tokenizer)
     mx.random.seed(cfg.seed)
-    model, optimizer = Model(config), cfg.optimizer()
+    model, optimizer = cpu_layers.swap(Model(config)), cfg.optimizer()  # a CPU's layers, as at load
     state = {"config": asdict(cfg), "step": 0, "seconds": 0.0, "train_loss": [], "val_loss": []}
     if resume:
         state = load_checkpoint(output, model, optimizer)

@@ -5,10 +5,11 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
+from . import cpu_layers
 from .checkpoint import build_model, read_weights, resolve_source
 from .config import OpenELMConfig
 from .errors import OpenELMError
-from .model import Model, column_major
+from .model import Model
 from .tokenizer import Tokenizer, check_tokenizer_fits, find_tokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -49,10 +50,11 @@ def build(folder: Path, config: OpenELMConfig, dtype: str) -> Model:
 
 def ready(model: Model, dtype: mx.Dtype) -> Model:
     """A built model made ready to run here, evaluated: quantized weights stay packed; scales,
-    biases and norms follow the activation dtype; float32 matrices take this CPU's layout. Call it
-    once nothing else holds the weights, or the layout's copies double the peak memory."""
+    biases and norms follow the activation dtype; on a CPU, linear layers become CPU layers
+    (cpu_layers.swap: BLAS path, threads, layout). Call it once nothing else holds the weights,
+    or the layout's copies double the peak memory."""
     model.set_dtype(dtype)
-    column_major(model)
+    cpu_layers.swap(model)
     mx.eval(model.parameters())
     return model
 
