@@ -27,10 +27,10 @@ from openelm_mlx.apps.train_data import batch_at, encode_documents, train_tokeni
 from openelm_mlx.apps.train_plot import plot_losses
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.files import number, read_text
+from openelm_mlx.files import read_text
 from openelm_mlx.model import Model
 from openelm_mlx.model_folder import write_model_folder
-from openelm_mlx.options import SEED, between, check_options, count
+from openelm_mlx.options import TRAIN_RULES, check_options
 from openelm_mlx.outputs import remove
 from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import Tokenizer
@@ -56,8 +56,8 @@ class TrainConfig:
     seed: int = 0  # initialization and batch order
 
     def check(self):
-        """Every setting in its range (SETTING_RULES), before a byte is written."""
-        check_options(asdict(self), SETTING_RULES)
+        """Every setting in its range (options.TRAIN_RULES), before a byte is written."""
+        check_options(asdict(self), TRAIN_RULES)
         if self.head_dim % 2:
             raise OpenELMError(f"--head-dim must be even (rotary embeddings pair its halves), got {self.head_dim}")
         if self.warmup >= self.steps:
@@ -97,24 +97,6 @@ class TrainConfig:
         return optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=self.weight_decay)
 
 
-# The range of every setting: far beyond the demo recipe, within what MLX and sentencepiece take
-# (a byte-fallback tokenizer holds 256 byte pieces and unk, bos, eos).
-SETTING_RULES = {
-    "layers": count(1, 1024),
-    "model_dim": count(1, 65536),
-    "head_dim": count(2, 4096),
-    "vocab_size": count(260, 1 << 20),
-    "context": count(1, 1 << 20),
-    "batch_size": count(1, 1 << 16),
-    "steps": count(),
-    "learning_rate": number(0, 10),
-    "min_lr_ratio": between(0, 1),
-    "warmup": count(0),
-    "weight_decay": between(0, 10),
-    "grad_clip": number(0, 1e6),
-    "seed": SEED,
-}
-STEP_RULES = {"checkpoint_every": count(), "eval_every": count()}
 SETTING_HELP = {
     "layers": "transformer layers",
     "model_dim": "model width",
@@ -154,7 +136,7 @@ def train(
 ) -> Path:
     """Train a model on `text` into `output`; returns the written model folder."""
     cfg, output = TrainConfig(**settings), Path(output)
-    check_options({"checkpoint_every": checkpoint_every, "eval_every": eval_every}, STEP_RULES)
+    check_options({"checkpoint_every": checkpoint_every, "eval_every": eval_every}, TRAIN_RULES)
     cfg.check()
     for path in (text, val_text):
         if path is not None and not Path(path).is_file():

@@ -15,7 +15,6 @@ from .tokenizer import Tokenizer, check_tokenizer_fits, find_tokenizer
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # The small model trained and shipped with the package (see apps/train.py): the offline default.
 DEMO_MODEL = Path(__file__).parent / "demo_model"
-DEFAULT_PROMPT = "Once upon a time"  # what `openelm generate` continues when given no prompt
 
 
 def named_dtype(name: str) -> Optional[mx.Dtype]:
@@ -66,7 +65,11 @@ def load(path_or_repo=None, tokenizer: Optional[str] = None, dtype: str = "auto"
         if not (DEMO_MODEL / "config.json").is_file():
             raise OpenELMError("no model given and no demo model installed: pass --model PATH_OR_REPO")
         path_or_repo = DEMO_MODEL
-    folder = resolve_source(path_or_repo)
+    return load_folder(resolve_source(path_or_repo), tokenizer, dtype)
+
+
+def load_folder(folder: Path, tokenizer: Optional[str] = None, dtype: str = "auto") -> Tuple[Model, Tokenizer]:
+    """load() of a folder resolve_source() gave."""
     config = OpenELMConfig.from_pretrained(folder)
     tok = find_tokenizer(folder, tokenizer)
     check_tokenizer_fits(tok, config)  # before a byte of the weights is read
