@@ -139,8 +139,8 @@ def run_benchmark(
     if packages and precisions:
         raise OpenELMError(f"a {backend} package's precision was fixed when it was exported: drop --precisions")
     precisions = ["package"] if packages else list(precisions or default_precisions())
-    numbers = dict(prompt_tokens=prompt_tokens, generation_tokens=generation_tokens, trials=trials, warmup=warmup)
-    check_options(dict(numbers, seed=seed, prompt_lookup=prompt_lookup, num_draft=num_draft), BENCH_RULES)
+    counts = dict(prompt_tokens=prompt_tokens, generation_tokens=generation_tokens, trials=trials, warmup=warmup)
+    check_options(dict(counts, seed=seed, prompt_lookup=prompt_lookup, num_draft=num_draft), BENCH_RULES)
     check_settings(models, precisions, compare, backend)
     speculation = speculation_settings(prompt_lookup, draft_model, num_draft, backend, generation_tokens)
     if backend == "mlx" and len(models) == 1:  # a lone broken checkpoint: say so before measuring
