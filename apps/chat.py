@@ -1,15 +1,16 @@
 """`openelm chat`: a REPL for Instruct models that keeps the KV cache across turns."""
 
 import sys
+from dataclasses import replace
 from typing import Dict, Iterator, List, Optional
 
 from openelm_mlx.cache import make_cache
 from openelm_mlx.errors import OpenELMError, Terminated
-from openelm_mlx.generate import DEFAULT_MAX_TOKENS, GenerationChunk, fit_context, stream_generate
+from openelm_mlx.generate import DEFAULT_MAX_TOKENS, GenerationChunk, GenerationOptions, fit_context, stream_generate
 from openelm_mlx.model import Model
 from openelm_mlx.tokenizer import Tokenizer, chat_prompt
 
-from .generate import add_model_arguments, add_sampling_arguments, load_for_cli, sampling_options
+from .generate import add_model_arguments, add_sampling_arguments, generation_options, load_for_cli
 
 HELP = "type a message; /reset starts over, /quit (or Ctrl-D) leaves, Ctrl-C stops a reply"
 
@@ -68,7 +69,11 @@ class ChatSession:
         # The previous reply ended with "</s>"; the template puts a newline after it.
         return self.tokenizer.encode("\n" + chat_prompt([{"role": "user", "content": user}]), bos=False)
 
-    def send(self, user: str, max_tokens: Optional[int] = None, **sampling) -> Iterator[GenerationChunk]:
+    def send(
+        self, user: str, options: Optional[GenerationOptions] = None, draft_model=None
+    ) -> Iterator[GenerationChunk]:
+        options = options or GenerationOptions()
+        max_tokens = options.max_tokens
         context, reply_room = self.model.config.max_context_length, self.reply_room(max_tokens)
         new = self.turn_tokens(user)
         if len(self.tokens) + len(new) + reply_room > context:
@@ -94,7 +99,8 @@ class ChatSession:
         self.tokens += new
         reply = []
         try:
-            for chunk in stream_generate(self.model, self.tokenizer, pending, max_tokens, cache=self.cache, **sampling):
+            reply_options = replace(options, max_tokens=max_tokens)
+            for chunk in stream_generate(self.model, self.tokenizer, pending, reply_options, self.cache, draft_model):
                 if chunk.token is not None:
                     self.tokens.append(chunk.token)
                 reply.append(chunk.text)
@@ -126,7 +132,8 @@ def main(args):
     def room(model, tokenizer):  # before the Instruct notice: a refusal is one line
         ChatSession(model, tokenizer, args.system).check_room(args.max_tokens)
 
-    model, tokenizer, draft = load_for_cli(args, chat=True, check=room)
+    options = generation_options(args)
+    model, tokenizer, draft = load_for_cli(args, options, chat=True, check=room)
     context = model.config.max_context_length
     import readline  # noqa: F401  (arrow keys and history in input())
 
@@ -157,7 +164,7 @@ def main(args):
         if not user.strip():
             continue
         try:
-            for chunk in session.send(user, draft_model=draft, **sampling_options(args)):
+            for chunk in session.send(user, options, draft):
                 if session.dropped_turns and not told:
                     told = True
                     print(

@@ -18,10 +18,10 @@ import numpy as np
 
 from openelm_mlx.apps.train_data import encode_documents
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.files import optional, read_text
+from openelm_mlx.files import read_text
 from openelm_mlx.loader import DEMO_MODEL, DTYPES, load
 from openelm_mlx.model import Model
-from openelm_mlx.options import check_options, count
+from openelm_mlx.options import EVAL_RULES, check_options
 from openelm_mlx.overflow import OTHER_DTYPE_OPTION, check_finite
 from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import Tokenizer
@@ -62,9 +62,8 @@ def perplexity(
     progress: bool = False,
 ) -> Perplexity:
     """Perplexity of `model` on `text`; `max_tokens` scores only the first that many tokens."""
+    check_options({"context": context, "batch_size": batch_size, "max_tokens": max_tokens}, EVAL_RULES)
     context = model.config.max_context_length if context is None else context
-    if context < 1 or batch_size < 1:
-        raise OpenELMError(f"--context ({context}) and --batch-size ({batch_size}) must be at least 1")
     if context > model.config.max_context_length:
         raise OpenELMError(f"--context {context} exceeds the model's context of {model.config.max_context_length}")
     tokens = encode_documents(tokenizer, text)
@@ -106,11 +105,7 @@ def add_arguments(parser):
     ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text (default: all)")
 
 
-OPTION_RULES = {"context": optional(count()), "batch_size": count(1, 4096), "max_tokens": optional(count())}
-
-
 def main(args):
-    check_options(vars(args), OPTION_RULES)
     text_file = args.text or DEMO_TEXT
     if not text_file.is_file():
         raise OpenELMError(f"no text file at {text_file}: pass --text FILE")

@@ -4,9 +4,9 @@ import sys
 
 from openelm_mlx.checkpoint import resolve_source
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.generate import DEFAULT_NUM_DRAFT, make_drafter, stream_generate
-from openelm_mlx.loader import DEFAULT_PROMPT, DEMO_MODEL, DTYPES, load
-from openelm_mlx.sample import Sampling, check_seed
+from openelm_mlx.generate import DEFAULT_NUM_DRAFT, FALLBACK_PROMPT, GenerationOptions, stream_generate
+from openelm_mlx.loader import DEMO_MODEL, DTYPES, load, load_folder
+from openelm_mlx.options import check_speculation
 from openelm_mlx.tokenizer import chat_prompt, is_instruct_model
 
 
@@ -44,10 +44,9 @@ def add_sampling_arguments(parser):
     parser.add_argument(
         "--prompt-lookup",
         type=int,
-        default=0,
         metavar="K",
         help="speculative decoding without a second model: draft up to K tokens by finding the last tokens "
-        "earlier in the text (lossless; pays off when the output copies or repeats; 0: off)",
+        "earlier in the text (lossless; pays off when the output copies or repeats)",
     )
     parser.add_argument(
         "--draft-model",
@@ -58,8 +57,9 @@ def add_sampling_arguments(parser):
     )
 
 
-def sampling_options(args) -> dict:
-    return dict(
+def generation_options(args) -> GenerationOptions:
+    """The options of generate and chat (chat has no --truncate: its session makes room itself)."""
+    return GenerationOptions(
         max_tokens=args.max_tokens,
         temp=args.temp,
         top_p=args.top_p,
@@ -68,25 +68,25 @@ def sampling_options(args) -> dict:
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
         stop=args.stop,
+        truncate=vars(args).get("truncate", False),
         prompt_lookup=args.prompt_lookup,
-        num_draft=DEFAULT_NUM_DRAFT if args.num_draft is None else args.num_draft,
+        num_draft=args.num_draft,
     )
 
 
-def load_for_cli(args, chat: bool, check=None):
-    """(model, tokenizer, draft model or None) for generate and chat, the options checked, and
+def load_for_cli(args, options: GenerationOptions, chat: bool, check=None):
+    """(model, tokenizer, draft model or None) for generate and chat, the options checked: which go
+    together before any model is read, their ranges once the model is (GenerationOptions.check), and
     check(model, tokenizer) if given (chat's room for a message), before any notice is printed."""
-    speculative = args.prompt_lookup or args.draft_model
+    check_speculation(options.prompt_lookup, args.draft_model, options.num_draft)
     if getattr(args, "backend", "mlx") != "mlx":
-        if speculative:
+        if args.prompt_lookup is not None or args.draft_model:
             raise OpenELMError("--prompt-lookup and --draft-model need --backend mlx")
         from openelm_mlx.convert.runner import load_package
 
         model, tokenizer = load_package(args.model, args.backend, args.tokenizer)
-        check_options(args, model, tokenizer, None, chat)
+        options.check(tokenizer.vocab_size, model.config.max_context_length)
         return model, tokenizer, None
-    if args.num_draft is not None and not args.draft_model:
-        raise OpenELMError("--num-draft needs --draft-model")
     if args.model is None:
         print(
             "openelm: no --model given, using the small demo model shipped with openelm-mlx "
@@ -94,7 +94,7 @@ def load_for_cli(args, chat: bool, check=None):
             file=sys.stderr,
         )
     folder = resolve_source(DEMO_MODEL if args.model is None else args.model)
-    model, tokenizer = load(folder, tokenizer=args.tokenizer, dtype=args.dtype)
+    model, tokenizer = load_folder(folder, tokenizer=args.tokenizer, dtype=args.dtype)
     draft = None
     if args.draft_model:
         try:
@@ -106,7 +106,7 @@ def load_for_cli(args, chat: bool, check=None):
                 f"the draft model's tokenizer ({draft_tokenizer.path}) differs from the model's ({tokenizer.path}): "
                 "a draft model must share the model's tokenizer"
             )
-    check_options(args, model, tokenizer, draft, chat)
+    options.check(tokenizer.vocab_size, model.config.max_context_length, draft)
     if check is not None:
         check(model, tokenizer)
     if chat and not is_instruct_model(args.model or folder, folder):
@@ -114,22 +114,6 @@ def load_for_cli(args, chat: bool, check=None):
             "openelm: warning: this does not look like an Instruct model; chat replies may not follow", file=sys.stderr
         )
     return model, tokenizer, draft
-
-
-def check_options(args, model, tokenizer, draft, chat: bool):
-    """Refuse bad sampling and speculation options once, before anything is generated. A chat
-    needs room for its messages besides the reply."""
-    sampling = Sampling(args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty)
-    sampling.check(tokenizer.vocab_size)
-    check_seed(args.seed)
-    make_drafter(model, sampling, args.prompt_lookup, draft, sampling_options(args)["num_draft"])
-    context = model.config.max_context_length
-    if args.max_tokens is not None and args.max_tokens < 1:
-        raise OpenELMError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    if chat and args.max_tokens is not None and args.max_tokens >= context:
-        raise OpenELMError(
-            f"--max-tokens must be from 1 to {context - 1} (the model's context is {context}), got {args.max_tokens}"
-        )
 
 
 def add_arguments(parser):
@@ -169,8 +153,8 @@ def read_prompt(args) -> str:
     elif not sys.stdin.isatty():
         prompt = utf8(sys.stdin.buffer.read(), "the prompt on standard input")
     if not prompt:
-        print(f"openelm: no prompt given, continuing {DEFAULT_PROMPT!r}", file=sys.stderr)
-        prompt = DEFAULT_PROMPT
+        print(f"openelm: no prompt given, continuing {FALLBACK_PROMPT!r}", file=sys.stderr)
+        prompt = FALLBACK_PROMPT
     return prompt
 
 
@@ -178,13 +162,13 @@ def main(args):
     prompt = read_prompt(args)
     if args.system and not args.chat:
         raise OpenELMError("--system needs --chat")
-    model, tokenizer, draft = load_for_cli(args, chat=args.chat)
+    options = generation_options(args)
+    model, tokenizer, draft = load_for_cli(args, options, chat=args.chat)
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = chat_prompt(messages + [{"role": "user", "content": prompt}])
     stats = None
-    options = sampling_options(args)
-    for chunk in stream_generate(model, tokenizer, prompt, truncate=args.truncate, draft_model=draft, **options):
+    for chunk in stream_generate(model, tokenizer, prompt, options, draft_model=draft):
         if stats is None and chunk.stats.prompt_dropped:
             dropped, kept = chunk.stats.prompt_dropped, chunk.stats.prompt_tokens
             print(f"openelm: --truncate dropped the prompt's first {dropped} tokens, kept {kept}", file=sys.stderr)

@@ -23,15 +23,16 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
+from openelm_mlx import cpu_layers
 from openelm_mlx.apps.train_checkpoint import CHECKPOINT, RESTART, load_checkpoint, save_checkpoint, start_run
 from openelm_mlx.apps.train_data import batch_at, encode_documents, train_tokenizer, validation_windows
 from openelm_mlx.apps.train_plot import plot_losses
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.files import number, read_bytes, read_text
+from openelm_mlx.files import read_bytes, read_text
 from openelm_mlx.model import Model
 from openelm_mlx.model_folder import write_model_folder
-from openelm_mlx.options import SEED, between, check_options, count
+from openelm_mlx.options import TRAIN_RULES, check_options
 from openelm_mlx.outputs import check_output, remove
 from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import MAX_TOKENIZER_BYTES, Tokenizer
@@ -57,8 +58,8 @@ class TrainConfig:
     seed: int = 0  # initialization and batch order
 
     def check(self):
-        """Every setting in its range (SETTING_RULES), before a byte is written."""
-        check_options(asdict(self), SETTING_RULES)
+        """Every setting in its range (options.TRAIN_RULES), before a byte is written."""
+        check_options(asdict(self), TRAIN_RULES)
         if self.head_dim % 2:
             raise OpenELMError(f"--head-dim must be even (rotary embeddings pair its halves), got {self.head_dim}")
         if self.warmup >= self.steps:
@@ -98,24 +99,6 @@ class TrainConfig:
         return optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=self.weight_decay)
 
 
-# The range of every setting: far beyond the demo recipe, within what MLX and sentencepiece take
-# (a byte-fallback tokenizer holds 256 byte pieces and unk, bos, eos).
-SETTING_RULES = {
-    "layers": count(1, 1024),
-    "model_dim": count(1, 65536),
-    "head_dim": count(2, 4096),
-    "vocab_size": count(260, 1 << 20),
-    "context": count(1, 1 << 20),
-    "batch_size": count(1, 1 << 16),
-    "steps": count(),
-    "learning_rate": number(0, 10),
-    "min_lr_ratio": between(0, 1),
-    "warmup": count(0),
-    "weight_decay": between(0, 10),
-    "grad_clip": number(0, 1e6),
-    "seed": SEED,
-}
-STEP_RULES = {"checkpoint_every": count(), "eval_every": count()}
 SETTING_HELP = {
     "layers": "transformer layers",
     "model_dim": "model width",
@@ -155,7 +138,7 @@ def train(
 ) -> Path:
     """Train a model on `text` into `output`; returns the written model folder."""
     cfg, output = TrainConfig(**settings), Path(output)
-    check_options({"checkpoint_every": checkpoint_every, "eval_every": eval_every}, STEP_RULES)
+    check_options({"checkpoint_every": checkpoint_every, "eval_every": eval_every}, TRAIN_RULES)
     cfg.check()
     for path in (text, val_text):
         if path is not None and not Path(path).is_file():
@@ -194,7 +177,7 @@ def _train(cfg: TrainConfig, output: Path, paths, texts, resume, checkpoint_ever
 
     config = cfg.model_config(tokenizer)
     mx.random.seed(cfg.seed)
-    model, optimizer = Model(config), cfg.optimizer()
+    model, optimizer = cpu_layers.swap(Model(config)), cfg.optimizer()  # a CPU's layers, as at load
     state = {"config": asdict(cfg), "step": 0, "seconds": 0.0, "train_loss": [], "val_loss": []}
     state["tokenizer_sha256"] = tokenizer_sha256  # --resume refuses another tokenizer
     if resume:

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Sequence
 import mlx.core as mx
 
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.options import SEED, check_options, count
+from openelm_mlx.options import BENCH_RULES, check_options
 from openelm_mlx.overflow import check_finite
 
 from . import timing
@@ -139,7 +139,9 @@ def run_benchmark(
     if packages and precisions:
         raise OpenELMError(f"a {backend} package's precision was fixed when it was exported: drop --precisions")
     precisions = ["package"] if packages else list(precisions or default_precisions())
-    check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend, seed)
+    counts = dict(prompt_tokens=prompt_tokens, generation_tokens=generation_tokens, trials=trials, warmup=warmup)
+    check_options(dict(counts, seed=seed, prompt_lookup=prompt_lookup, num_draft=num_draft), BENCH_RULES)
+    check_settings(models, precisions, compare, backend)
     speculation = speculation_settings(prompt_lookup, draft_model, num_draft, backend, generation_tokens)
     if backend == "mlx" and len(models) == 1:  # a lone broken checkpoint: say so before measuring
         config, _ = load_source(models[0], seed)
@@ -199,21 +201,8 @@ def run_mlx(results: dict, progress: bool):
     run_plan(results, plan(settings["models"], settings["precisions"], settings["compare"]), run_one, progress)
 
 
-# -p, -g, --trials, --warmup and --seed
-NUMBER_RULES = {
-    "prompt_tokens": count(1, 1 << 20),
-    "generation_tokens": count(1, 1 << 20),
-    "trials": count(1, 10_000),
-    "warmup": count(0, 10_000),
-    "seed": SEED,
-}
-
-
-def check_settings(models, precisions, prompt_tokens, generation_tokens, trials, warmup, compare, backend, seed=0):
-    numbers = dict(
-        prompt_tokens=prompt_tokens, generation_tokens=generation_tokens, trials=trials, warmup=warmup, seed=seed
-    )
-    check_options(numbers, NUMBER_RULES)
+def check_settings(models, precisions, compare, backend):
+    """The options that are not numbers (those are in options.BENCH_RULES)."""
     checks = [
         (len(models) > 0, "--models is empty: name sizes (270M,450M,1.1B,3B) or checkpoint folders"),
         (

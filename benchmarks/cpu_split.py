@@ -1,6 +1,6 @@
-"""model.linear() on a CPU: each matmul of the 270M shape and of the demo model run whole on one
-thread (as mlx-lm runs it) against split across the CPU's threads, per precision and number of
-rows, float32 weights column-major in both. This is the measurement behind SPLIT_MIN_WORK.
+"""CPU layers (openelm_mlx/cpu_layers.py): each matmul of the 270M shape and of the demo model run
+whole on one thread (as mlx-lm runs it) against split across the CPU's threads, per precision and
+number of rows, float32 weights column-major in both. This is the measurement behind SPLIT_MIN_WORK.
 
     python -m openelm_mlx.benchmarks.cpu_split --out cpu_split.json
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from openelm_mlx import model
+from openelm_mlx import blas, cpu_layers
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.loader import DEMO_MODEL
 
@@ -32,14 +32,15 @@ def shapes(config: OpenELMConfig) -> dict:
     return {"qkv_proj": (d, attn), "proj_1": (d, 2 * ffn), "proj_2": (ffn, d), "output": (d, config.vocab_size)}
 
 
-def layer_for(d_in: int, d_out: int, precision: str) -> nn.Module:
+def layers_for(d_in: int, d_out: int, precision: str) -> tuple:
+    """The CPU layer of one matmul built to run whole (one thread) and split (every core), on any
+    size (split_min_work 0), both holding the same values."""
     layer = nn.Linear(d_in, d_out, bias=False)
-    if precision == "fp32":
-        model.column_major(layer)
-    else:
+    if precision != "fp32":
         layer = layer.to_quantized(group_size=64, bits=int(precision[1:]))
     mx.eval(layer.parameters())
-    return layer
+    threads = [cpu_layers.shared_threads(1), cpu_layers.shared_threads(cpu_layers.core_count())]
+    return tuple(cpu_layers.cpu_layer(layer, t, 0, blas.fast_blas()) for t in threads)
 
 
 def seconds(fn, repeats: int) -> float:
@@ -49,15 +50,14 @@ def seconds(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def measure(layer, x: mx.array, trials: int, repeats: int) -> dict:
-    """Seconds per call run whole (one thread) and split, and the median ratio whole / split."""
-    streams = model.cpu_streams()
+def measure(layers: tuple, x: mx.array, trials: int, repeats: int) -> dict:
+    """Seconds per call run whole (one thread, as mlx-lm runs it) and split, and the median ratio
+    whole / split."""
+    one, every = layers
     whole, split = [], []
     for _ in range(trials):
-        model.cpu_streams = lambda: streams[:1]  # one thread: the whole matmul, as mlx-lm runs it
-        whole.append(seconds(lambda: model.linear(layer, x), repeats))
-        model.cpu_streams = lambda: streams
-        split.append(seconds(lambda: model.linear(layer, x), repeats))
+        whole.append(seconds(lambda: one(x), repeats))
+        split.append(seconds(lambda: every(x), repeats))
     return {
         "whole_ms": 1e3 * statistics.median(whole),
         "split_ms": 1e3 * statistics.median(split),
@@ -71,23 +71,22 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     mx.set_default_device(mx.cpu)
-    model.SPLIT_MIN_WORK = 0  # measure every shape, including those below the threshold
     rows_out = []
     configs = {"270M": OpenELMConfig.preset("270M"), "demo": OpenELMConfig.from_pretrained(DEMO_MODEL)}
     matmuls = [(m, name, shape) for m, config in configs.items() for name, shape in shapes(config).items()]
     for model_name, name, (d_in, d_out) in matmuls:
         for precision in ("fp32", "q8", "q4"):
-            layer = layer_for(d_in, d_out, precision)
+            layers = layers_for(d_in, d_out, precision)  # every shape, including those below the threshold
             for rows in ROWS:
                 if precision == "fp32" and rows == 1:
                     continue  # one float row is never split (the column-major slice would be a copy)
                 x = mx.random.normal((1, rows, d_in))
-                result = measure(layer, x, args.trials, repeats=max(1, 64 // rows))
+                result = measure(layers, x, args.trials, repeats=max(1, 64 // rows))
                 rows_out.append({"model": model_name, "matmul": name, "in": d_in, "out": d_out, "precision": precision, "rows": rows,
                                  "multiply_adds": rows * d_in * d_out, **result})  # fmt: skip
                 print(f"{model_name:4s} {name:9s} {precision} rows {rows:2d}: {result['whole_ms']:8.2f} ms whole, "
                       f"{result['split_ms']:8.2f} ms split, {result['speedup']:.2f}x", flush=True)  # fmt: skip
-    report = {"threads": len(model.cpu_streams()), "machine": machine_info(), "results": rows_out}
+    report = {"threads": cpu_layers.core_count(), "machine": machine_info(), "results": rows_out}
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
 

@@ -11,8 +11,6 @@ import time
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from openelm_mlx.model import linear
-
 from .subjects import build_subject, load_source, mlx_lm_twin
 
 KINDS = ("qkv_proj", "out_proj", "proj_1", "proj_2")
@@ -34,9 +32,9 @@ def time_call(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def profile(model, config, ours: bool, prompt_tokens: int, repeats: int) -> dict:
-    """Seconds per component for a prefill of prompt_tokens and for one decode step after it."""
-    apply = linear if ours else (lambda layer, x: layer.as_linear(x) if hasattr(layer, "as_linear") else layer(x))
+def profile(model, config, prompt_tokens: int, repeats: int) -> dict:
+    """Seconds per component for a prefill of prompt_tokens and for one decode step after it (ours
+    runs its CPU layers, swapped in when it was built)."""
     dtype = model.transformer.norm.weight.dtype
     out = {}
     for phase, tokens in (("prefill", prompt_tokens), ("decode", 1)):
@@ -46,10 +44,10 @@ def profile(model, config, ours: bool, prompt_tokens: int, repeats: int) -> dict
             inputs = [mx.random.normal((1, tokens, in_features(m))).astype(dtype) for m in layers]
             mx.eval(inputs)
             parts[kind] = time_call(
-                lambda layers=layers, inputs=inputs: [apply(m, x) for m, x in zip(layers, inputs)], repeats
+                lambda layers=layers, inputs=inputs: [m(x) for m, x in zip(layers, inputs)], repeats
             )
         h = mx.random.normal((1, 1, config.model_dim)).astype(dtype)  # the output layer: last position only
-        parts["lm_head"] = time_call(lambda h=h: apply(model.transformer.token_embeddings, h), repeats)
+        parts["lm_head"] = time_call(lambda h=h: model.transformer.token_embeddings.as_linear(h), repeats)
         prompt = mx.random.randint(0, config.vocab_size, (1, prompt_tokens))
         if phase == "prefill":
             total = (
@@ -77,8 +75,8 @@ def main(argv=None):
         config, make_weights = load_source(spec)
         for precision in args.precisions.split(","):
             model = build_subject(config, make_weights, precision)
-            ours = profile(model, config, True, args.prompt_tokens, args.repeats)
-            theirs = profile(mlx_lm_twin(model), config, False, args.prompt_tokens, args.repeats)
+            ours = profile(model, config, args.prompt_tokens, args.repeats)
+            theirs = profile(mlx_lm_twin(model), config, args.prompt_tokens, args.repeats)
             for phase in ours:
                 for part in ours[phase]:
                     print(

@@ -10,8 +10,8 @@ import numpy as np
 from openelm_mlx.checkpoint import resolve_source
 from openelm_mlx.config import PRESETS, OpenELMConfig
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.generate import make_drafter
-from openelm_mlx.loader import DEFAULT_PROMPT, DEMO_MODEL, DTYPES, load
+from openelm_mlx.generate import FALLBACK_PROMPT, make_drafter
+from openelm_mlx.loader import DEMO_MODEL, DTYPES, load
 from openelm_mlx.sample import Sampling
 from openelm_mlx.tokenizer import Tokenizer, check_tokenizer_fits, find_tokenizer
 
@@ -51,7 +51,7 @@ def task_prompts(tokenizer: Optional[Tokenizer], vocab_size: int, budget: int, s
         free, passage = np.random.default_rng(seed).integers(3, vocab_size, (2, budget)).tolist()
         short, skip = free[:SHORT_IDS], 0
     else:
-        free, passage, short = (tokenizer.encode(text) for text in (*passages(), DEFAULT_PROMPT))
+        free, passage, short = (tokenizer.encode(text) for text in (*passages(), FALLBACK_PROMPT))
         skip = 1  # BOS
     passage = passage[: budget - restart]
     return {"free": free[:budget], "copy": passage + passage[skip : skip + restart], "short": short[:budget]}

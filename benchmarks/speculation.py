@@ -13,6 +13,7 @@ import mlx.core as mx
 from openelm_mlx.cache import make_cache
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.generate import DEFAULT_NUM_DRAFT, PREFILL_STEP, GenerationStats, generate_tokens, speculate
+from openelm_mlx.options import check_speculation
 from openelm_mlx.sample import Sampling
 
 from .plan import run_plan
@@ -21,23 +22,16 @@ from .timing import spread
 
 KINDS = ("plain", "speculative")
 WARMUP_TOKENS = 16  # a warm-up pair decodes this many tokens (or -g if fewer)
-MAX_DRAFT = 64
 
 
 def speculation_settings(prompt_lookup, draft_model, num_draft, backend, generation_tokens) -> Optional[dict]:
-    """The speculation options, checked; None when neither --prompt-lookup nor --draft-model is given."""
-    if num_draft is not None and draft_model is None:
-        raise OpenELMError("--num-draft needs --draft-model (it is the number of tokens the draft model proposes)")
+    """The speculation options, checked (their ranges: options.BENCH_RULES); None when neither
+    --prompt-lookup nor --draft-model is given."""
+    check_speculation(prompt_lookup, draft_model, num_draft)
     if prompt_lookup is None and draft_model is None:
         return None
     checks = [
-        (prompt_lookup is None or draft_model is None, "--prompt-lookup and --draft-model are alternatives: pass one"),
         (backend == "mlx", f"--backend {backend}: speculative decoding is timed on MLX models only (--backend mlx)"),
-        (
-            prompt_lookup is None or 1 <= prompt_lookup <= MAX_DRAFT,
-            f"--prompt-lookup must be from 1 to 64, got {prompt_lookup}",
-        ),
-        (num_draft is None or 1 <= num_draft <= MAX_DRAFT, f"--num-draft must be from 1 to 64, got {num_draft}"),
         (generation_tokens >= 2, "-g must be at least 2 with speculation: decode tok/s is timed after the first token"),
     ]
     for ok, message in checks:

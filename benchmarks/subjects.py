@@ -76,7 +76,7 @@ def build_subject(config: OpenELMConfig, make_weights: Callable, precision: str)
 
 def mlx_lm_twin(model: Model) -> nn.Module:
     """mlx-lm's OpenELM holding the same values as `model` (quantized the same way), laid out as
-    mlx_lm.load gives them: row-major (a copy of each matrix column_major() rewrote)."""
+    mlx_lm.load gives them: row-major (a copy of each matrix a CPU layer re-laid out)."""
     from mlx_lm.models import openelm
 
     twin = openelm.Model(openelm.ModelArgs.from_dict(model.config.to_dict()))

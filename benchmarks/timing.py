@@ -12,7 +12,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from openelm_mlx.cache import make_cache
-from openelm_mlx.model import Model, linear
+from openelm_mlx.model import Model
 
 METRICS = ("prefill_tps", "decode_tps", "ttft_s", "itl_median_s", "itl_p90_s", "peak_memory_bytes")
 
@@ -73,11 +73,8 @@ def trial_metrics(
 
 def prefill_logits(model, tokens: mx.array, cache) -> mx.array:
     """Logits of the last prompt position only, as llama-bench's pp and mlx-lm's generate do:
-    the output layer over every prompt position would be work no generator does. Each
-    implementation applies that layer its own way: ours through model.linear()."""
+    the output layer over every prompt position would be work no generator does."""
     h = model.transformer(tokens, cache)[:, -1:, :]
-    if isinstance(model, Model):
-        return linear(model.transformer.token_embeddings, h)
     return model.transformer.token_embeddings.as_linear(h)
 
 

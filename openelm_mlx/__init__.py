@@ -4,8 +4,17 @@ __version__ = "0.1.0"
 
 from .config import OpenELMConfig
 from .errors import OpenELMError
-from .generate import generate, stream_generate
+from .generate import GenerationOptions, generate, stream_generate
 from .loader import load
 from .model import Model
 
-__all__ = ["OpenELMConfig", "Model", "load", "generate", "stream_generate", "OpenELMError", "__version__"]
+__all__ = [
+    "OpenELMConfig",
+    "Model",
+    "load",
+    "generate",
+    "stream_generate",
+    "GenerationOptions",
+    "OpenELMError",
+    "__version__",
+]

@@ -1,8 +1,9 @@
 """Which BLAS MLX's CPU matrix products call, and whether it is a fast one.
 
 The mlx[cpu] wheel bundles a reference BLAS (~6 GFLOP/s here); a user may preload OpenBLAS, or an
-MLX build may link another. model.linear() asks, to use its dequantize-then-BLAS path only where it
-pays off (benchmarks/results/linux-cpu-*-2026-11-30).
+MLX build may link another. cpu_layers.swap() asks, to give quantized layers the dequantize-then-BLAS
+path, and float layers their split and layout, only where each pays off
+(benchmarks/results/linux-cpu-*-2026-11-30).
 """
 
 import ctypes

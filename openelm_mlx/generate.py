@@ -5,21 +5,52 @@ start-up, and speculative decoding needs the distributions that generate_step do
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import mlx.core as mx
 
 from .cache import make_cache
 from .errors import OpenELMError
+from .options import check_options, check_speculation, generation_rules
 from .overflow import OTHER_DTYPE_OPTION, check_finite
-from .sample import Sampling, check_seed
+from .sample import Sampling
 from .speculative import DraftModel, PromptLookup, verify
 from .tokenizer import Tokenizer
 
+FALLBACK_PROMPT = "Once upon a time"  # what `openelm generate` continues when given no prompt
 DEFAULT_MAX_TOKENS = 256  # when not given: this many, or what remains of the context if less
 DEFAULT_NUM_DRAFT = 4  # tokens a draft model proposes per step
 PREFILL_STEP = 2048  # prompt tokens per forward pass: bounds the activations' memory
+
+
+@dataclass
+class GenerationOptions:
+    """How to generate, besides the model and the prompt: `openelm generate`'s and `chat`'s
+    options (their ranges: options.generation_rules). Speculative decoding is lossless: the same
+    text greedily, the same distribution when sampling."""
+
+    max_tokens: Optional[int] = None  # None: DEFAULT_MAX_TOKENS, or what remains of the context if less
+    temp: float = 0.0  # 0: greedy
+    top_p: float = 0.0  # 0 or 1: off
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0  # 0: off
+    repetition_penalty: Optional[float] = None  # None or 1: off
+    seed: Optional[int] = None  # None: MLX's own
+    stop: Sequence[str] = ()  # stop before the first of these strings
+    truncate: bool = False  # cut the prompt's start (keeping BOS) to fit the context, instead of failing
+    prompt_lookup: Optional[int] = None  # draft up to K tokens by matching the last tokens earlier in the text
+    num_draft: Optional[int] = None  # tokens a draft model proposes per step (None: DEFAULT_NUM_DRAFT)
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temp, self.top_p, self.top_k, self.min_p, self.repetition_penalty)
+
+    def check(self, vocab_size: int, context: int, draft_model=None):
+        """Refuse values that would sample from nothing, from something else than asked, or
+        speculate without a drafter, before anything is generated."""
+        check_options(asdict(self), generation_rules(vocab_size, context))
+        check_speculation(self.prompt_lookup, draft_model, self.num_draft)
 
 
 @dataclass
@@ -66,8 +97,6 @@ def fit_context(
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, room))
         else:
             max_tokens = min(DEFAULT_MAX_TOKENS, (context - cached) // 2)
-    if max_tokens < 1:
-        raise OpenELMError(f"--max-tokens must be at least 1, got {max_tokens}")
     need = cached + len(prompt) + max_tokens
     if need <= context:
         return prompt, max_tokens
@@ -174,42 +203,29 @@ def stream_generate(
     model,
     tokenizer: Tokenizer,
     prompt: Union[str, List[int]],
-    max_tokens: Optional[int] = None,
-    temp: float = 0.0,
-    top_p: float = 0.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: Optional[float] = None,
-    seed: Optional[int] = None,
-    stop: Sequence[str] = (),
+    options: Optional[GenerationOptions] = None,
     cache: Optional[list] = None,
-    truncate: bool = False,
-    prompt_lookup: int = 0,
     draft_model=None,
-    num_draft: int = DEFAULT_NUM_DRAFT,
 ) -> Iterator[GenerationChunk]:
     """Yield text as it is generated. A str prompt gets BOS; a token list is used as is, which
     lets a chat continue a `cache` (from openelm_mlx.cache.make_cache) turn after turn.
-
-    max_tokens=None generates up to 256 tokens, fewer if the context has less room. Speculative
-    decoding, lossless (the same text greedily, the same distribution when sampling):
-    prompt_lookup=K drafts up to K tokens by matching the last tokens against the text so far;
-    draft_model (a smaller OpenELM with the same tokenizer) drafts num_draft tokens."""
-    sampling = Sampling(temp, top_p, top_k, min_p, repetition_penalty)
-    sampling.check(tokenizer.vocab_size)
-    check_seed(seed)
-    drafter = make_drafter(model, sampling, prompt_lookup, draft_model, num_draft)
+    draft_model (a smaller OpenELM with the same tokenizer) drafts for speculative decoding."""
+    options = options or GenerationOptions()
+    options.check(tokenizer.vocab_size, model.config.max_context_length, draft_model)
+    sampling = options.sampling
+    drafter = make_drafter(model, sampling, options.prompt_lookup, draft_model, options.num_draft)
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not tokens:
         raise OpenELMError("the prompt is empty")
     cached = cache[0].offset if cache else 0
-    fitted, max_tokens = fit_context(tokens, max_tokens, model.config.max_context_length, cached, truncate)
-    if seed is not None:
-        mx.random.seed(seed)
+    context = model.config.max_context_length
+    fitted, max_tokens = fit_context(tokens, options.max_tokens, context, cached, options.truncate)
+    if options.seed is not None:
+        mx.random.seed(options.seed)
     cache = make_cache(model) if cache is None else cache
 
     detokenizer = tokenizer.detokenizer(context=fitted)
-    stopper = StopMatcher(stop)
+    stopper = StopMatcher(options.stop)
     stats = GenerationStats(prompt_tokens=len(fitted), prompt_dropped=len(tokens) - len(fitted), finish_reason="length")
     mx.reset_peak_memory()
     start = time.perf_counter()
@@ -240,26 +256,21 @@ def stream_generate(
     yield GenerationChunk(text + stopper.pending, None, stats)
 
 
-def make_drafter(model, sampling: Sampling, prompt_lookup: int, draft_model, num_draft: int):
+def make_drafter(model, sampling: Sampling, prompt_lookup: Optional[int], draft_model, num_draft: Optional[int]):
     """What proposes tokens for speculative decoding, or None for plain decoding."""
-    if prompt_lookup and draft_model is not None:
-        raise OpenELMError("--prompt-lookup and --draft-model are alternatives: pass one")
     if prompt_lookup:
-        if not 1 <= prompt_lookup <= 64:
-            raise OpenELMError(f"--prompt-lookup must be from 1 to 64 draft tokens, got {prompt_lookup}")
         return PromptLookup(prompt_lookup)
     if draft_model is None:
         return None
-    if not 1 <= num_draft <= 64:
-        raise OpenELMError(f"--num-draft must be from 1 to 64 tokens, got {num_draft}")
     if draft_model.config.vocab_size != model.config.vocab_size:
         raise OpenELMError(
             f"the draft model's vocab_size {draft_model.config.vocab_size} differs from the model's "
             f"{model.config.vocab_size}: a draft model must share the model's tokenizer"
         )
-    return DraftModel(draft_model, sampling, num_draft)
+    return DraftModel(draft_model, sampling, num_draft or DEFAULT_NUM_DRAFT)
 
 
-def generate(model, tokenizer: Tokenizer, prompt: Union[str, List[int]], **kwargs) -> str:
-    """The whole completion as one string (see stream_generate for the options)."""
-    return "".join(chunk.text for chunk in stream_generate(model, tokenizer, prompt, **kwargs))
+def generate(model, tokenizer: Tokenizer, prompt: Union[str, List[int]], draft_model=None, **options) -> str:
+    """The whole completion as one string; `options` are GenerationOptions' fields."""
+    chunks = stream_generate(model, tokenizer, prompt, GenerationOptions(**options), draft_model=draft_model)
+    return "".join(chunk.text for chunk in chunks)

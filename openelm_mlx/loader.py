@@ -5,16 +5,16 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
+from . import cpu_layers
 from .checkpoint import build_model, read_weights, resolve_source
 from .config import OpenELMConfig
 from .errors import OpenELMError
-from .model import Model, column_major
+from .model import Model
 from .tokenizer import Tokenizer, check_tokenizer_fits, find_tokenizer
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # The small model trained and shipped with the package (see apps/train.py): the offline default.
 DEMO_MODEL = Path(__file__).parent / "demo_model"
-DEFAULT_PROMPT = "Once upon a time"  # what `openelm generate` continues when given no prompt
 
 
 def named_dtype(name: str) -> Optional[mx.Dtype]:
@@ -49,10 +49,11 @@ def build(folder: Path, config: OpenELMConfig, dtype: str) -> Model:
 
 def ready(model: Model, dtype: mx.Dtype) -> Model:
     """A built model made ready to run here, evaluated: quantized weights stay packed; scales,
-    biases and norms follow the activation dtype; float32 matrices take this CPU's layout. Call it
-    once nothing else holds the weights, or the layout's copies double the peak memory."""
+    biases and norms follow the activation dtype; on a CPU, linear layers become CPU layers
+    (cpu_layers.swap: BLAS path, threads, layout). Call it once nothing else holds the weights,
+    or the layout's copies double the peak memory."""
     model.set_dtype(dtype)
-    column_major(model)
+    cpu_layers.swap(model)
     mx.eval(model.parameters())
     return model
 
@@ -64,7 +65,11 @@ def load(path_or_repo=None, tokenizer: Optional[str] = None, dtype: str = "auto"
         if not (DEMO_MODEL / "config.json").is_file():
             raise OpenELMError("no model given and no demo model installed: pass --model PATH_OR_REPO")
         path_or_repo = DEMO_MODEL
-    folder = resolve_source(path_or_repo)
+    return load_folder(resolve_source(path_or_repo), tokenizer, dtype)
+
+
+def load_folder(folder: Path, tokenizer: Optional[str] = None, dtype: str = "auto") -> Tuple[Model, Tokenizer]:
+    """load() of a folder resolve_source() gave."""
     config = OpenELMConfig.from_pretrained(folder)
     tok = find_tokenizer(folder, tokenizer)
     check_tokenizer_fits(tok, config)  # before a byte of the weights is read

@@ -1,103 +1,11 @@
 """OpenELM in MLX: parameter names follow the Hugging Face checkpoint, so weights load as they are."""
 
-import os
-import threading
 from typing import Any, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import blas
 from .config import OpenELMConfig
-
-# Below this many tokens a quantized matmul is cheaper than dequantizing its weight.
-DEQUANTIZE_MIN_TOKENS = 16
-# From this many multiply-adds on, a matmul split across 2 CPU threads ran 0.99-2.0x as fast as
-# whole (median 1.77x, 62 cases of 270M and demo-model shapes); below it, 13 of 26 cases ran slower,
-# down to 0.56x (benchmarks/cpu_split.py, results/cpu-split-linux-cpu-2026-11-30.json).
-SPLIT_MIN_WORK = 1 << 20
-
-
-# Measured on a 2-core EPYC, 270M, ours / mlx-lm (benchmarks/results/linux-cpu-*-2026-11-30*):
-# - Dequantize-then-BLAS pays off only with an optimised BLAS: q4, 64-token prompt, 16x mlx-lm's
-#   prefill with OpenBLAS preloaded, 0.81x with the mlx[cpu] wheel's bundled reference BLAS.
-# - MLX runs each CPU op on one thread. Split across threads (one CPU stream per core), a
-#   quantized matmul ran ~1.8x faster; so did a float one over several rows with the reference
-#   BLAS (an optimised BLAS splits its own work). With column_major(): 270M pp64 / tg16 1.5-2.9x
-#   mlx-lm's in fp32, q8 and q4, the logits bit for bit the same.
-def linear(layer, x: mx.array) -> mx.array:
-    """x through a linear layer (or the tied embedding used as one), the fastest way measured
-    for the device and BLAS (above); every way gives the same values."""
-    quantized = isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    rows = x.size // x.shape[-1]
-    if mx.default_device() == mx.cpu and getattr(layer, "bias", None) is None:
-        streams = cpu_streams()
-        if quantized and rows >= DEQUANTIZE_MIN_TOKENS and blas.fast_blas():
-            w = mx.dequantize(layer.weight, layer.scales, layer.biases, layer.group_size, layer.bits, layer.mode)
-            return x @ w.T.astype(x.dtype)
-        work = rows * x.shape[-1] * layer.weight.shape[0]  # multiply-adds
-        if len(streams) > 1 and work >= SPLIT_MIN_WORK:
-            if quantized:  # by output features, so that one row (decoding) splits too
-                return mx.concatenate(
-                    [quantized_rows(layer, x, *r, s) for r, s in zip(cuts(layer.weight, streams), streams)], -1
-                )
-            if rows > 1 and not blas.fast_blas():  # by rows: a slice of a column-major weight is a copy
-                flat = x.reshape(rows, x.shape[-1])
-                parts = [
-                    mx.matmul(flat[i:j], layer.weight.T, stream=s) for (i, j), s in zip(cuts(flat, streams), streams)
-                ]
-                return mx.concatenate(parts, 0).reshape(*x.shape[:-1], -1)
-    if isinstance(layer, (nn.Embedding, nn.QuantizedEmbedding)):
-        return layer.as_linear(x)
-    return layer(x)
-
-
-_threads = threading.local()
-
-
-def cpu_streams() -> list:
-    """A stream (a thread) per core this process may use, at most 4 (measured: 2). The first is the
-    caller's own (None): handing every part to new streams made a 9-token pass 20% slower. MLX
-    streams serve only the thread that made them, so each thread gets its own."""
-    if not hasattr(_threads, "streams"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        _threads.streams = [None] + [mx.new_stream(mx.cpu) for _ in range(min(cores, 4) - 1)]
-    return _threads.streams
-
-
-def cuts(a: mx.array, streams: list) -> list:
-    """(start, stop) of near-equal runs of `a`'s rows, one per stream, none empty (MLX's quantized
-    kernel crashes the process on an empty weight)."""
-    n = a.shape[0]
-    k = min(len(streams), n)
-    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
-
-
-def quantized_rows(layer, x: mx.array, start: int, stop: int, stream) -> mx.array:
-    """x times the output features [start, stop) of a quantized layer, computed on `stream`."""
-    biases = layer.get("biases")
-    return mx.quantized_matmul(
-        x,
-        layer.weight[start:stop],
-        layer.scales[start:stop],
-        None if biases is None else biases[start:stop],
-        group_size=layer.group_size,
-        bits=layer.bits,
-        mode=layer.mode,
-        stream=stream,
-    )
-
-
-def column_major(model: nn.Module) -> None:
-    """On a CPU with the reference BLAS, store each float32 matrix column-major (same values): its
-    sgemm computes x @ W.T as a dot product per output, but as vector updates, 2x faster, when
-    W.T is contiguous. Files written from the model hold the values row-major all the same."""
-    if mx.default_device() != mx.cpu or blas.fast_blas():
-        return
-    for _, m in model.named_modules():
-        if type(m) in (nn.Linear, nn.Embedding) and m.weight.dtype == mx.float32:
-            m.weight = mx.contiguous(m.weight.T).T
-            mx.eval(m.weight)  # one at a time: peak memory is the model plus one matrix
 
 
 @mx.compile
@@ -124,7 +32,7 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, mask, cache=None) -> mx.array:
         B, L, _ = x.shape
-        qkv = linear(self.qkv_proj, x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
+        qkv = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
         # [B, q + 2*kv heads, L, hd] split in checkpoint order: q heads | k heads | v heads
         q, k, v = mx.split(qkv, [self.n_heads, self.n_heads + self.n_kv_heads], axis=1)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -140,7 +48,7 @@ class Attention(nn.Module):
             out = quantized_attention(q, k, v, self.scale, mask, cache)
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return linear(self.out_proj, out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 def quantized_attention(q, k, v, scale, mask, cache) -> mx.array:
@@ -160,8 +68,8 @@ class FeedForward(nn.Module):
         self.proj_2 = nn.Linear(ffn, d, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate, up = mx.split(linear(self.proj_1, x), 2, axis=-1)  # the first half is the gate
-        return linear(self.proj_2, swiglu(gate, up))
+        gate, up = mx.split(self.proj_1(x), 2, axis=-1)  # the first half is the gate
+        return self.proj_2(swiglu(gate, up))
 
 
 class TransformerBlock(nn.Module):
@@ -206,7 +114,7 @@ class Model(nn.Module):
 
     def __call__(self, tokens: mx.array, cache: Optional[List[Any]] = None) -> mx.array:
         h = self.transformer(tokens, cache)
-        return linear(self.transformer.token_embeddings, h)  # tied output layer
+        return self.transformer.token_embeddings.as_linear(h)  # tied output layer
 
     @property
     def layers(self):

@@ -12,14 +12,13 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from .errors import OpenELMError
-from .options import SEED, check_options
-
 REPETITION_CONTEXT = 20  # tokens the repetition penalty looks back over, as in mlx-lm
 
 
 @dataclass
 class Sampling:
+    """The filters of one draw (their ranges: options.generation_rules)."""
+
     temp: float = 0.0  # 0: greedy
     top_p: float = 0.0  # 0 or 1: off
     top_k: int = 0  # 0: off
@@ -33,28 +32,6 @@ class Sampling:
     @property
     def penalizes(self) -> bool:
         return self.repetition_penalty not in (None, 1.0)
-
-    def check(self, vocab_size: int):
-        """Refuse values that would sample from nothing, or from something else than asked."""
-        finite = all(math.isfinite(v) for v in (self.temp, self.top_p, self.min_p, self.repetition_penalty or 1.0))
-        checks = [
-            (finite, "sampling options must be finite numbers"),
-            (self.temp >= 0, f"--temp must be >= 0 (0 is greedy), got {self.temp}"),
-            (0 <= self.top_p <= 1, f"--top-p must be in [0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"--top-k must be >= 0 (0 turns it off), got {self.top_k}"),
-            (
-                self.top_k < vocab_size,
-                f"--top-k must be below the vocabulary size {vocab_size} (0 turns it off), got {self.top_k}",
-            ),
-            (0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}"),
-            (
-                self.repetition_penalty is None or self.repetition_penalty > 0,
-                f"--repetition-penalty must be > 0 (1 turns it off), got {self.repetition_penalty}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise OpenELMError(message)
 
     def logprobs(self, logits: mx.array, history: Sequence[mx.array] = ()) -> mx.array:
         """Log-probabilities [N, vocab] of the distribution each row's token is drawn from. Row i's
@@ -91,12 +68,6 @@ class Sampling:
         p = self.repetition_penalty
         logits[:, seen] = mx.where(chosen < 0, chosen * p, chosen / p)
         return logits
-
-
-def check_seed(seed: Optional[int]):
-    """MLX's random seed is an unsigned 64-bit integer: the rule every command's --seed follows."""
-    if seed is not None:
-        check_options({"seed": seed}, {"seed": SEED})
 
 
 def _top_p(logprobs: mx.array, top_p: float) -> mx.array:

@@ -10,7 +10,7 @@ from conftest import assert_clean_error, run_cli
 
 from openelm_mlx import load
 from openelm_mlx.apps.chat import ChatSession
-from openelm_mlx.generate import DEFAULT_MAX_TOKENS, stream_generate
+from openelm_mlx.generate import DEFAULT_MAX_TOKENS, GenerationOptions, stream_generate
 from openelm_mlx.tokenizer import chat_prompt
 
 DEMO_CONTEXT = 256
@@ -39,12 +39,16 @@ def test_chat_session_after_dropping_turns_equals_a_fresh_run_over_what_is_kept(
     session = ChatSession(model, tok)
     user = "Tell me about the sea and the land of Egypt and the children of Israel"
     while not session.dropped_turns:
-        list(session.send(user, temp=0.0))
+        list(session.send(user, GenerationOptions(temp=0.0)))
     # What the last turn started from: the turns kept, then its user message.
     kept = tok.encode(chat_prompt(session.messages[:-2] + [{"role": "user", "content": user}]))
     assert len(kept) + min(DEFAULT_MAX_TOKENS, DEMO_CONTEXT // 2) <= DEMO_CONTEXT
     reply = [t for t in session.tokens[len(kept) :] if t != tok.eos_id]
-    fresh = [c.token for c in stream_generate(model, tok, kept, max_tokens=len(reply)) if c.token is not None]
+    fresh = [
+        c.token
+        for c in stream_generate(model, tok, kept, GenerationOptions(max_tokens=len(reply)))
+        if c.token is not None
+    ]
     assert reply == fresh
 
 

@@ -1,5 +1,5 @@
-"""model.linear(): the CPU dequantize-then-BLAS path is taken only where the BLAS makes it pay off,
-and gives what MLX's quantized kernel gives."""
+"""CPU layers (cpu_layers.py): the dequantize-then-BLAS path is taken only where the BLAS makes it
+pay off, and every path (split across threads, column-major) gives what MLX's own layers give."""
 
 import os
 import subprocess
@@ -11,9 +11,18 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from openelm_mlx import OpenELMConfig, blas, model
+from openelm_mlx import OpenELMConfig, blas, cpu_layers
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def cpu(layer, fast: bool = False, threads: int = 1, split_min_work: int = 0):
+    """`layer` swapped for its CPU layer as swap() builds it (a fast BLAS or not, some threads)."""
+    return cpu_layers.cpu_layer(layer, cpu_layers.shared_threads(threads), split_min_work, fast)
+
+
+def as_linear(layer, x):
+    return layer.as_linear(x) if hasattr(layer, "as_linear") else layer(x)
 
 
 @pytest.fixture
@@ -24,28 +33,26 @@ def set_blas(monkeypatch):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("kind", ["linear", "embedding"])
-def test_both_paths_agree(set_blas, monkeypatch, bits, kind):
+def test_both_paths_agree(monkeypatch, bits, kind):
     mx.random.seed(0)
     layer = nn.Linear(128, 96, bias=False) if kind == "linear" else nn.Embedding(96, 128)
     layer = layer.to_quantized(group_size=64, bits=bits)
-    x = mx.random.normal((1, model.DEQUANTIZE_MIN_TOKENS * 2, 128))
+    x = mx.random.normal((1, cpu_layers.DEQUANTIZE_MIN_TOKENS * 2, 128))
     calls = []
     dequantize = mx.dequantize
     monkeypatch.setattr(mx, "dequantize", lambda *a, **k: calls.append(1) or dequantize(*a, **k))
     out = {}
     for fast in (True, False):
-        set_blas(fast)
         with mx.stream(mx.cpu):
-            out[fast] = model.linear(layer, x)
+            out[fast] = as_linear(cpu(layer, fast), x)
     assert calls == [1]  # the fast BLAS dequantized, the slow one kept the quantized kernel
     assert mx.abs(out[True] - out[False]).max().item() < 1e-4
 
 
-def test_few_tokens_keep_the_quantized_kernel(set_blas, monkeypatch):
-    set_blas(True)
+def test_few_tokens_keep_the_quantized_kernel(monkeypatch):
     monkeypatch.setattr(mx, "dequantize", lambda *a, **k: pytest.fail("dequantized a single token"))
     layer = nn.Linear(128, 64, bias=False).to_quantized(group_size=64, bits=4)
-    model.linear(layer, mx.zeros((1, 1, 128)))
+    cpu(layer, fast=True)(mx.zeros((1, 1, 128)))
 
 
 @pytest.mark.parametrize(
@@ -80,11 +87,11 @@ def test_the_library_mlx_calls_is_found():
 
 @pytest.fixture
 def threads(monkeypatch):
-    """Set how many CPU threads linear() splits a matmul across, with no minimum size."""
+    """Set how many CPU threads the layers swap() builds split a matmul across, with no minimum size."""
 
     def use(n):
-        monkeypatch.setattr(model, "cpu_streams", lambda: [None] + [mx.new_stream(mx.cpu) for _ in range(n - 1)])
-        monkeypatch.setattr(model, "SPLIT_MIN_WORK", 0)
+        monkeypatch.setattr(cpu_layers, "core_count", lambda: n)
+        monkeypatch.setattr(cpu_layers, "SPLIT_MIN_WORK", 0)
 
     return use
 
@@ -107,13 +114,13 @@ def test_on_one_thread_without_a_fast_blas_the_graph_is_mlx_lms(set_blas, thread
     # every width a multiple of the group size 64, so that every layer quantizes
     config = OpenELMConfig.layerwise(2, 128, 16, vocab_size=384, ffn_dim_divisor=64, max_context_length=256)
     ours = build_subject(config, lambda: random_weights(config, seed=1), "q4")
-    prompt = mx.array([list(range(3, 3 + 2 * model.DEQUANTIZE_MIN_TOKENS))])
+    prompt = mx.array([list(range(3, 3 + 2 * cpu_layers.DEQUANTIZE_MIN_TOKENS))])
     ops = []
     for subject in (ours, mlx_lm_twin(ours)):
         dot = tmp_path / "graph.dot"
         with mx.stream(mx.cpu):
             mx.export_to_dot(str(dot), prefill_logits(subject, prompt, make_prompt_cache(subject)))
-        # the model's own compiled swiglu kernel is named differently from mlx-lm's: not linear()'s
+        # the model's own compiled swiglu kernel is named differently from mlx-lm's: not a CPU layer's
         ops.append(Counter(op for op in re.findall(r'label ="(\w+)"', dot.read_text()) if "Compiled" not in op))
     assert ops[0]["QuantizedMatmul"] > 0 or fast
     assert (ops[0] == ops[1]) is same
@@ -131,8 +138,8 @@ def test_split_across_threads_gives_mlx_lms_logits_bit_for_bit(set_blas, threads
 
     set_blas(False)
     threads(n_threads)
-    splits, cuts = [], model.cuts
-    monkeypatch.setattr(model, "cuts", lambda a, streams: splits.append(len(streams)) or cuts(a, streams))
+    splits, cuts = [], cpu_layers.cuts
+    monkeypatch.setattr(cpu_layers, "cuts", lambda a, streams: splits.append(len(streams)) or cuts(a, streams))
     config = OpenELMConfig.layerwise(2, 128, 16, vocab_size=384, ffn_dim_divisor=64, max_context_length=256)
     with mx.stream(mx.cpu):
         ours = build_subject(config, lambda: random_weights(config, seed=2), precision)
@@ -147,51 +154,48 @@ def test_split_across_threads_gives_mlx_lms_logits_bit_for_bit(set_blas, threads
     assert splits and set(splits) == {n_threads}
 
 
-def test_column_major_weights_are_written_as_they_read(set_blas, tmp_path):
+def test_column_major_weights_are_written_as_they_read(tmp_path):
     """A file written from a column-major model holds the same values, as any reader expects."""
     from mlx.utils import tree_flatten
 
-    set_blas(False)
     layer = nn.Linear(96, 64, bias=False)
     before = mx.array(layer.weight)
     with mx.stream(mx.cpu):
-        model.column_major(layer)
+        layer = cpu(layer)
     assert memoryview(layer.weight).f_contiguous
     mx.save_safetensors(str(tmp_path / "w.safetensors"), dict(tree_flatten(layer.parameters())))
     assert np.array_equal(np.array(mx.load(str(tmp_path / "w.safetensors"))["weight"]), np.array(before))
 
 
-def test_another_thread_gets_its_own_streams(monkeypatch):
-    """MLX streams serve only the thread that made them: linear() from a worker thread (a server's
-    handler) after the main thread, and the main thread after it, give the same numbers."""
+def test_another_thread_gets_its_own_streams():
+    """MLX streams serve only the thread that made them: a CPU layer called from a worker thread (a
+    server's handler) after the main thread, and the main thread after it, give the same numbers."""
     import threading
 
-    monkeypatch.setattr(model, "SPLIT_MIN_WORK", 0)  # the real cpu_streams(), split on any size
     layer = nn.Linear(256, 512, bias=False).to_quantized(group_size=64, bits=4)
     x = mx.random.normal((1, 3, 256))
     mx.eval(layer.parameters(), x)
     expected = np.array(layer(x))
-    outputs = [np.array(model.linear(layer, x))]
-    worker = threading.Thread(target=lambda: outputs.append(np.array(model.linear(layer, x))))
+    split = cpu(layer, threads=2)  # split on any size
+    outputs = [np.array(split(x))]
+    worker = threading.Thread(target=lambda: outputs.append(np.array(split(x))))
     worker.start()
     worker.join()
-    outputs.append(np.array(model.linear(layer, x)))
+    outputs.append(np.array(split(x)))
     assert len(outputs) == 3 and all(np.array_equal(out, expected) for out in outputs)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "q4"])
-def test_fewer_outputs_or_rows_than_threads(set_blas, threads, precision):
+def test_fewer_outputs_or_rows_than_threads(precision):
     """A product narrower than the thread count splits into as many parts as it has rows (MLX's
     quantized kernel kills the process on an empty part)."""
-    set_blas(False)
-    threads(4)
     layer = nn.Linear(64, 2, bias=False)
     if precision == "q4":
         layer = layer.to_quantized(group_size=64, bits=4)
     x = mx.random.normal((1, 3, 64))
     with mx.stream(mx.cpu):
-        assert mx.array_equal(model.linear(layer, x), layer(x)).item()
-    assert model.cuts(mx.zeros((2, 8)), [None] * 4) == [(0, 1), (1, 2)]
+        assert mx.array_equal(cpu(layer, threads=4)(x), layer(x)).item()
+    assert cpu_layers.cuts(mx.zeros((2, 8)), [None] * 4) == [(0, 1), (1, 2)]
 
 
 def test_column_major_needs_one_matrix_more_memory(set_blas):
@@ -204,7 +208,7 @@ def test_column_major_needs_one_matrix_more_memory(set_blas):
     mx.reset_peak_memory()
     start = mx.get_active_memory()
     with mx.stream(mx.cpu):
-        model.column_major(layers)
+        cpu_layers.swap(layers)
         mx.eval(layers.parameters())
     assert mx.get_peak_memory() - start <= 1.5 * matrix
     assert all(memoryview(layer.weight).f_contiguous for layer in layers.layers)

@@ -86,12 +86,12 @@ def test_greedy_generation_matches_mlx_lm(tiny_checkpoint):
     from mlx_lm.utils import load_model
 
     from openelm_mlx import load
-    from openelm_mlx.generate import stream_generate
+    from openelm_mlx.generate import GenerationOptions, stream_generate
 
     model, tokenizer = load(tiny_checkpoint)
     ref, _ = load_model(tiny_checkpoint)
     prompt = tokenizer.encode("Once upon a time")
-    chunks = list(stream_generate(model, tokenizer, prompt, max_tokens=24))
+    chunks = list(stream_generate(model, tokenizer, prompt, GenerationOptions(max_tokens=24)))
     ours = [c.token for c in chunks if c.token is not None]
     theirs = list(prompt)
     for _ in range(24):

@@ -16,7 +16,7 @@ from mlx_lm.models import openelm as mlx_lm_openelm
 from openelm_mlx import Model, OpenELMConfig, generate, load
 from openelm_mlx.benchmarks.synthetic import random_weights, write_checkpoint
 from openelm_mlx.cache import make_cache
-from openelm_mlx.generate import GenerationStats, generate_tokens, speculate, stream_generate
+from openelm_mlx.generate import GenerationOptions, GenerationStats, generate_tokens, speculate, stream_generate
 from openelm_mlx.sample import Sampling
 from openelm_mlx.speculative import DraftModel, PromptLookup
 
@@ -41,8 +41,8 @@ def draft_checkpoint(tmp_path_factory, tokenizer_file):
 def test_prompt_lookup_greedy_equals_plain_decoding(target, k):
     model, tok = target
     for prompt in PROMPTS:
-        plain = [c.token for c in stream_generate(model, tok, prompt, max_tokens=40)]
-        chunks = list(stream_generate(model, tok, prompt, max_tokens=40, prompt_lookup=k))
+        plain = [c.token for c in stream_generate(model, tok, prompt, GenerationOptions(max_tokens=40))]
+        chunks = list(stream_generate(model, tok, prompt, GenerationOptions(max_tokens=40, prompt_lookup=k)))
         assert [c.token for c in chunks] == plain
     assert chunks[-1].stats.drafted > 0  # the repetitive prompt gets drafts
 
@@ -52,7 +52,9 @@ def test_draft_model_greedy_equals_the_target_alone(target, draft_checkpoint):
     draft, _ = load(draft_checkpoint)
     for prompt in PROMPTS:
         alone = generate(model, tok, prompt, max_tokens=30)
-        chunks = list(stream_generate(model, tok, prompt, max_tokens=30, draft_model=draft, num_draft=3))
+        chunks = list(
+            stream_generate(model, tok, prompt, GenerationOptions(max_tokens=30, num_draft=3), draft_model=draft)
+        )
         assert "".join(c.text for c in chunks) == alone
         assert chunks[-1].stats.drafted > 0
 
@@ -64,7 +66,7 @@ def test_a_quantized_copy_drafts_for_its_float_self(target, tiny_checkpoint, tmp
 
     model, tok = target
     draft, _ = load(convert(tiny_checkpoint, tmp_path / "q8", bits=8))
-    chunks = list(stream_generate(model, tok, PROMPTS[0], max_tokens=30, draft_model=draft))
+    chunks = list(stream_generate(model, tok, PROMPTS[0], GenerationOptions(max_tokens=30), draft_model=draft))
     assert "".join(c.text for c in chunks) == generate(model, tok, PROMPTS[0], max_tokens=30)
     stats = chunks[-1].stats
     assert stats.accepted > 0.8 * stats.drafted

@@ -4,7 +4,7 @@ import pytest
 
 from openelm_mlx import generate, load
 from openelm_mlx.apps.chat import ChatSession
-from openelm_mlx.generate import StopMatcher, stream_generate
+from openelm_mlx.generate import GenerationOptions, StopMatcher, stream_generate
 from openelm_mlx.tokenizer import Tokenizer, chat_prompt
 
 
@@ -71,7 +71,7 @@ def test_greedy_is_deterministic_and_sampling_seeded(loaded):
 
 def test_stats_are_consistent(loaded):
     model, tok = loaded
-    chunks = list(stream_generate(model, tok, "Once upon a time", max_tokens=10))
+    chunks = list(stream_generate(model, tok, "Once upon a time", GenerationOptions(max_tokens=10)))
     s = chunks[-1].stats
     assert s.prompt_tokens == len(tok.encode("Once upon a time"))
     assert s.finish_reason in ("eos", "length") and 1 <= s.generation_tokens <= 10
@@ -83,11 +83,15 @@ def test_chat_session_cache_equals_recomputing_the_conversation(loaded):
     """Turn 2 through the kept cache must give what a fresh run over the whole conversation gives."""
     model, tok = loaded
     session = ChatSession(model, tok, system="You are terse.")
-    first = "".join(c.text for c in session.send("Tell me about the sea", max_tokens=12))
-    second = [c.token for c in session.send("And the stars?", max_tokens=12) if c.token is not None]
+    first = "".join(c.text for c in session.send("Tell me about the sea", GenerationOptions(max_tokens=12)))
+    second = [c.token for c in session.send("And the stars?", GenerationOptions(max_tokens=12)) if c.token is not None]
     assert first
     conversation = session.tokens[: -len(second) - 1]  # before turn 2's reply and its closing eos
-    fresh = [c.token for c in stream_generate(model, tok, conversation, max_tokens=12) if c.token is not None]
+    fresh = [
+        c.token
+        for c in stream_generate(model, tok, conversation, GenerationOptions(max_tokens=12))
+        if c.token is not None
+    ]
     assert second == fresh
     # The cache holds the conversation, less what was never fed: the reply's last token (sampled
     # from the step before) and the closing eos. The next turn feeds them first.
@@ -101,12 +105,16 @@ def test_chat_reply_stopped_midway_keeps_a_consistent_conversation(loaded):
     the conversation so far."""
     model, tok = loaded
     session = ChatSession(model, tok)
-    reply = session.send("Tell me about the sea", max_tokens=40)
+    reply = session.send("Tell me about the sea", GenerationOptions(max_tokens=40))
     for _ in zip(range(3), reply):
         pass
     reply.close()
     assert session.tokens[-1] == tok.eos_id
-    second = [c.token for c in session.send("And the stars?", max_tokens=8) if c.token is not None]
+    second = [c.token for c in session.send("And the stars?", GenerationOptions(max_tokens=8)) if c.token is not None]
     conversation = session.tokens[: -len(second) - 1]
-    fresh = [c.token for c in stream_generate(model, tok, conversation, max_tokens=8) if c.token is not None]
+    fresh = [
+        c.token
+        for c in stream_generate(model, tok, conversation, GenerationOptions(max_tokens=8))
+        if c.token is not None
+    ]
     assert second == fresh
