@@ -9,7 +9,7 @@ from conftest import run_cli
 
 from openelm_mlx import load
 from openelm_mlx.apps.chat import ChatSession
-from openelm_mlx.generate import stream_generate
+from openelm_mlx.generate import GenerationOptions, stream_generate
 from openelm_mlx.loader import DEMO_MODEL
 
 LONG = "the sea and the stars " * 60  # ~300 tokens: more than the context alone
@@ -46,7 +46,7 @@ def test_the_oldest_turns_are_dropped_and_the_system_message_kept(demo):
     sent = []
     while not session.dropped_turns:
         sent.append(messages[len(sent)])
-        reply = [c.token for c in session.send(sent[-1], max_tokens=40) if c.token is not None]
+        reply = [c.token for c in session.send(sent[-1], GenerationOptions(max_tokens=40)) if c.token is not None]
         assert len(session.tokens) <= model.config.max_context_length
     # What is kept: the newest turns in order, the system message first, the new message last.
     kept_users = [m["content"] for m in session.messages if m["role"] == "user"]
@@ -56,16 +56,20 @@ def test_the_oldest_turns_are_dropped_and_the_system_message_kept(demo):
     assert session.tokens[: len(prompt)] == prompt
     assert tokenizer.decode(prompt).startswith("<|system|>\nYou are terse.")
     # The reply is the one a fresh run over the kept conversation gives.
-    fresh = [c.token for c in stream_generate(model, tokenizer, prompt, max_tokens=40) if c.token is not None]
+    fresh = [
+        c.token
+        for c in stream_generate(model, tokenizer, prompt, GenerationOptions(max_tokens=40))
+        if c.token is not None
+    ]
     assert reply == fresh
 
 
 def test_a_refused_message_changes_nothing(demo):
     model, tokenizer = demo
     session = ChatSession(model, tokenizer)
-    list(session.send("Tell me about the sea", max_tokens=24))
+    list(session.send("Tell me about the sea", GenerationOptions(max_tokens=24)))
     before = (list(session.tokens), list(session.messages), [c.offset for c in session.cache])
     with pytest.raises(Exception, match="too long for the model's context of 256"):
-        list(session.send(LONG, max_tokens=24))
+        list(session.send(LONG, GenerationOptions(max_tokens=24)))
     assert (session.tokens, session.messages, [c.offset for c in session.cache]) == before
     assert session.dropped_turns == 0
