@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -88,9 +87,6 @@ def main(args):
         check_output(args.out, args.force, reads=[args.model])
     plan = task_plan(args)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # lm-eval logs every step at WARNING
-    # lm-eval's and datasets' own bars (building requests, reading a json file) take no option;
-    # tqdm reads this default, and ours (progress_bar) pass theirs explicitly
-    os.environ.setdefault("TQDM_DISABLE", "1")
     from openelm_mlx.apps import eval_model  # needs lm_eval, the [eval] extra
 
     scorer, tokenizer, source = eval_model.open_scorer(args.model, args.backend, args.tokenizer, args.dtype)
@@ -133,8 +129,15 @@ def task_plan(args) -> List[Tuple[list, Optional[int]]]:
 
 
 def evaluate(lm, names: List[str], shots: Optional[int], args) -> List[Row]:
+    import datasets  # lm-eval's dependencies
     import lm_eval
+    from datasets.exceptions import DatasetGenerationError
+    from jinja2 import TemplateError
     from lm_eval.tasks import TaskManager
+
+    # datasets logs a file it cannot parse, and draws a bar per split: the error line says it all
+    datasets.disable_progress_bars()
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
 
     specs = [task_spec(name) for name in names]
     registered = [s for s in specs if isinstance(s, str)]
@@ -162,6 +165,13 @@ def evaluate(lm, names: List[str], shots: Optional[int], args) -> List[Row]:
     except ConnectionError as e:
         raise OpenELMError(
             f"cannot download the data of {', '.join(names)} ({e}): offline, use local task files"
+        ) from None
+    except DatasetGenerationError as e:  # what datasets raises for a data file it cannot parse
+        why = " ".join(str(e.__cause__ or e).split())[:200]
+        raise OpenELMError(f"cannot read the data of {', '.join(names)}: {why}: fix the task's data files") from None
+    except TemplateError as e:
+        raise OpenELMError(
+            f"the prompts of {', '.join(names)} do not fit their data ({e}): fix the task's doc_to_*"
         ) from None
     return rows_of(results)
 
