@@ -1,5 +1,6 @@
-"""OpenELM as an lm-evaluation-harness model: `OpenELMLM` answers lm-eval's three requests
-(loglikelihood, loglikelihood_rolling, generate_until) with either scorer below.
+"""OpenELM on lm-evaluation-harness: the model (`OpenELMLM`, answering lm-eval's three requests,
+loglikelihood, loglikelihood_rolling and generate_until, with either scorer below) and the tasks
+(`load_tasks`, `run_tasks`). The one module that imports lm-eval: the [eval] extra.
 
 - `ModelScorer`: the MLX model. A context shared by several continuations (every choice of a
   multiple-choice item) is scored once: its KV cache is filled once, each continuation runs on top
@@ -15,12 +16,23 @@ continuation is what follows the context's own tokens. BOS starts every context 
 (Apple's protocol, `add_bos_token=True`); an empty context without it is BOS alone, as lm-eval does.
 """
 
+import contextlib
+import io
+import logging
+import sys
 from collections import defaultdict
-from typing import Iterable, List, Sequence, Tuple
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
 
+import datasets
+import lm_eval
 import mlx.core as mx
 import numpy as np
+from datasets.exceptions import DatasetGenerationError
+from jinja2 import TemplateError
 from lm_eval.api.model import LM
+from lm_eval.tasks import TaskManager
+from lm_eval.tasks._yaml_loader import load_yaml
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from openelm_mlx.cache import make_cache
@@ -187,3 +199,85 @@ class OpenELMLM(LM):
 
 def _strings(until) -> Iterable[str]:
     return [until] if isinstance(until, str) else list(until)
+
+
+def load_tasks(names: List[str], include_path: Optional[Path]):
+    """(lm-eval task specs, the TaskManager that knows them), checked before the model is loaded."""
+    if include_path is not None and not include_path.is_dir():
+        raise OpenELMError(f"--include-path {include_path} is not a folder: pass a folder of task YAML files")
+    specs = [task_spec(name) for name in names]
+    registered = [s for s in specs if isinstance(s, str)]
+    manager = TaskManager(include_path=include_path, include_defaults=False)
+    if any(name not in manager.all_tasks for name in registered):  # lm-eval's ~15,000 task files: 12 s
+        manager = TaskManager(include_path=include_path)
+    for name in registered:
+        if name not in manager.all_tasks:
+            raise OpenELMError(
+                f"unknown task '{name}': give an lm-eval task name (lm-eval ls tasks), a task YAML file, "
+                "or --include-path DIR for a folder of them"
+            )
+    return specs, manager
+
+
+def run_tasks(lm: LM, specs: list, manager, shots: Optional[int], limit: Optional[int], seed: int) -> dict:
+    """lm-eval's results of `specs`; what lm-eval and datasets raise for a task's data, one line."""
+    # datasets logs a file it cannot parse, and draws a bar per split: the error line says it all
+    datasets.disable_progress_bars()
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
+    names = ", ".join(s if isinstance(s, str) else s["task"] for s in specs)
+    # lm-eval draws a bar while it builds the requests, with no option to turn it off: off a
+    # terminal it goes nowhere, as ours do (logging keeps its own handle on stderr)
+    quiet = contextlib.nullcontext() if sys.stderr.isatty() else contextlib.redirect_stderr(io.StringIO())
+    try:
+        with quiet:
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=specs,
+                num_fewshot=shots,
+                limit=limit,
+                task_manager=manager,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=None,
+                fewshot_random_seed=seed,
+                bootstrap_iters=1000,
+            )
+    except ConnectionError as e:
+        raise OpenELMError(f"cannot download the data of {names} ({e}): offline, use local task files") from None
+    except DatasetGenerationError as e:  # what datasets raises for a data file it cannot parse
+        why = " ".join(str(e.__cause__ or e).split())[:200]
+        raise OpenELMError(f"cannot read the data of {names}: {why}: fix the task's data files") from None
+    except TemplateError as e:
+        raise OpenELMError(f"the prompts of {names} do not fit their data ({e}): fix the task's doc_to_*") from None
+    return results
+
+
+def task_spec(name: str):
+    """An lm-eval task name as is, or a YAML file as lm-eval's config dict with its `data_files`
+    made absolute (lm-eval would read them against the current folder)."""
+    path = Path(name)
+    if path.suffix not in (".yaml", ".yml"):
+        return name
+    if not path.is_file():
+        raise OpenELMError(f"no task file at {path}: pass an existing YAML file or an lm-eval task name")
+    try:
+        config = load_yaml(path)
+    except Exception as e:  # yaml's, lm-eval's and a !function's errors alike: the file is not a task
+        raise OpenELMError(f"{path} is not a valid task file: {' '.join(str(e).split())[:200]}") from None
+    if not isinstance(config.get("task"), str):
+        raise OpenELMError(f"{path} is not a valid task file: it names no `task`")
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(files, (str, list, dict)):
+        config["dataset_kwargs"]["data_files"] = _absolute(files, path.parent)
+    return config
+
+
+def _absolute(files, folder: Path):
+    if isinstance(files, dict):
+        return {split: _absolute(f, folder) for split, f in files.items()}
+    if isinstance(files, list):
+        return [_absolute(f, folder) for f in files]
+    full = folder / files
+    if not full.is_file():
+        raise OpenELMError(f"the task's data file {full} does not exist: fix data_files in the task YAML")
+    return str(full.resolve())

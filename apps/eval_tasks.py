@@ -5,7 +5,7 @@ Tasks are lm-eval's names (their data comes from the Hugging Face Hub) or task Y
 `json` dataset works offline; `data_files` are read relative to the YAML file). The demo model's
 default task is the held-out cloze shipped beside it (benchmarks/make_demo_task.py). `--paper` runs
 the paper's tasks and shot counts; BOS starts every context unless --no-bos (Apple's protocol is
-lm-eval with add_bos_token=True). lm-eval is imported only here and in eval_model.py: the [eval] extra.
+lm-eval with add_bos_token=True). lm-eval is imported only by eval_model.py: the [eval] extra.
 """
 
 import csv
@@ -85,14 +85,17 @@ def main(args):
         raise OpenELMError("--paper sets the tasks and shots: leave out --tasks and --num-fewshot")
     if args.out is not None:
         check_output(args.out, args.force, reads=[args.model])
-    plan = task_plan(args)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # lm-eval logs every step at WARNING
     from openelm_mlx.apps import eval_model  # needs lm_eval, the [eval] extra
 
+    plan = [(*eval_model.load_tasks(names, args.include_path), shots) for names, shots in task_plan(args)]
     scorer, tokenizer, source = eval_model.open_scorer(args.model, args.backend, args.tokenizer, args.dtype)
     lm = eval_model.OpenELMLM(scorer, tokenizer, add_bos=not args.no_bos)
     start = time.perf_counter()
-    rows = [row for specs, shots in plan for row in evaluate(lm, specs, shots, args)]
+    rows = []
+    for specs, manager, shots in plan:
+        results = eval_model.run_tasks(lm, specs, manager, shots, args.limit, args.seed)
+        rows += rows_of(results)
     seconds = time.perf_counter() - start
     for row in rows:
         row.paper = paper_figure(source, row)
@@ -126,87 +129,6 @@ def task_plan(args) -> List[Tuple[list, Optional[int]]]:
     if not names:
         raise OpenELMError("--tasks holds no task name: pass --tasks arc_easy,piqa,...")
     return [(names, args.num_fewshot)]
-
-
-def evaluate(lm, names: List[str], shots: Optional[int], args) -> List[Row]:
-    import datasets  # lm-eval's dependencies
-    import lm_eval
-    from datasets.exceptions import DatasetGenerationError
-    from jinja2 import TemplateError
-    from lm_eval.tasks import TaskManager
-
-    # datasets logs a file it cannot parse, and draws a bar per split: the error line says it all
-    datasets.disable_progress_bars()
-    logging.getLogger("datasets").setLevel(logging.CRITICAL)
-
-    specs = [task_spec(name) for name in names]
-    registered = [s for s in specs if isinstance(s, str)]
-    # lm-eval indexes its ~15,000 task files only when a name needs them (12 s on 2 cores)
-    manager = TaskManager(include_path=args.include_path, include_defaults=bool(registered))
-    for name in registered:
-        if name not in manager.all_tasks:
-            raise OpenELMError(
-                f"unknown task '{name}': give an lm-eval task name (lm-eval ls tasks), a task YAML file, "
-                "or --include-path DIR for a folder of them"
-            )
-    try:
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=specs,
-            num_fewshot=shots,
-            limit=args.limit,
-            task_manager=manager,
-            random_seed=args.seed,
-            numpy_random_seed=args.seed,
-            torch_random_seed=None,
-            fewshot_random_seed=args.seed,
-            bootstrap_iters=1000,
-        )
-    except ConnectionError as e:
-        raise OpenELMError(
-            f"cannot download the data of {', '.join(names)} ({e}): offline, use local task files"
-        ) from None
-    except DatasetGenerationError as e:  # what datasets raises for a data file it cannot parse
-        why = " ".join(str(e.__cause__ or e).split())[:200]
-        raise OpenELMError(f"cannot read the data of {', '.join(names)}: {why}: fix the task's data files") from None
-    except TemplateError as e:
-        raise OpenELMError(
-            f"the prompts of {', '.join(names)} do not fit their data ({e}): fix the task's doc_to_*"
-        ) from None
-    return rows_of(results)
-
-
-def task_spec(name: str):
-    """An lm-eval task name as is, or a YAML file as lm-eval's config dict with its `data_files`
-    made absolute (lm-eval would read them against the current folder)."""
-    path = Path(name)
-    if path.suffix not in (".yaml", ".yml"):
-        return name
-    if not path.is_file():
-        raise OpenELMError(f"no task file at {path}: pass an existing YAML file or an lm-eval task name")
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    try:
-        config = load_yaml(path)
-    except Exception as e:  # yaml's, lm-eval's and a !function's errors alike: the file is not a task
-        raise OpenELMError(f"{path} is not a valid task file: {' '.join(str(e).split())[:200]}") from None
-    if not isinstance(config.get("task"), str):
-        raise OpenELMError(f"{path} is not a valid task file: it names no `task`")
-    files = (config.get("dataset_kwargs") or {}).get("data_files")
-    if isinstance(files, (str, list, dict)):
-        config["dataset_kwargs"]["data_files"] = _absolute(files, path.parent)
-    return config
-
-
-def _absolute(files, folder: Path):
-    if isinstance(files, dict):
-        return {split: _absolute(f, folder) for split, f in files.items()}
-    if isinstance(files, list):
-        return [_absolute(f, folder) for f in files]
-    full = folder / files
-    if not full.is_file():
-        raise OpenELMError(f"the task's data file {full} does not exist: fix data_files in the task YAML")
-    return str(full.resolve())
 
 
 def rows_of(results: dict) -> List[Row]:

@@ -33,7 +33,7 @@ EVAL_TASK_ROWS = category(
     Row("task-file-not-yaml", TASKS, task(ITEM, "task: [unclosed\n"), "task.yaml is not a valid task file"),
     Row("task-file-no-task", TASKS, task(ITEM, "dataset_path: json\n"), "it names no `task`"),
     Row("data-file-missing", TASKS, root_file("task.yaml", YAML.encode()), "items.jsonl does not exist"),
-    Row("data-not-json", TASKS, task(b'{"context": "a", "choices": ["b"'), "cannot read the data of task.yaml"),
+    Row("data-not-json", TASKS, task(b'{"context": "a", "choices": ["b"'), "cannot read the data of demo_cloze"),
     Row("data-other-fields", TASKS, task(b'{"text": "a"}\n'), "'context' is undefined"),
     Row("out-there", (*TASKS, "--out", "{out}"), both(task(ITEM), root_folder("out")), "out already exists"),
     Row(
