@@ -42,6 +42,7 @@ from openelm_mlx.errors import OpenELMError
 from openelm_mlx.files import read_json
 from openelm_mlx.generate import prefill, stream_generate
 from openelm_mlx.loader import DEMO_MODEL, load
+from openelm_mlx.overflow import OTHER_DTYPE_OPTION, check_finite
 from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import Tokenizer
 
@@ -87,7 +88,9 @@ class ModelScorer:
         return scores
 
     def _logprobs(self, tokens: List[int], cache) -> mx.array:
-        logits = self.model(mx.array(tokens)[None], cache=cache)[0].astype(mx.float32)
+        logits = self.model(mx.array(tokens)[None], cache=cache)[0]
+        check_finite(logits, logits.dtype, OTHER_DTYPE_OPTION)  # float16 overflow: say so, not score NaN
+        logits = logits.astype(mx.float32)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
     def reset(self):

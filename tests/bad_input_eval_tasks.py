@@ -37,6 +37,13 @@ EVAL_TASK_ROWS = category(
     Row("data-other-fields", TASKS, task(b'{"text": "a"}\n'), "'context' is undefined"),
     Row("out-there", (*TASKS, "--out", "{out}"), both(task(ITEM), root_folder("out")), "out already exists"),
     Row(
+        "float16-overflow",
+        (*TASKS, "--dtype", "float16"),
+        task(ITEM),
+        "not finite (inf or NaN) in float16",
+        base="massive",
+    ),
+    Row(
         "no-lm-eval", TASKS, both(task(ITEM), missing_module("lm_eval")), "pip install 'openelm-mlx[eval]'", env=SHADOW
     ),
 )
