@@ -63,7 +63,13 @@ def add_arguments(sub, prog: str):
     p = sub.add_parser("tasks", help="accuracy on lm-evaluation-harness tasks", command_prog=prog)
     p.add_argument("model", nargs="?", help="model folder, repo id or exported package (default: the demo model)")
     p.add_argument("--tasks", help="comma-separated lm-eval task names or task YAML files (demo model: its cloze)")
-    p.add_argument("--paper", nargs="?", const="zero-shot", choices=list(PRESETS), help="the paper's tasks and shots")
+    p.add_argument(
+        "--paper",
+        nargs="?",
+        const="zero-shot",
+        choices=list(PRESETS),
+        help="the paper's tasks and shots (zero-shot when given alone)",
+    )
     p.add_argument("--num-fewshot", type=int, help="examples before each item (default: each task's own)")
     p.add_argument("--limit", type=int, help="score only the first N items of each task (default: all)")
     p.add_argument("--backend", default="mlx", choices=BACKENDS, help="what runs the model: MLX or a package runner")
@@ -71,7 +77,7 @@ def add_arguments(sub, prog: str):
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="MLX activation dtype")
     p.add_argument("--no-bos", action="store_true", help="no BOS before contexts (lm-eval's default, not Apple's)")
     p.add_argument("--include-path", type=Path, help="a folder of task YAML files, as lm-eval's --include_path")
-    p.add_argument("--seed", type=int, default=1234, help="seed of the few-shot examples' draw (lm-eval's default)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the draw of few-shot examples, as lm-eval's")
     p.add_argument("--out", type=Path, help="folder for results.json, results.csv and results.md")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
 
