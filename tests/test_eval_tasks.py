@@ -24,6 +24,7 @@ from mlx_lm.evaluate import MLXLM
 from openelm_mlx import load
 from openelm_mlx.apps.eval_model import ModelScorer, OpenELMLM, RunnerScorer, task_spec
 from openelm_mlx.apps.eval_tasks import DEMO_TASK, Row, paper_figure
+from openelm_mlx.benchmarks.make_demo_task import YAML, build_items
 from openelm_mlx.convert.hf_to_mlx import convert
 from openelm_mlx.convert.runner import open_runner
 from openelm_mlx.loader import DEMO_MODEL
@@ -201,3 +202,11 @@ def test_paper_figures_sit_beside_a_released_base_model():
     assert paper_figure("apple/OpenELM-270M", replace(row, shots=5)) is None  # not zero-shot
     assert paper_figure("apple/OpenELM-270M-Instruct", row) is None  # Instruct: averages only
     assert paper_figure("me/OpenELM-270M", row) is None
+
+
+def test_shipped_task_is_what_its_script_builds():
+    items = [json.loads(line) for line in DEMO_TASK.with_suffix(".jsonl").read_text().splitlines()]
+    assert items == build_items(DEMO_MODEL.joinpath("validation.txt").read_text())
+    assert DEMO_TASK.read_text() == YAML
+    assert len(items) == 300 and all(len(item["choices"]) == 4 for item in items)
+    assert all(item["choices"].count(item["choices"][item["label"]]) == 1 for item in items)
