@@ -33,11 +33,11 @@ SUBCOMMANDS = {
     ),
     "verify-coreai": ("openelm_mlx.convert.coreai.verify", "run a Core AI bundle with Apple's runtime against MLX"),
     "train": ("openelm_mlx.apps.train", "train a small OpenELM on a text corpus"),
-    "eval": ("openelm_mlx.apps.eval", "measure perplexity"),
+    "eval": ("openelm_mlx.apps.eval", "measure perplexity, or accuracy on lm-evaluation-harness tasks"),
     "bench": ("openelm_mlx.benchmarks.bench", "benchmark prompt and generation speed"),
 }
 # Optional dependencies -> the extra that installs them.
-EXTRAS = {"coremltools": "coreml", "coreai": "coreai", "matplotlib": "bench"}
+EXTRAS = {"coremltools": "coreml", "coreai": "coreai", "matplotlib": "bench", "lm_eval": "eval"}
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

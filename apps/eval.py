@@ -1,4 +1,6 @@
-"""`openelm eval ppl`: perplexity of a model on a text file, next to the unigram baseline of its
+"""`openelm eval tasks` (apps/eval_tasks.py): accuracy on lm-evaluation-harness tasks.
+
+`openelm eval ppl`: perplexity of a model on a text file, next to the unigram baseline of its
 own tokenizer on the same tokens, with tokens/s. Without --text: the demo model's validation text.
 
 The text is read as the trainer reads it (apps/train_data.py): each line a document, BOS line EOS,
@@ -16,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from openelm_mlx.apps import eval_tasks
 from openelm_mlx.apps.train_data import encode_documents
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.files import read_text
@@ -103,9 +106,12 @@ def add_arguments(parser):
     ppl.add_argument("--context", type=int, help="tokens per window (default: the model's context)")
     ppl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text (default: all)")
+    eval_tasks.add_arguments(sub, parser.prog)
 
 
 def main(args):
+    if args.metric == "tasks":
+        return eval_tasks.main(args)
     text_file = args.text or DEMO_TEXT
     if not text_file.is_file():
         raise OpenELMError(f"no text file at {text_file}: pass --text FILE")

@@ -96,6 +96,8 @@ TRAIN_RULES = {
 
 # `openelm eval ppl`
 EVAL_RULES = {"context": optional(count()), "batch_size": count(1, 4096), "max_tokens": optional(count())}
+# `openelm eval tasks`
+EVAL_TASK_RULES = {"num_fewshot": optional(count(0, 1000)), "limit": optional(count()), "seed": SEED}
 
 
 def check_options(values: Dict[str, object], rules: Dict[str, Rule]):

@@ -17,6 +17,7 @@ import mlx.core as mx
 import pytest
 from bad_input import GENERATE, Row, Work, category, nothing, tree
 from bad_input_checkpoints import CHECKPOINT_ROWS
+from bad_input_eval_tasks import EVAL_TASK_ROWS
 from bad_input_generation import GENERATION
 from bad_input_options import OPTION_ROWS
 from bad_input_training import TINY_RUN, TRAINING_ROWS
@@ -44,7 +45,7 @@ OPTIONS = category(
     ),
 )
 
-ROWS = CHECKPOINT_ROWS + OPTIONS + OPTION_ROWS + GENERATION + TRAINING_ROWS
+ROWS = CHECKPOINT_ROWS + OPTIONS + OPTION_ROWS + GENERATION + TRAINING_ROWS + EVAL_TASK_ROWS
 
 # --- the runner -----------------------------------------------------------------------------
 

@@ -1,0 +1,212 @@
+"""`openelm eval tasks`: our lm-eval model against mlx-lm's own lm-eval adapter (mlx_lm.evaluate's
+MLXLM) on the same weights, the KV-cache reuse against scoring from scratch, a package runner
+against MLX, and the command's outputs.
+
+Settings aligned with mlx-lm's adapter, so that like is compared with like: both put BOS before
+every context (mlx-lm through its tokenizer's add_bos_token, ours by default); both run in float32
+(mlx-lm keeps the stored dtype, float16 for the demo model, so its model is cast); tasks' contexts
+end without a space (lm-eval moves a trailing space to the continuation, mlx-lm does not).
+"""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import lm_eval
+import mlx.core as mx
+import pytest
+from conftest import assert_clean_error
+from lm_eval.tasks import TaskManager
+from mlx_lm import generate as mlx_lm_generate
+from mlx_lm.evaluate import MLXLM
+
+from openelm_mlx import load
+from openelm_mlx.apps.eval_model import ModelScorer, OpenELMLM, RunnerScorer, task_spec
+from openelm_mlx.apps.eval_tasks import DEMO_TASK, Row, paper_figure
+from openelm_mlx.benchmarks.make_demo_task import YAML, build_items
+from openelm_mlx.convert.hf_to_mlx import convert
+from openelm_mlx.convert.runner import open_runner
+from openelm_mlx.loader import DEMO_MODEL
+
+ITEMS = 24  # items of the local task: a few dozen
+
+
+@pytest.fixture(scope="module")
+def local_task(tmp_path_factory) -> Path:
+    """A local YAML + JSONL task in a folder of its own: the first ITEMS items of the demo cloze,
+    their contexts cut to the last 12 words, so that they fit the tiny model's context of 256 in
+    its byte-heavy tokens (mlx-lm's adapter would not cut them to the model's context)."""
+    folder = tmp_path_factory.mktemp("task")
+    items = [json.loads(line) for line in DEMO_TASK.with_suffix(".jsonl").read_text().splitlines()[:ITEMS]]
+    items = [{**item, "context": " ".join(item["context"].split()[-12:])} for item in items]
+    (folder / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    yaml = DEMO_TASK.read_text().replace("demo_cloze.jsonl", "items.jsonl").replace("task: demo_cloze", "task: local")
+    (folder / "local.yaml").write_text(yaml)
+    return folder / "local.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_mlx(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny random checkpoint as an MLX folder, which mlx-lm's loader reads too."""
+    return convert(tiny_checkpoint, tmp_path_factory.mktemp("tiny") / "mlx")
+
+
+def run_task(lm, task: Path, limit=None) -> dict:
+    return lm_eval.simple_evaluate(
+        model=lm, tasks=[task_spec(str(task))], task_manager=TaskManager(include_defaults=False), limit=limit
+    )
+
+
+def loglikelihoods(results: dict, task: str):
+    """Each request's (loglikelihood, is_greedy), in lm-eval's order of items and choices."""
+    return [tuple(r[0]) for s in results["samples"][task] for r in s["resps"]]
+
+
+def ours(folder) -> OpenELMLM:
+    model, tokenizer = load(folder)
+    return OpenELMLM(ModelScorer(model), tokenizer, progress=False)
+
+
+def theirs(folder) -> MLXLM:
+    lm = MLXLM(str(folder), batch_size=1)
+    lm._model.set_dtype(mx.float32)
+    return lm
+
+
+@pytest.mark.parametrize("which", ["tiny", "demo"])
+def test_loglikelihoods_and_accuracy_equal_mlx_lm_adapter(request, which, local_task):
+    folder = request.getfixturevalue("tiny_mlx") if which == "tiny" else DEMO_MODEL
+    a, b = run_task(ours(folder), local_task), run_task(theirs(folder), local_task)
+    mine, reference = loglikelihoods(a, "local"), loglikelihoods(b, "local")
+    assert len(mine) == 4 * ITEMS
+    assert max(abs(x[0] - y[0]) for x, y in zip(mine, reference)) <= 1e-4
+    assert [x[1] for x in mine] == [bool(y[1]) for y in reference]
+    for metric in ("acc,none", "acc_norm,none"):
+        assert a["results"]["local"][metric] == b["results"]["local"][metric]
+    if which == "demo":  # the demo model reads its held-out text: far above chance (25%)
+        assert a["results"]["local"]["acc,none"] >= 0.5
+
+
+def test_cache_reuse_equals_scoring_from_scratch():
+    model, tokenizer = load(DEMO_MODEL)
+    lm = OpenELMLM(ModelScorer(model), tokenizer, progress=False)
+    items = [json.loads(line) for line in DEMO_TASK.with_suffix(".jsonl").read_text().splitlines()[:3]]
+    for item in items:
+        pairs = [lm.encode_pair(item["context"], " " + choice) for choice in item["choices"]]
+        reused = lm.score_pairs(pairs)
+        for (ctx, cont), (logprob, greedy) in zip(pairs, reused):
+            logits = model(mx.array(ctx + cont[:-1])[None])[0, len(ctx) - 1 :].astype(mx.float32)
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            scratch = sum(logprobs[i, t].item() for i, t in enumerate(cont))
+            assert abs(logprob - scratch) <= 1e-4
+            assert greedy == (mx.argmax(logprobs, axis=-1).tolist() == cont)
+
+
+def test_rolling_loglikelihood_equals_mlx_lm_adapter():
+    text = DEMO_MODEL.joinpath("validation.txt").read_text().split(". ")[0]  # shorter than the context
+    request = [SimpleNamespace(args=(text,))]
+    mine = ours(DEMO_MODEL).loglikelihood_rolling(request)
+    reference = theirs(DEMO_MODEL).loglikelihood_rolling(request)
+    assert abs(mine[0] - reference[0]) <= 1e-4
+
+
+def test_long_text_is_scored_in_windows_of_the_context():
+    """Every token scored once, in windows of the model's context (256), the last window a full
+    one: the sum equals two forward passes over the same windows, made by hand."""
+    lm = ours(DEMO_MODEL)
+    line = DEMO_MODEL.joinpath("validation.txt").read_text().splitlines()[0]
+    text = line[: len(line) // 2]  # two windows
+    tokens = lm.tokenizer.encode(text, bos=False)
+    n = len(tokens)
+    assert 256 < n < 512
+    total = lm.loglikelihood_rolling([SimpleNamespace(args=(text,))])[0]
+
+    def logprobs(inputs, targets):
+        logits = lm.scorer.model(mx.array(inputs)[None])[0, -len(targets) :].astype(mx.float32)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sum(lp[i, t].item() for i, t in enumerate(targets))
+
+    by_hand = logprobs([lm.tokenizer.bos_id] + tokens[:255], tokens[:256]) + logprobs(
+        tokens[n - 257 : n - 1], tokens[256:]
+    )
+    assert abs(total - by_hand) <= 1e-3
+
+
+def test_generate_until_equals_mlx_lm_greedy_cut_at_the_stop_string():
+    lm, reference = ours(DEMO_MODEL), theirs(DEMO_MODEL)
+    context = "And Joseph said unto them,"
+    got = lm.generate_until([SimpleNamespace(args=(context, {"until": [". "], "max_gen_toks": 24}))])[0]
+    tokens = lm.tokenizer.encode(context)
+    full = mlx_lm_generate(reference._model, reference.tokenizer, tokens, max_tokens=24)
+    # ours keeps the space that the text after the context starts with; mlx-lm's detokenizer drops
+    # a first token's leading space
+    assert ". " in full and got == " " + full[: full.index(". ")]
+
+
+def test_package_runner_scores_as_mlx(tiny_checkpoint, exported):
+    pytest.importorskip("coreai.runtime")
+    package = exported("coreai", tiny_checkpoint, precision="float32")["output"]
+    model, tokenizer = load(tiny_checkpoint)
+    mlx_lm_ = OpenELMLM(ModelScorer(model), tokenizer, progress=False)
+    runner_lm = OpenELMLM(RunnerScorer(open_runner(package, "coreai")), tokenizer, progress=False)
+    pairs = [mlx_lm_.encode_pair("the quick brown fox jumps over the lazy", c) for c in (" dog", " sea and stars")]
+    pairs.append(mlx_lm_.encode_pair("", "once upon a time"))
+    for (a, greedy_a), (b, greedy_b) in zip(mlx_lm_.score_pairs(pairs), runner_lm.score_pairs(pairs)):
+        assert abs(a - b) <= 1e-3 * max(1.0, abs(a)) and greedy_a == greedy_b
+
+
+def test_command_writes_table_and_files(cli_here, tmp_path):
+    out = tmp_path / "out"
+    result = cli_here("eval", "tasks", "--limit", "4", "--out", out)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["bos"] and saved["backend"] == "mlx" and saved["source"] == "work-tmp/demo-run/model"
+    acc = next(r for r in saved["results"] if r["task"] == "demo_cloze" and r["metric"] == "acc")
+    assert acc["items"] == 4 and acc["value"] in (0.0, 25.0, 50.0, 75.0, 100.0) and acc["paper"] is None
+    assert f"| demo_cloze | acc | {acc['value']:.2f} | ± {acc['stderr']:.2f} | 4 | 0 |  |" in result.stdout
+    assert result.stdout.startswith((out / "results.md").read_text())  # the same table
+    assert (out / "results.csv").read_text().splitlines()[0] == "task,metric,value,stderr,items,shots,paper"
+    assert_clean_error(cli_here("eval", "tasks", "--limit", "4", "--out", out), "already exists")
+
+
+def test_package_backend_command_equals_mlx(cli_here, tiny_checkpoint, exported, local_task, tmp_path):
+    """The same items scored through the Core AI runner and through MLX: the same accuracy."""
+    pytest.importorskip("coreai.runtime")
+    package = exported("coreai", tiny_checkpoint, precision="float32")["output"]
+    results = {}
+    for backend, model in (("coreai", package), ("mlx", tiny_checkpoint)):
+        out = tmp_path / backend
+        args = ("eval", "tasks", model, "--backend", backend, "--tasks", local_task, "--limit", "4", "--out", out)
+        result = cli_here(*args)
+        assert result.returncode == 0, result.stderr
+        results[backend] = json.loads((out / "results.json").read_text())
+    assert results["coreai"]["results"] == results["mlx"]["results"]
+    assert results["coreai"]["backend"] == "coreai"
+
+
+def test_include_path_names_local_tasks(cli_here, local_task, monkeypatch):
+    """lm-eval's --include_path: tasks by name from a folder; its data_files as lm-eval reads them
+    (relative to the current folder)."""
+    monkeypatch.chdir(local_task.parent)
+    result = cli_here("eval", "tasks", "--include-path", ".", "--tasks", "local", "--limit", "2")
+    assert result.returncode == 0, result.stderr
+    assert "| local | acc |" in result.stdout and "| 2 | 0 |" in result.stdout
+
+
+def test_paper_figures_sit_beside_a_released_base_model():
+    row = Row("arc_easy", "acc_norm", 44.0, 1.0, 100, 0)
+    assert paper_figure("apple/OpenELM-270M", row) == 45.08
+    assert paper_figure("apple/OpenELM-3B", replace(row, task="sciq", metric="acc")) == 92.70
+    assert paper_figure("apple/OpenELM-270M", replace(row, metric="acc")) is None  # not the paper's metric
+    assert paper_figure("apple/OpenELM-270M", replace(row, shots=5)) is None  # not zero-shot
+    assert paper_figure("apple/OpenELM-270M-Instruct", row) is None  # Instruct: averages only
+    assert paper_figure("me/OpenELM-270M", row) is None
+
+
+def test_shipped_task_is_what_its_script_builds():
+    items = [json.loads(line) for line in DEMO_TASK.with_suffix(".jsonl").read_text().splitlines()]
+    assert items == build_items(DEMO_MODEL.joinpath("validation.txt").read_text())
+    assert DEMO_TASK.read_text() == YAML
+    assert len(items) == 300 and all(len(item["choices"]) == 4 for item in items)
+    assert all(item["choices"].count(item["choices"][item["label"]]) == 1 for item in items)
