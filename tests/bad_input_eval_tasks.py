@@ -25,7 +25,7 @@ EVAL_TASK_ROWS = category(
     Row("limit-fraction", (*TASKS, "--limit", "0.5"), task(ITEM), "argument --limit: invalid int value", exit=2),
     Row("fewshot-negative", (*TASKS, "--num-fewshot", "-1"), task(ITEM), "--num-fewshot must be an integer from 0"),
     Row("backend-unknown", (*TASKS, "--backend", "metal"), task(ITEM), "argument --backend: invalid choice", exit=2),
-    Row("backend-needs-package", (*TASKS, "--backend", "coreai"), task(ITEM), "runs .aimodel packages"),
+    Row("backend-needs-package", (*TASKS, "--backend", "coreai"), task(ITEM), "is not a Core AI bundle"),
     Row("paper-and-tasks", (*TASKS, "--paper"), task(ITEM), "--paper sets the tasks and shots"),
     Row("no-task", ("eval", "tasks", "{model}"), nothing, "no task given: pass --tasks"),
     Row("unknown-task", ("eval", "tasks", "{model}", "--tasks", "arc_easyy"), nothing, "unknown task 'arc_easyy'"),
