@@ -131,14 +131,31 @@ def verifier(target):
     return verify_coreml
 
 
-@pytest.mark.parametrize("target", ["coreai", "coreml"])
+def export_ios(checkpoint, tmp_path_factory) -> dict:
+    """The iOS static-shape bundle of `checkpoint`, with a small ladder (contexts 64 and 128, q 8
+    and 16) that keeps float16 on Apple's Linux runtime quick."""
+    from openelm_mlx.convert.coreai.export import export_coreai
+    from openelm_mlx.convert.coreai.ios_graph import StaticShapes
+
+    out = tmp_path_factory.mktemp("ios") / "bundle"
+    return export_coreai(
+        checkpoint, out, target="ios", context=128, static_shapes=StaticShapes.ladder(128, 64, (8, 16))
+    )
+
+
+@pytest.mark.parametrize("target", ["coreai", "coreai-ios", "coreml"])
 @pytest.mark.parametrize("trigger", list(MASSIVE_TRIGGERS))
-def test_float16_export_holds_the_massive_activation(massive_checkpoint, exported, trigger, target):
+def test_float16_export_holds_the_massive_activation(massive_checkpoint, exported, tmp_path_factory, trigger, target):
     """~1e5 in one FFN channel at the trigger: a float16 proj_2 output would be inf and every
-    later logit NaN. Rescaled (k = 3 in that layer alone), each export is finite, within
-    tolerance of MLX float32 and greedy identical, prefill over the trigger and 4 decode steps."""
+    later logit NaN. Rescaled (k = 3 in that layer alone), each export (Core AI macOS and iOS
+    bundles, Core ML) is finite, within tolerance of MLX float32 and greedy identical, prefill over
+    the trigger and 4 decode steps."""
     checkpoint = massive_checkpoint(trigger)
-    summary = exported(target, checkpoint)
+    if target == "coreai-ios":
+        pytest.importorskip("coreai.runtime")
+        summary, target = export_ios(checkpoint, tmp_path_factory), "coreai"
+    else:
+        summary = exported(target, checkpoint)
     assert summary["ffn_scale_exponents"] == [3 if i == MASSIVE_LAYER else 0 for i in range(4)]
     report = verifier(target)(summary["output"], checkpoint, steps=4, prompt=PROMPTS[trigger])
     (backend,) = [b for b in report.backends if b.backend in ("coreai", "mil-reference")]
