@@ -108,7 +108,9 @@ def exported(tmp_path_factory):
 
     def get(kind, source, compress="none", precision="float16"):
         # by content: each worker writes its own tiny checkpoint, equal to the others' (fixed seeds)
-        digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(source).iterdir()))).hexdigest()[:16]
+        digest = hashlib.sha256(
+            b"".join(f.read_bytes() for f in sorted(Path(source).iterdir()) if f.is_file())
+        ).hexdigest()[:16]
         name = f"{Path(source).name}-{digest}-{compress}-{precision}-{kind}"  # a tokenizer beside each
         done = folder / f"{name}.json"
         with open(folder / f"{name}.lock", "w") as lock:
