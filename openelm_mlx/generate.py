@@ -184,7 +184,9 @@ def speculate(
     while n < max_tokens:
         start = time.perf_counter()
         k = policy.draft_length(max_tokens - n - 1)
-        draft, q = drafter.propose(context, k) if k > 0 else ([], None)
+        # a free drafter proposes in full: the model's own token after the k verified checks the next
+        proposed, q = drafter.propose(context, drafter.size if drafter.free else k) if k > 0 else ([], None)
+        draft = proposed[:k]
         if not draft:  # plain decoding, pipelined
             run, begin = policy.run if k == 0 else MIN_RUN, len(context)
             for token in plain_steps(model, context[:], cache, min(run, max_tokens - n), sampling):
@@ -201,7 +203,8 @@ def speculate(
         check_finite(logits, logits.dtype, OTHER_DTYPE_OPTION)
         new = verify(logprobs, draft, q, sampling)
         accepted = len(new) - 1
-        policy.drafted(len(draft), accepted, time.perf_counter() - start)
+        policy.drafted(len(draft), time.perf_counter() - start)
+        policy.observe(proposed, new)
         stats.drafted += len(draft)
         stats.accepted += accepted
         for c in cache:

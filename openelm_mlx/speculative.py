@@ -98,6 +98,7 @@ class DraftModel:
 # within a few steps); step times are noisier (a shared machine) and drift slowly.
 ACCEPT_WEIGHT, TIME_WEIGHT = 0.3, 0.2
 PRIOR_ACCEPTANCE = 0.5  # a draft position not yet checked
+OUTLIER = 1.5  # a step time counts as at most this times its estimate: one slow step moves it 10%
 PRIOR_ROW = 0.5  # a drafted row not yet timed costs this share of a plain step (reference BLAS: ~0.5-1)
 # Plain runs between decisions: long enough that plain decoding keeps its pipelining (the next
 # call queued before a token is handed out); a draft model's runs double up to MAX_RUN while its
@@ -120,8 +121,9 @@ class DraftPolicy:
     exponentially weighted mean per k; between measured k interpolated, beyond the largest one
     PRIOR_ROW of a plain step per row. T(0) is a step of plain decoding, timed per token over plain
     runs; the first step is a probe (k = 1), the second a plain run, so T(0) is known from then on. Only the calls decoding makes
-    anyway are timed (no calibration pass), and the first step of each k is not: a new shape's first
-    pass allocates, and its outlier time would keep that k from being tried again.
+    anyway are timed (no calibration pass); the first step of each k is not (a new shape's first pass
+    allocates) and no time counts past OUTLIER x its estimate: a k made to look dear by one slow step
+    on a shared machine would not be tried again.
 
     Why: a drafted row's cost depends on the BLAS (the mlx[cpu] wheel's reference BLAS: a 2-row
     pass ~2x a 1-row one; OpenBLAS: nearly free) and acceptance on the text, so a fixed draft length
@@ -129,7 +131,8 @@ class DraftPolicy:
 
     k = 0 decodes plainly for `run` tokens. A loop that appears later is still found: a free drafter
     (prompt lookup) has the drafts it would have made in the run checked against the text (check:
-    no model call); a draft model gets a probe of k = 1 after each run, and its runs double up to
+    no model call), and always drafts `size` tokens of which k are verified, so the position after
+    them is checked against the model's own token and longer drafts are found worth it; a draft model gets a probe of k = 1 after each run, and its runs double up to
     MAX_RUN while it loses.
     """
 
@@ -167,16 +170,20 @@ class DraftPolicy:
             self.probe, best = False, 1
         return best
 
-    def observe(self, k: int, accepted: int):
-        """A draft of k tokens whose first `accepted` were (or would have been) kept."""
+    def observe(self, draft: List[int], text: List[int]):
+        """A draft against the tokens that followed where it was made: each position up to the first
+        that differs is one observation of its acceptance (the text's next token is the model's own)."""
+        k = min(len(draft), len(text))
+        accepted = next((i for i in range(k) if draft[i] != text[i]), k)
         for i in range(min(accepted + 1, k)):
             self.acceptance[i] = ewma(self.acceptance[i], float(i < accepted), ACCEPT_WEIGHT)
 
-    def drafted(self, k: int, accepted: int, seconds: float):
-        if self.timed[k]:
+    def drafted(self, k: int, seconds: float):
+        """A step that drafted k tokens took `seconds`."""
+        if self.timed[k]:  # a time past OUTLIER x the estimate counts as that (a preempted step, mostly)
+            seconds = min(seconds, OUTLIER * self.step_seconds(k))
             self.seconds[k] = ewma(self.seconds[k], seconds, TIME_WEIGHT)
         self.timed[k] = True
-        self.observe(k, accepted)
 
     def plain(self, tokens: int, seconds: float, chosen: bool):
         """A plain run of `tokens`; chosen: the policy's k = 0 (not an empty draft)."""
@@ -188,9 +195,7 @@ class DraftPolicy:
         """The drafts a free drafter would have made at each token from `start` on, checked
         against the text that followed them."""
         for j in range(start, len(context)):
-            draft, ahead = drafter.propose(context[:j], self.size)[0], context[j:]
-            k = min(len(draft), len(ahead))
-            self.observe(k, next((i for i in range(k) if draft[i] != ahead[i]), k))
+            self.observe(drafter.propose(context[:j], self.size)[0], context[j:])
 
 
 def verify(logprobs: mx.array, draft: List[int], q: Optional[mx.array], sampling: Sampling) -> List[int]:

@@ -18,7 +18,17 @@ from openelm_mlx.benchmarks.synthetic import random_weights, write_checkpoint
 from openelm_mlx.cache import make_cache
 from openelm_mlx.generate import GenerationOptions, GenerationStats, generate_tokens, speculate, stream_generate
 from openelm_mlx.sample import Sampling
-from openelm_mlx.speculative import ACCEPT_WEIGHT, MAX_RUN, MIN_RUN, PRIOR_ROW, DraftModel, DraftPolicy, PromptLookup
+from openelm_mlx.speculative import (
+    ACCEPT_WEIGHT,
+    MAX_RUN,
+    MIN_RUN,
+    OUTLIER,
+    PRIOR_ROW,
+    TIME_WEIGHT,
+    DraftModel,
+    DraftPolicy,
+    PromptLookup,
+)
 
 PROMPTS = ["Once upon a time", "the sea and the stars and the sea and the", "In the beginning"]
 
@@ -241,16 +251,22 @@ def test_policy_expected_tokens_and_step_seconds():
 def test_policy_probes_first_then_times_plain_decoding_and_no_first_step_of_a_k():
     policy = DraftPolicy(4, free=True)
     assert policy.draft_length(room=100) == 1  # the first step: a probe
-    policy.drafted(1, 0, 9.0)
+    policy.drafted(1, 9.0)
+    policy.observe([5], [6])  # rejected: the model's token was 6
     assert policy.draft_length(room=100) == 0  # T(0) unknown: a plain run
     policy.plain(8, 0.08, chosen=True)
     assert policy.seconds[0] == pytest.approx(0.01)  # per token
-    policy.drafted(4, 4, 9.0)  # a new shape's first pass: not timed
+    policy.drafted(4, 9.0)  # a new shape's first pass: not timed
+    policy.observe([5, 6, 7, 8], [5, 6, 7, 8, 9])  # all kept, and the model's own token
     assert policy.seconds[1] is None and policy.seconds[4] is None
     w = ACCEPT_WEIGHT  # position 1: rejected, then accepted; 2-4: accepted
     assert policy.acceptance == pytest.approx([0.5 * (1 - w) ** 2 + w] + [0.5 * (1 - w) + w] * 3)
-    policy.drafted(4, 1, 0.03)
+    policy.drafted(4, 0.03)
     assert policy.seconds[4] == 0.03
+    policy.drafted(4, 1.0)  # a preempted step counts as OUTLIER x the estimate
+    assert policy.seconds[4] == pytest.approx(0.03 + TIME_WEIGHT * (OUTLIER - 1) * 0.03)
+    policy.observe([5, 6, 7, 8], [5, 1])  # position 2 rejected, 3 and 4 not reached
+    assert policy.acceptance[2:] == pytest.approx([0.5 * (1 - w) + w] * 2)
     assert policy.draft_length(room=2) <= 2  # never past the tokens left
 
 
@@ -262,7 +278,8 @@ def test_policy_probes_a_draft_model_after_plain_runs_that_double():
         runs.append(policy.run)
         policy.plain(policy.run, 0.01 * policy.run, chosen=True)
         assert policy.draft_length(room=100) == 1  # the probe
-        policy.drafted(1, 0, 0.02)
+        policy.drafted(1, 0.02)
+        policy.observe([5], [6])
     assert runs == [MIN_RUN, 2 * MIN_RUN, MAX_RUN, MAX_RUN]
     free = policy_with(4, 0.01, 0.01, 0.2, free=True)
     free.plain(8, 0.08, chosen=True)
