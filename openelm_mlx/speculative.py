@@ -56,6 +56,11 @@ class PromptLookup:
         pass  # no state
 
 
+# A draft model probed after a plain run reads at most this many of the tokens it has not seen
+# (it then drafts from them alone): catching up on the whole run would cost as much as drafting.
+CATCH_UP = 32
+
+
 class DraftModel:
     """Drafts by running a smaller model autoregressively, with its own KV cache."""
 
@@ -69,6 +74,8 @@ class DraftModel:
     def propose(self, context: List[int], k: int) -> Tuple[List[int], Optional[mx.array]]:
         """k tokens after the context, and the distributions [k, vocab] they were drawn from
         (log-probabilities; kept lazy and evaluated once, so the k steps queue without a sync)."""
+        if len(context) - self.fed > CATCH_UP:  # after a long plain run: a fresh cache, the recent text only
+            self.cache, self.fed = make_cache(self.model), len(context) - CATCH_UP
         logits = self.model(mx.array(context[self.fed :])[None], cache=self.cache)[0, -1:]
         self.fed = len(context)
         seen = mx.array(context)
@@ -101,9 +108,10 @@ PRIOR_ACCEPTANCE = 0.5  # a draft position not yet checked
 OUTLIER = 1.5  # a step time counts as at most this times its estimate: one slow step moves it 10%
 PRIOR_ROW = 0.5  # a drafted row not yet timed costs this share of a plain step (reference BLAS: ~0.5-1)
 # Plain runs between decisions: long enough that plain decoding keeps its pipelining (the next
-# call queued before a token is handed out); a draft model's runs double up to MAX_RUN while its
-# probes lose.
-MIN_RUN, MAX_RUN = 8, 32
+# call queued before a token is handed out). After a draft model's losing probe the run is as long
+# as makes the probe's extra time PROBE_SHARE of the run's (a probe catches the draft model up).
+MIN_RUN, MAX_RUN = 8, 256
+PROBE_SHARE = 0.05
 
 
 def ewma(old: Optional[float], new: float, weight: float) -> float:
@@ -132,8 +140,9 @@ class DraftPolicy:
     k = 0 decodes plainly for `run` tokens. A loop that appears later is still found: a free drafter
     (prompt lookup) has the drafts it would have made in the run checked against the text (check:
     no model call), and always drafts `size` tokens of which k are verified, so the position after
-    them is checked against the model's own token and longer drafts are found worth it; a draft model gets a probe of k = 1 after each run, and its runs double up to
-    MAX_RUN while it loses.
+    them is checked against the model's own token and longer drafts are found worth it; a draft
+    model gets a probe of k = 1 after each run, the next run as long as makes the probe's extra
+    time PROBE_SHARE of the run's.
     """
 
     def __init__(self, size: int, free: bool):
@@ -141,7 +150,7 @@ class DraftPolicy:
         self.acceptance = [PRIOR_ACCEPTANCE] * size
         self.seconds: List[Optional[float]] = [None] * (size + 1)
         self.timed = [False] * (size + 1)  # a first step of this k was seen (and not timed)
-        self.run, self.probe = MIN_RUN, True
+        self.run, self.probe, self.probing = MIN_RUN, True, False
 
     def expected_tokens(self, k: int) -> float:
         total = chain = 1.0
@@ -164,9 +173,10 @@ class DraftPolicy:
         best = 0  # until T(0) is timed: the first step probes, the next decodes plainly
         if self.seconds[0] is not None:
             best = max(range(min(self.size, room) + 1), key=lambda k: self.expected_tokens(k) / self.step_seconds(k))
+        self.probing = not best and self.probe and room > 0
         if best:
             self.run = MIN_RUN
-        elif self.probe and room:
+        elif self.probing:
             self.probe, best = False, 1
         return best
 
@@ -180,6 +190,9 @@ class DraftPolicy:
 
     def drafted(self, k: int, seconds: float):
         """A step that drafted k tokens took `seconds`."""
+        if self.probing and self.seconds[0]:  # its whole time: a probe's cost is the draft model catching up
+            waste = seconds - self.seconds[0]
+            self.run = min(MAX_RUN, max(MIN_RUN, round(waste / (PROBE_SHARE * self.seconds[0]))))
         if self.timed[k]:  # a time past OUTLIER x the estimate counts as that (a preempted step, mostly)
             seconds = min(seconds, OUTLIER * self.step_seconds(k))
             self.seconds[k] = ewma(self.seconds[k], seconds, TIME_WEIGHT)
@@ -188,8 +201,7 @@ class DraftPolicy:
     def plain(self, tokens: int, seconds: float, chosen: bool):
         """A plain run of `tokens`; chosen: the policy's k = 0 (not an empty draft)."""
         self.seconds[0] = ewma(self.seconds[0], seconds / tokens, TIME_WEIGHT)
-        if chosen and not self.free:
-            self.run, self.probe = min(2 * self.run, MAX_RUN), True
+        self.probe = chosen and not self.free
 
     def check(self, drafter, context: List[int], start: int):
         """The drafts a free drafter would have made at each token from `start` on, checked

@@ -24,6 +24,7 @@ from openelm_mlx.speculative import (
     MIN_RUN,
     OUTLIER,
     PRIOR_ROW,
+    PROBE_SHARE,
     TIME_WEIGHT,
     DraftModel,
     DraftPolicy,
@@ -270,17 +271,18 @@ def test_policy_probes_first_then_times_plain_decoding_and_no_first_step_of_a_k(
     assert policy.draft_length(room=2) <= 2  # never past the tokens left
 
 
-def test_policy_probes_a_draft_model_after_plain_runs_that_double():
+def test_policy_probes_a_draft_model_after_plain_runs_as_long_as_the_probe_costs():
     policy = policy_with(4, 0.01, 0.01, 0.2, free=False)
     runs = []
-    for _ in range(4):
-        assert policy.draft_length(room=100) == 0
+    for probe_seconds in (0.02, 0.5, 0.011):
+        assert policy.draft_length(room=1000) == 0
         runs.append(policy.run)
         policy.plain(policy.run, 0.01 * policy.run, chosen=True)
-        assert policy.draft_length(room=100) == 1  # the probe
-        policy.drafted(1, 0.02)
+        assert policy.draft_length(room=1000) == 1  # the probe
+        policy.drafted(1, probe_seconds)
         policy.observe([5], [6])
-    assert runs == [MIN_RUN, 2 * MIN_RUN, MAX_RUN, MAX_RUN]
+    # its extra time (probe - plain step) a PROBE_SHARE of the next run's: 0.01 s -> 20 steps of 0.01 s
+    assert runs == [MIN_RUN, round(0.01 / (PROBE_SHARE * 0.01)), MAX_RUN] and policy.run == MIN_RUN
     free = policy_with(4, 0.01, 0.01, 0.2, free=True)
     free.plain(8, 0.08, chosen=True)
     assert free.draft_length(room=100) == 0 and free.run == MIN_RUN  # prompt lookup is checked, not probed
