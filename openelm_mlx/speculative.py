@@ -128,10 +128,10 @@ class DraftPolicy:
     drafting, a draft model's passes included, the pass over k + 1 rows, the verification), an
     exponentially weighted mean per k; between measured k interpolated, beyond the largest one
     PRIOR_ROW of a plain step per row. T(0) is a step of plain decoding, timed per token over plain
-    runs; the first step is a probe (k = 1), the second a plain run, so T(0) is known from then on. Only the calls decoding makes
-    anyway are timed (no calibration pass); the first step of each k is not (a new shape's first pass
-    allocates) and no time counts past OUTLIER x its estimate: a k made to look dear by one slow step
-    on a shared machine would not be tried again.
+    runs; the first step is a probe (k = 1), the second a plain run, so T(0) is known from then on.
+    Only the calls decoding makes anyway are timed (no calibration pass); the first step of each k
+    is not (a new shape's first pass allocates) and no time counts past OUTLIER x its estimate: a k
+    made to look dear by one slow step on a shared machine would not be tried again.
 
     Why: a drafted row's cost depends on the BLAS (the mlx[cpu] wheel's reference BLAS: a 2-row
     pass ~2x a 1-row one; OpenBLAS: nearly free) and acceptance on the text, so a fixed draft length
