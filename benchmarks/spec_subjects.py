@@ -1,5 +1,5 @@
 """What `openelm bench --prompt-lookup/--draft-model` decodes: the target model at a precision, its
-drafter, and the prompts of the three tasks (text for a checkpoint with a tokenizer, random token ids
+drafter, and the prompts of the four tasks (text for a checkpoint with a tokenizer, random token ids
 for a released size with random weights)."""
 
 from pathlib import Path
@@ -18,7 +18,7 @@ from openelm_mlx.tokenizer import Tokenizer, check_tokenizer_fits, find_tokenize
 from .subjects import activation_dtype, build_subject, load_source
 from .synthetic import random_weights
 
-TASKS = ("free", "copy", "short")
+TASKS = ("free", "copy", "short", "fresh")
 SHORT_IDS = 4  # the short prompt in random ids, for random weights
 MIN_PROMPT = 8  # tokens: -g must leave at least this many in the context
 # Passages for text prompts: the demo model's held-out text (never trained on), one chapter a line.
@@ -45,7 +45,9 @@ def task_prompts(tokenizer: Optional[Tokenizer], vocab_size: int, budget: int, s
     """free: `budget` tokens of text (or random ids); copy: a passage of the budget's first three
     quarters followed by its first tokens again (after BOS), so the answer continues the copy;
     short: `openelm generate`'s default prompt, so nearly all the text is the model's own (the
-    demo model's greedy text soon repeats itself)."""
+    demo model's greedy text soon repeats itself); fresh: the free prompt's tokens after BOS in a
+    seeded random order, so that no passage repeats and what the model writes is its own (drafts
+    find chance matches and are rejected: what drafting costs when it does not pay)."""
     restart = max(1, budget // 4)
     if tokenizer is None:  # ids 0-2 are OpenELM's unk, BOS and EOS
         free, passage = np.random.default_rng(seed).integers(3, vocab_size, (2, budget)).tolist()
@@ -53,8 +55,9 @@ def task_prompts(tokenizer: Optional[Tokenizer], vocab_size: int, budget: int, s
     else:
         free, passage, short = (tokenizer.encode(text) for text in (*passages(), FALLBACK_PROMPT))
         skip = 1  # BOS
-    passage = passage[: budget - restart]
-    return {"free": free[:budget], "copy": passage + passage[skip : skip + restart], "short": short[:budget]}
+    passage, free = passage[: budget - restart], free[:budget]
+    fresh = free[:skip] + np.random.default_rng(seed).permutation(free[skip:]).tolist()
+    return {"free": free, "copy": passage + passage[skip : skip + restart], "short": short[:budget], "fresh": fresh}
 
 
 def same_vocabulary(a: Tokenizer, b: Tokenizer) -> bool:

@@ -1,8 +1,8 @@
 """`openelm bench --prompt-lookup K` or `--draft-model M`: speculative decoding against plain greedy
 decoding of the same model, prompt and length, in interleaved pairs (who goes first alternates),
 per model, precision and task: `free` (a passage of text), `copy` (a passage, then its start again,
-so that the answer copies it) and `short` (`openelm generate`'s default prompt, so that the text is
-the model's own). The prompts and models are in spec_subjects.py."""
+so that the answer copies it), `short` (`openelm generate`'s default prompt, so that the text is
+the model's own) and `fresh` (the free passage's tokens shuffled: nothing repeats). The prompts and models are in spec_subjects.py."""
 
 import statistics
 import time

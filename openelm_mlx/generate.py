@@ -15,7 +15,7 @@ from .errors import OpenELMError
 from .options import check_options, check_speculation, generation_rules
 from .overflow import OTHER_DTYPE_OPTION, check_finite
 from .sample import Sampling
-from .speculative import DraftModel, PromptLookup, verify
+from .speculative import MIN_RUN, DraftModel, DraftPolicy, PromptLookup, verify
 from .tokenizer import Tokenizer
 
 FALLBACK_PROMPT = "Once upon a time"  # what `openelm generate` continues when given no prompt
@@ -140,8 +140,15 @@ def prefill(model, tokens: List[int], cache: list):
 
 
 def generate_tokens(model, tokens: List[int], cache: list, max_tokens: int, sampling: Sampling) -> Iterator[int]:
-    """Token ids after `tokens`, one model call each. The next step is queued before the current
-    token is handed out (mx.async_eval), so the host's work overlaps the device's, as in mlx-lm."""
+    """Token ids after `tokens`, one model call each (plain decoding)."""
+    prefill(model, tokens[:-1], cache)
+    return plain_steps(model, tokens, cache, max_tokens, sampling)
+
+
+def plain_steps(model, tokens: List[int], cache: list, max_tokens: int, sampling: Sampling) -> Iterator[int]:
+    """Token ids after `tokens`, whose last only is not in the cache yet, one model call each. The
+    next step is queued before the current token is handed out (mx.async_eval), so the host's work
+    overlaps the device's, as in mlx-lm. The cache ends holding all but the last token."""
     history = mx.array(tokens) if sampling.penalizes else None  # what the repetition penalty reads
 
     def step(ids: mx.array):
@@ -153,7 +160,6 @@ def generate_tokens(model, tokens: List[int], cache: list, max_tokens: int, samp
             history = mx.concatenate([history, token])
         return token, logits, mx.isfinite(logits).all()
 
-    prefill(model, tokens[:-1], cache)
     token, logits, finite = step(mx.array(tokens[-1:]))
     mx.async_eval(token, finite)
     for n in range(max_tokens):
@@ -169,27 +175,38 @@ def generate_tokens(model, tokens: List[int], cache: list, max_tokens: int, samp
 def speculate(
     model, tokens: List[int], cache: list, max_tokens: int, sampling: Sampling, drafter, stats
 ) -> Iterator[int]:
-    """Token ids after `tokens`, drafted and verified; counts drafted/accepted into stats."""
+    """Token ids after `tokens`, drafted and verified where DraftPolicy expects that to be faster
+    than plain decoding, plainly elsewhere; counts drafted/accepted into stats."""
     prefill(model, tokens[:-1], cache)
     context = list(tokens)  # the cache holds all of it but the last token
-    # Draft length, as in Hugging Face's assisted generation: +2 after a draft kept whole, -1 after
-    # a rejection, so text the drafter guesses badly wastes fewer rows (each costs ~a forward pass
-    # of one token with the mlx[cpu] wheel's reference BLAS; benchmarks/results/speculation-*).
-    size = drafter.size
+    policy = DraftPolicy(drafter.size, drafter.free)
     n = 0
     while n < max_tokens:
-        k = min(size, max_tokens - n - 1)
-        draft, q = drafter.propose(context, k) if k > 0 else ([], None)
+        start = time.perf_counter()
+        k = policy.draft_length(max_tokens - n - 1)
+        # a free drafter proposes in full: the model's own token after the k verified checks the next
+        proposed, q = drafter.propose(context, drafter.size if drafter.free else k) if k > 0 else ([], None)
+        draft = proposed[:k]
+        if not draft:  # plain decoding, pipelined
+            run, begin = policy.run if k == 0 else MIN_RUN, len(context)
+            for token in plain_steps(model, context[:], cache, min(run, max_tokens - n), sampling):
+                context.append(token)
+                n += 1
+                yield token
+            policy.plain(len(context) - begin, time.perf_counter() - start, chosen=k == 0)
+            if drafter.free:
+                policy.check(drafter, context, begin)
+            continue
         logits = model(mx.array(context[-1:] + draft)[None], cache=cache)[0]
         seen = [mx.array(context + draft[:i]) for i in range(len(draft) + 1)] if sampling.penalizes else []
         logprobs = sampling.logprobs(logits, seen)
         check_finite(logits, logits.dtype, OTHER_DTYPE_OPTION)
         new = verify(logprobs, draft, q, sampling)
         accepted = len(new) - 1
+        policy.drafted(len(draft), time.perf_counter() - start)
+        policy.observe(proposed, new)
         stats.drafted += len(draft)
         stats.accepted += accepted
-        if draft:
-            size = min(drafter.size, size + 2) if accepted == len(draft) else max(1, size - 1)
         for c in cache:
             c.trim(len(draft) - accepted)
         drafter.rollback(len(context) + accepted)

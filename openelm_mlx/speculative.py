@@ -7,6 +7,8 @@ drafter's q is kept with probability min(1, p(d) / q(d)), and the first one reje
 a draw from max(p - q, 0), normalized. A prompt-lookup draft is certain (q is one-hot), and then
 the rule is the same as drawing from p and keeping d when the draw equals it.
 
+How many tokens to draft is DraftPolicy's choice, step by step: none at all where drafts do not pay.
+
 Two drafters: PromptLookup matches the last few tokens against the text so far and proposes what
 followed them there (no second model; pays off when the answer copies from the prompt or the text
 repeats itself; mlx-lm has none). DraftModel runs a smaller OpenELM with the same tokenizer.
@@ -30,6 +32,8 @@ MAX_NGRAM, MIN_NGRAM = 3, 2
 class PromptLookup:
     """Drafts by finding the last MAX_NGRAM..MIN_NGRAM tokens earlier in the context."""
 
+    free = True  # proposing costs no model call: its drafts can be checked against plain decoding's text
+
     def __init__(self, size: int):
         self.size = size
 
@@ -52,8 +56,15 @@ class PromptLookup:
         pass  # no state
 
 
+# A draft model probed after a plain run reads at most this many of the tokens it has not seen
+# (it then drafts from them alone): catching up on the whole run would cost as much as drafting.
+CATCH_UP = 32
+
+
 class DraftModel:
     """Drafts by running a smaller model autoregressively, with its own KV cache."""
+
+    free = False
 
     def __init__(self, model, sampling: Sampling, size: int):
         self.model, self.sampling, self.size = model, sampling, size
@@ -63,6 +74,8 @@ class DraftModel:
     def propose(self, context: List[int], k: int) -> Tuple[List[int], Optional[mx.array]]:
         """k tokens after the context, and the distributions [k, vocab] they were drawn from
         (log-probabilities; kept lazy and evaluated once, so the k steps queue without a sync)."""
+        if len(context) - self.fed > CATCH_UP:  # after a long plain run: a fresh cache, the recent text only
+            self.cache, self.fed = make_cache(self.model), len(context) - CATCH_UP
         logits = self.model(mx.array(context[self.fed :])[None], cache=self.cache)[0, -1:]
         self.fed = len(context)
         seen = mx.array(context)
@@ -86,6 +99,115 @@ class DraftModel:
             for c in self.cache:
                 c.trim(self.fed - valid)
             self.fed = valid
+
+
+# Exponential weights of the newest observation: acceptance follows the text (a loop starts or ends
+# within a few steps); step times are noisier (a shared machine) and drift slowly.
+ACCEPT_WEIGHT, TIME_WEIGHT = 0.3, 0.2
+PRIOR_ACCEPTANCE = 0.5  # a draft position not yet checked
+OUTLIER = 1.5  # a step time counts as at most this times its estimate: one slow step moves it 10%
+PRIOR_ROW = 0.5  # a drafted row not yet timed costs this share of a plain step (reference BLAS: ~0.5-1)
+# Plain runs between decisions: long enough that plain decoding keeps its pipelining (the next
+# call queued before a token is handed out). After a draft model's losing probe the run is as long
+# as makes the probe's extra time PROBE_SHARE of the run's (a probe catches the draft model up).
+MIN_RUN, MAX_RUN = 8, 256
+PROBE_SHARE = 0.05
+
+
+def ewma(old: Optional[float], new: float, weight: float) -> float:
+    return new if old is None else old + weight * (new - old)
+
+
+class DraftPolicy:
+    """Chooses how many tokens to draft before each verification pass: the k in 0..size with the
+    most expected tokens per second, E(k) / T(k).
+
+    E(k) = 1 + a1 + a1*a2 + ... + a1*...*ak tokens per pass (the accepted prefix and one token of the
+    model's own), a_i the exponentially weighted rate at which draft position i was accepted when
+    the positions before it were. T(k): the measured seconds of a step that drafts k tokens (the
+    drafting, a draft model's passes included, the pass over k + 1 rows, the verification), an
+    exponentially weighted mean per k; between measured k interpolated, beyond the largest one
+    PRIOR_ROW of a plain step per row. T(0) is a step of plain decoding, timed per token over plain
+    runs; the first step is a probe (k = 1), the second a plain run, so T(0) is known from then on.
+    Only the calls decoding makes anyway are timed (no calibration pass); the first step of each k
+    is not (a new shape's first pass allocates) and no time counts past OUTLIER x its estimate: a k
+    made to look dear by one slow step on a shared machine would not be tried again.
+
+    Why: a drafted row's cost depends on the BLAS (the mlx[cpu] wheel's reference BLAS: a 2-row
+    pass ~2x a 1-row one; OpenBLAS: nearly free) and acceptance on the text, so a fixed draft length
+    loses wherever drafts are rejected (0.69x of plain decoding on a passage the model does not copy).
+
+    k = 0 decodes plainly for `run` tokens. A loop that appears later is still found: a free drafter
+    (prompt lookup) has the drafts it would have made in the run checked against the text (check:
+    no model call), and always drafts `size` tokens of which k are verified, so the position after
+    them is checked against the model's own token and longer drafts are found worth it; a draft
+    model gets a probe of k = 1 after each run, the next run as long as makes the probe's extra
+    time PROBE_SHARE of the run's.
+    """
+
+    def __init__(self, size: int, free: bool):
+        self.size, self.free = size, free
+        self.acceptance = [PRIOR_ACCEPTANCE] * size
+        self.seconds: List[Optional[float]] = [None] * (size + 1)
+        self.timed = [False] * (size + 1)  # a first step of this k was seen (and not timed)
+        self.run, self.probe, self.probing = MIN_RUN, True, False
+
+    def expected_tokens(self, k: int) -> float:
+        total = chain = 1.0
+        for a in self.acceptance[:k]:
+            chain *= a
+            total += chain
+        return total
+
+    def step_seconds(self, k: int) -> float:
+        known = [(j, t) for j, t in enumerate(self.seconds) if t is not None]  # (0, T(0)) first
+        j0, t0 = [p for p in known if p[0] <= k][-1]
+        above = [p for p in known if p[0] >= k]
+        if not above:
+            return t0 + (k - j0) * PRIOR_ROW * known[0][1]
+        j1, t1 = above[0]
+        return t0 if j1 == j0 else t0 + (t1 - t0) * (k - j0) / (j1 - j0)
+
+    def draft_length(self, room: int) -> int:
+        """k for the next step, at most `room` (the tokens left after the pass's own)."""
+        best = 0  # until T(0) is timed: the first step probes, the next decodes plainly
+        if self.seconds[0] is not None:
+            best = max(range(min(self.size, room) + 1), key=lambda k: self.expected_tokens(k) / self.step_seconds(k))
+        self.probing = not best and self.probe and room > 0
+        if best:
+            self.run = MIN_RUN
+        elif self.probing:
+            self.probe, best = False, 1
+        return best
+
+    def observe(self, draft: List[int], text: List[int]):
+        """A draft against the tokens that followed where it was made: each position up to the first
+        that differs is one observation of its acceptance (the text's next token is the model's own)."""
+        k = min(len(draft), len(text))
+        accepted = next((i for i in range(k) if draft[i] != text[i]), k)
+        for i in range(min(accepted + 1, k)):
+            self.acceptance[i] = ewma(self.acceptance[i], float(i < accepted), ACCEPT_WEIGHT)
+
+    def drafted(self, k: int, seconds: float):
+        """A step that drafted k tokens took `seconds`."""
+        if self.probing and self.seconds[0]:  # its whole time: a probe's cost is the draft model catching up
+            waste = seconds - self.seconds[0]
+            self.run = min(MAX_RUN, max(MIN_RUN, round(waste / (PROBE_SHARE * self.seconds[0]))))
+        if self.timed[k]:  # a time past OUTLIER x the estimate counts as that (a preempted step, mostly)
+            seconds = min(seconds, OUTLIER * self.step_seconds(k))
+            self.seconds[k] = ewma(self.seconds[k], seconds, TIME_WEIGHT)
+        self.timed[k] = True
+
+    def plain(self, tokens: int, seconds: float, chosen: bool):
+        """A plain run of `tokens`; chosen: the policy's k = 0 (not an empty draft)."""
+        self.seconds[0] = ewma(self.seconds[0], seconds / tokens, TIME_WEIGHT)
+        self.probe = chosen and not self.free
+
+    def check(self, drafter, context: List[int], start: int):
+        """The drafts a free drafter would have made at each token from `start` on, checked
+        against the text that followed them."""
+        for j in range(start, len(context)):
+            self.observe(drafter.propose(context[:j], self.size)[0], context[j:])
 
 
 def verify(logprobs: mx.array, draft: List[int], q: Optional[mx.array], sampling: Sampling) -> List[int]:

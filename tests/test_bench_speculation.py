@@ -71,8 +71,6 @@ def check_entry(e, tasks_prompt_tokens):
             assert run["total_tps"] == pytest.approx(G / run["total_s"])
             assert run["total_s"] == pytest.approx(run["ttft_s"] + run["decode_s"])
         assert t["speedup"] == pytest.approx(spec["decode_tps"] / plain["decode_tps"])
-    # greedy and deterministic: every trial drafts and accepts the same
-    assert len({(t["speculative"]["drafted"], t["speculative"]["accepted"]) for t in e["trials"]}) == 1
     s = e["summary"]
     spec = [t["speculative"] for t in e["trials"]]
     assert s["identical"] is True and s["speedup"]["n"] == TRIALS
@@ -81,7 +79,9 @@ def check_entry(e, tasks_prompt_tokens):
         statistics.median(t["plain"]["decode_tps"] for t in e["trials"])
     )
     assert s["tokens_per_call"] == pytest.approx(TRIALS * G / sum(r["model_calls"] for r in spec))
-    assert s["drafted_per_trial"] == spec[0]["drafted"] and s["accepted_per_trial"] == spec[0]["accepted"]
+    # how much is drafted follows the times measured (DraftPolicy), so it may differ between trials
+    assert s["drafted_per_trial"] == pytest.approx(statistics.fmean(r["drafted"] for r in spec))
+    assert s["accepted_per_trial"] == pytest.approx(statistics.fmean(r["accepted"] for r in spec))
 
 
 def test_prompt_lookup_entries(lookup, tiny_checkpoint):
@@ -92,7 +92,7 @@ def test_prompt_lookup_entries(lookup, tiny_checkpoint):
     }
     entries = lookup["speculation"]
     assert [(e["model"], e["precision"], e["task"], e["drafter"]) for e in entries] == [
-        ("OpenELM-tiny", "fp32", task, "prompt lookup, K=4") for task in ("free", "copy", "short")
+        ("OpenELM-tiny", "fp32", task, "prompt lookup, K=4") for task in ("free", "copy", "short", "fresh")
     ]
     budget = 256 - G  # -p 512 does not fit: the prompt takes what the context leaves
     for e in entries:
@@ -104,6 +104,10 @@ def test_prompt_lookup_entries(lookup, tiny_checkpoint):
     assert entries[1]["prompt"] == tok.decode(copy[: budget - restart] + copy[1 : 1 + restart])
     assert entries[1]["summary"]["accepted_per_trial"] > 0
     assert entries[2]["prompt"] == tok.decode(tok.encode("Once upon a time"))  # openelm generate's default
+    prompts = spec_subjects.task_prompts(tok, tok.vocab_size, budget, lookup["settings"]["seed"])
+    assert [e["prompt"] for e in entries] == [tok.decode(prompts[e["task"]]) for e in entries]
+    fresh, free = prompts["fresh"], prompts["free"]
+    assert sorted(fresh) == sorted(free) and fresh[0] == 1 and fresh != free  # the free passage's tokens, shuffled
 
 
 def test_draft_model_entries(drafted):
@@ -119,6 +123,7 @@ def test_random_token_prompts():
     assert len(prompts["free"]) == len(prompts["copy"]) == 20
     assert prompts["copy"][15:] == prompts["copy"][:5] and min(prompts["free"] + prompts["copy"]) >= 3
     assert prompts["short"] == prompts["free"][:4]
+    assert sorted(prompts["fresh"]) == sorted(prompts["free"]) and prompts["fresh"] != prompts["free"]
     assert spec_subjects.task_prompts(None, 100, 20, seed=3) == prompts  # seeded
 
 
@@ -127,7 +132,7 @@ def test_outputs_json_csv_markdown(lookup, tmp_path):
     assert sorted(p.name for p in written) == ["results.csv", "results.json", "results.md"]  # no chart
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == lookup
     rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
-    assert [r["task"] for r in rows] == ["free", "copy", "short"]
+    assert [r["task"] for r in rows] == ["free", "copy", "short", "fresh"]
     for row, e in zip(rows, lookup["speculation"]):
         assert float(row["speedup_median"]) == pytest.approx(e["summary"]["speedup"]["median"])
         assert float(row["plain_decode_tps_median"]) > 0 and float(row["tokens_per_call"]) >= 1
@@ -136,7 +141,7 @@ def test_outputs_json_csv_markdown(lookup, tmp_path):
     assert "prompt lookup (up to 4 drafted tokens)" in text
     assert "| plain tok/s | speculative tok/s | speed-up | acceptance | tokens/call | identical |" in text
     lines = [line for line in text.splitlines() if line.startswith("| OpenELM-tiny | fp32 (float32) |")]
-    assert len(lines) == 3 and all(line.endswith("| yes |") for line in lines)
+    assert len(lines) == 4 and all(line.endswith("| yes |") for line in lines)
     assert "generation tok/s | TTFT" not in text  # no empty timing table
 
 
@@ -144,7 +149,7 @@ def test_failures_are_recorded_per_entry(tiny_checkpoint, draft_checkpoint):
     r = bench.run_benchmark(
         [str(tiny_checkpoint)], ["fp32"], generation_tokens=250, trials=1, prompt_lookup=2, progress=False
     )
-    assert [e["task"] for e in r["speculation"]] == ["free", "copy", "short"]
+    assert [e["task"] for e in r["speculation"]] == ["free", "copy", "short", "fresh"]
     assert all("-g 250 leaves 6 prompt tokens" in e["error"] for e in r["speculation"])
     r = bench.run_benchmark(["270M"], ["fp32"], trials=1, draft_model=str(draft_checkpoint), progress=False)
     assert all("a released size (random weights) takes a released size" in e["error"] for e in r["speculation"])

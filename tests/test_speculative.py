@@ -18,7 +18,18 @@ from openelm_mlx.benchmarks.synthetic import random_weights, write_checkpoint
 from openelm_mlx.cache import make_cache
 from openelm_mlx.generate import GenerationOptions, GenerationStats, generate_tokens, speculate, stream_generate
 from openelm_mlx.sample import Sampling
-from openelm_mlx.speculative import DraftModel, PromptLookup
+from openelm_mlx.speculative import (
+    ACCEPT_WEIGHT,
+    MAX_RUN,
+    MIN_RUN,
+    OUTLIER,
+    PRIOR_ROW,
+    PROBE_SHARE,
+    TIME_WEIGHT,
+    DraftModel,
+    DraftPolicy,
+    PromptLookup,
+)
 
 PROMPTS = ["Once upon a time", "the sea and the stars and the sea and the", "In the beginning"]
 
@@ -196,3 +207,97 @@ def test_plain_loop_feeds_every_token_but_the_last():
     cache = make_cache(model)
     out = list(generate_tokens(model, PROMPT, cache, 5, Sampling()))
     assert len(out) == 5 and cache[0].offset == len(PROMPT) + 4
+
+
+# --- the draft policy: E(k) / T(k) on synthetic costs and acceptances -----------------------
+
+
+def policy_with(size, plain, rows, acceptance, free=True):
+    """A policy that has timed a plain step (`plain` s) and every k (plain + k * rows s), and has
+    seen each draft position accepted at `acceptance`."""
+    policy = DraftPolicy(size, free)
+    policy.seconds = [plain + k * rows for k in range(size + 1)]
+    policy.acceptance = [acceptance] * size
+    policy.probe = False  # past its first step
+    return policy
+
+
+@pytest.mark.parametrize(
+    "rows, acceptance, k",
+    [
+        (1.0, 0.95, 0),  # every row as dear as a step: even a near-certain draft loses
+        (0.55, 0.3, 0),  # reference BLAS, a text the drafter guesses badly: plain decoding
+        (0.55, 0.5, 0),  # E(1) = 1.5 tokens for 1.55 steps' time: still plain
+        (0.55, 0.6, 1),  # E(1) = 1.6 for 1.55, E(2) = 1.96 for 2.1
+        (0.55, 0.95, 4),  # a loop: longer drafts, until a row's cost outweighs 0.95^k
+        (0.05, 0.6, 4),  # OpenBLAS, rows nearly free: longer drafts at the same acceptance
+        (0.05, 0.95, 8),
+    ],
+)
+def test_policy_drafts_the_k_with_most_tokens_per_second(rows, acceptance, k):
+    policy = policy_with(8, 0.01, 0.01 * rows, acceptance)
+    rates = [policy.expected_tokens(j) / policy.step_seconds(j) for j in range(9)]
+    assert policy.draft_length(room=100) == k == rates.index(max(rates))
+
+
+def test_policy_expected_tokens_and_step_seconds():
+    policy = DraftPolicy(4, free=True)
+    policy.acceptance = [0.8, 0.5, 0.5, 0.5]
+    assert policy.expected_tokens(0) == 1 and policy.expected_tokens(2) == pytest.approx(1 + 0.8 + 0.4)
+    policy.seconds = [1.0, None, 3.0, None, None]
+    assert policy.step_seconds(1) == 2.0  # interpolated between the k measured
+    assert policy.step_seconds(4) == 3.0 + 2 * PRIOR_ROW  # beyond them: PRIOR_ROW of a plain step per row
+
+
+def test_policy_probes_first_then_times_plain_decoding_and_no_first_step_of_a_k():
+    policy = DraftPolicy(4, free=True)
+    assert policy.draft_length(room=100) == 1  # the first step: a probe
+    policy.drafted(1, 9.0)
+    policy.observe([5], [6])  # rejected: the model's token was 6
+    assert policy.draft_length(room=100) == 0  # T(0) unknown: a plain run
+    policy.plain(8, 0.08, chosen=True)
+    assert policy.seconds[0] == pytest.approx(0.01)  # per token
+    policy.drafted(4, 9.0)  # a new shape's first pass: not timed
+    policy.observe([5, 6, 7, 8], [5, 6, 7, 8, 9])  # all kept, and the model's own token
+    assert policy.seconds[1] is None and policy.seconds[4] is None
+    w = ACCEPT_WEIGHT  # position 1: rejected, then accepted; 2-4: accepted
+    assert policy.acceptance == pytest.approx([0.5 * (1 - w) ** 2 + w] + [0.5 * (1 - w) + w] * 3)
+    policy.drafted(4, 0.03)
+    assert policy.seconds[4] == 0.03
+    policy.drafted(4, 1.0)  # a preempted step counts as OUTLIER x the estimate
+    assert policy.seconds[4] == pytest.approx(0.03 + TIME_WEIGHT * (OUTLIER - 1) * 0.03)
+    policy.observe([5, 6, 7, 8], [5, 1])  # position 2 rejected, 3 and 4 not reached
+    assert policy.acceptance[2:] == pytest.approx([0.5 * (1 - w) + w] * 2)
+    assert policy.draft_length(room=2) <= 2  # never past the tokens left
+
+
+def test_policy_probes_a_draft_model_after_plain_runs_as_long_as_the_probe_costs():
+    policy = policy_with(4, 0.01, 0.01, 0.2, free=False)
+    runs = []
+    for probe_seconds in (0.02, 0.5, 0.011):
+        assert policy.draft_length(room=1000) == 0
+        runs.append(policy.run)
+        policy.plain(policy.run, 0.01 * policy.run, chosen=True)
+        assert policy.draft_length(room=1000) == 1  # the probe
+        policy.drafted(1, probe_seconds)
+        policy.observe([5], [6])
+    # its extra time (probe - plain step) a PROBE_SHARE of the next run's: 0.01 s -> 20 steps of 0.01 s
+    assert runs == [MIN_RUN, round(0.01 / (PROBE_SHARE * 0.01)), MAX_RUN] and policy.run == MIN_RUN
+    free = policy_with(4, 0.01, 0.01, 0.2, free=True)
+    free.plain(8, 0.08, chosen=True)
+    assert free.draft_length(room=100) == 0 and free.run == MIN_RUN  # prompt lookup is checked, not probed
+
+
+def test_policy_finds_a_loop_that_starts_after_plain_decoding():
+    """Prompt lookup's drafts over a plain run are checked against the text: no drafting while the
+    text is fresh, the whole draft once it loops."""
+    policy = policy_with(4, 0.01, 0.006, 0.5)
+    fresh = list(range(3, 40))
+    policy.check(PromptLookup(4), fresh, 2)
+    assert policy.acceptance == [0.5] * 4  # nothing matched, nothing proposed
+    seesaw = fresh + [50, 51, 99, 50, 51, 98, 50, 51, 97, 50, 51, 96]  # "50 51" recurs, then something new
+    policy.check(PromptLookup(4), seesaw, len(fresh))
+    assert policy.acceptance[0] < 0.2 and policy.draft_length(room=100) == 0  # drafted, rejected
+    loop = seesaw + [7, 8, 9, 10, 11] * 6
+    policy.check(PromptLookup(4), loop, len(seesaw))
+    assert min(policy.acceptance) > 0.9 and policy.draft_length(room=100) == 4
