@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import mlx.core as mx
 
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.tokenizer import find_tokenizer
 
 from .coreai.bundle import check_static_functions, engine_kind, read_bundle
 from .coreai.runtime import function_names
@@ -74,8 +73,5 @@ def load_package(package, backend: str, tokenizer=None):
         what = "OUT (an exported bundle folder)" if backend == "coreai" else f"OUT{BACKENDS.get(backend, ('',))[0]}"
         raise OpenELMError(f"--backend {backend} needs --model {what}")
     runner = open_runner(package, backend)
-    if backend == "coreai":
-        return PackageModel(runner), find_tokenizer(
-            None, tokenizer or runner.bundle.tokenizer_folder / "tokenizer.model"
-        )
-    return PackageModel(runner), package_tokenizer(package, tokenizer)
+    beside = runner.bundle.tokenizer_folder / "tokenizer.model" if backend == "coreai" else None
+    return PackageModel(runner), package_tokenizer(package, runner.info, tokenizer, beside)
