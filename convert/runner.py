@@ -10,7 +10,7 @@ import mlx.core as mx
 from openelm_mlx.errors import OpenELMError
 
 from .coreai.bundle import check_static_functions, engine_kind, read_bundle
-from .coreai.runtime import function_names
+from .coreai.runtime import function_names, package_info
 from .coreai.sequential_engine import SequentialEngine
 from .coreai.static_engine import StaticShapeEngine
 from .coreml.swift_transformers import CoreMLRunner
@@ -42,6 +42,7 @@ def open_runner(package, backend: str) -> PackageRunner:
 def open_bundle(bundle, chunk_threshold=None) -> PackageRunner:
     """A Core AI bundle behind the engine twin that the stock runner would pick (bundle.engine_kind)."""
     bundle = read_bundle(bundle)
+    package_info(bundle)  # every field against the program, before the engine sizes anything by them
     names = function_names(bundle)
     if engine_kind(names) == "static":
         check_static_functions(bundle, names)

@@ -8,6 +8,7 @@ the parent (runtime.read_graph), never a dead command."""
 
 import asyncio
 import json
+import os
 import sys
 
 
@@ -15,7 +16,6 @@ def describe(asset: str) -> dict:
     from coreai.authoring import AIModelAsset
 
     summary = AIModelAsset.load(asset).summary(include_statistics=False)
-    asyncio.run(load(AIModelAsset.load(asset), list(summary.function_names)))
     return {
         name: {
             "inputs": dict(summary.function_inputs(name)),
@@ -26,15 +26,21 @@ def describe(asset: str) -> dict:
     }
 
 
-async def load(model, names):
-    """What the engines do at load (runtime.CoreAIEngine): where a damaged program aborts."""
-    async with model.executable() as executable:
-        for name in names:
-            executable.load_function(name)
+async def load(asset: str, report: dict):
+    """What the engines do at load (runtime.CoreAIEngine), where a damaged program aborts; the
+    report is printed with every function loaded, and the process ends there: closing the model
+    can abort at exit (runtime._close), which must not read as a broken bundle."""
+    from coreai.authoring import AIModelAsset
+
+    executable = await AIModelAsset.load(asset).executable().__aenter__()
+    for name in report["functions"]:
+        executable.load_function(name)
+    print(json.dumps(report), flush=True)
+    os._exit(0)
 
 
 if __name__ == "__main__":
     try:
-        print(json.dumps({"functions": describe(sys.argv[1])}))
+        asyncio.run(load(sys.argv[1], {"functions": describe(sys.argv[1])}))
     except Exception as e:  # the runtime's own errors: reported, the parent words the line
         print(json.dumps({"error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}))

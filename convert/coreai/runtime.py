@@ -156,8 +156,14 @@ class CoreAIEngine(PackageRunner):
         """One call: numpy inputs, NDArray states (updated in place); numpy outputs by name."""
         from coreai.runtime import NDArray
 
-        call = self.functions[function]({k: NDArray(v) for k, v in inputs.items()}, state=states)
-        return {name: value.numpy() for name, value in self._loop.run_until_complete(call).items()}
+        try:
+            call = self.functions[function]({k: NDArray(v) for k, v in inputs.items()}, state=states)
+            outputs = self._loop.run_until_complete(call)
+        except (RuntimeError, ValueError, KeyError) as e:  # the runtime's raw error, with the bundle it is about
+            raise OpenELMError(
+                f"{self.bundle.path}: Core AI failed running function {function} ({_first_line(e)}): re-export it"
+            ) from None
+        return {name: value.numpy() for name, value in outputs.items()}
 
 
 def _first_line(e: Exception) -> str:

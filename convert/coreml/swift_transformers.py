@@ -22,13 +22,13 @@ def package_info(package) -> PackageInfo:
     """The openelm.* metadata of a .mlpackage, every file of it a regular one (check_files) and
     Manifest.json strict JSON before coremltools reads anything, held to the KV-cache states of
     the spec (keyCache: [layers, 1, kv heads, context, head dim])."""
-    ct = require("coremltools", "coreml")
     package = Path(package)
     if not os.path.lexists(package / "Manifest.json"):
         raise OpenELMError(f"{package} is not a Core ML package (no Manifest.json): pass the .mlpackage folder")
     check_files(package)
     if not isinstance(read_json(package / "Manifest.json", fix="re-export it"), dict):
         raise OpenELMError(f"{package}/Manifest.json is not a JSON object: re-export it")
+    ct = require("coremltools", "coreml")
     try:
         spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
     except Exception as e:  # a spec that protobuf cannot parse
