@@ -151,7 +151,7 @@ COREAI_ONLY = [  # Core AI's metadata.json holds strings only; Core ML's protobu
 PACKAGE_ROWS = category(
     "package",
     *[Row(f"coreai-meta.{name}", GEN_AI, ai_meta(**change), msg) for name, change, msg in METADATA + COREAI_ONLY],
-    *[Row(f"coreml-meta.{name}", GEN_ML, ml_meta(**change), msg) for name, change, msg in METADATA[:4]],
+    *[Row(f"coreml-meta.{name}", GEN_ML, ml_meta(**change), msg) for name, change, msg in METADATA[:1]],
     Row("coreml-meta.context-smaller", GEN_ML, ml_meta(**SMALLER), GRAPH_CONTEXT),
     Row(
         "coreai-meta.context-smaller",
@@ -181,7 +181,6 @@ PACKAGE_ROWS = category(
     Row(
         "verify-coreml.config-list", VERIFY_ML, ml_meta(config=CONFIG_LIST), "field 'openelm.config' must be an object"
     ),
-    Row("verify-coreml.config-not-json", VERIFY_ML, ml_meta(config="[[["), "is not valid JSON"),
     Row("verify-coreml.context-missing", VERIFY_ML, ml_meta(context_length=DELETE), "is missing"),
     Row("coreai-model-metadata.nested", GEN_AI, ai_meta_text(NESTED), "nests JSON too deeply"),
     Row("coreai-model-metadata.nan", GEN_AI, ai_meta_text('{"creatorDefinedMetadata": NaN}'), "is not valid JSON"),
@@ -196,7 +195,6 @@ PACKAGE_ROWS = category(
     Row("bundle.function-map-text", GEN_AI, bundle_language(function_map={"main": "main"}), "function_map must map"),
     Row("tokenizer.coreai-320", GEN_AI, tokenizer_of("320", "b/tokenizer"), "has 320 pieces"),
     Row("tokenizer.coreai-512", GEN_AI, tokenizer_of("512", "b/tokenizer"), "has 512 pieces"),
-    Row("tokenizer.coreml-320", GEN_ML, tokenizer_of("320", "p.tokenizer"), "has 320 pieces"),
     Row("tokenizer.verify-coreai-512", VERIFY_AI, tokenizer_of("512", "b/tokenizer"), "has 512 pieces"),
     Row("tokenizer.verify-coreml-320", VERIFY_ML, tokenizer_of("320", "p.tokenizer"), "has 320 pieces"),
     Row("tokenizer.json-short", GEN_AI, tokenizer_json(drop_vocab_piece), "tokenizer.json has 383 pieces"),

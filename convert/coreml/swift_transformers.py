@@ -13,7 +13,7 @@ import numpy as np
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.files import read_json
 
-from ..package import PackageInfo, check_files, check_graph, require
+from ..package import PackageInfo, check_files, check_graph, require, tokenizer_folder
 from ..package_runner import PackageRunner
 from .executor import MILExecutor
 
@@ -25,7 +25,8 @@ def package_info(package) -> PackageInfo:
     package = Path(package)
     if not os.path.lexists(package / "Manifest.json"):
         raise OpenELMError(f"{package} is not a Core ML package (no Manifest.json): pass the .mlpackage folder")
-    check_files(package)
+    for folder in (package, tokenizer_folder(package)):  # the tokenizer beside it too: before any slow import
+        check_files(folder)
     if not isinstance(read_json(package / "Manifest.json", fix="re-export it"), dict):
         raise OpenELMError(f"{package}/Manifest.json is not a JSON object: re-export it")
     ct = require("coremltools", "coreml")
