@@ -349,16 +349,17 @@ class PackageInfo:
 def check_graph(info: PackageInfo, package, command: str, contexts, vocab_sizes):
     """The metadata against the program, as each package reader finds it: `contexts`, the KV
     caches' lengths (the largest must be the context every runner sizes its checks by), and
-    `vocab_sizes`, the logits' last dimensions (each must be the vocabulary a runner indexes)."""
+    `vocab_sizes`, the logits' last dimensions (each must be the vocabulary a runner indexes).
+    None found: a program without that contract, which the runner's own checks refuse by name."""
     contexts, vocab_sizes = [c for c in contexts if c], [v for v in vocab_sizes if v]
     for what, found, claimed in (
         ("KV-cache length", contexts, info.context),
         ("logits size", vocab_sizes, info.vocab_size),
     ):
-        if not found or max(found) != claimed or (what == "logits size" and min(found) != claimed):
+        if found and (max(found) != claimed or (what == "logits size" and min(found) != claimed)):
             raise OpenELMError(
                 f"{package}: its metadata says {claimed} ({'context' if 'KV' in what else 'vocab_size'}) but the "
-                f"program's {what} is {max(found) if found else 'missing'}: re-export it with `openelm {command}`"
+                f"program's {what} is {max(found)}: re-export it with `openelm {command}`"
             )
 
 

@@ -58,7 +58,8 @@ def package_info(bundle: Bundle) -> PackageInfo:
     if engine_kind(names) == "static":  # extend_<context>_<q>: the context in the name
         contexts = [int(n.split("_")[1]) for n in names if re.fullmatch(r"extend_\d+_\d+", n)]
     else:  # the dynamic engine's states: [layers, 1, kv heads, context, head dim]
-        contexts = [shape[-2] for shape in _shapes(graph, bundle.main_functions[0], "states").values()]
+        states = _shapes(graph, bundle.main_functions[0], "states").values()
+        contexts = [shape[-2] for shape in states if len(shape) == 5]
     vocab = [shape[-1] for f in graph for name, shape in _shapes(graph, f, "outputs").items() if "logits" in name]
     check_graph(info, bundle.path, "export-coreai", contexts, vocab)
     return info
