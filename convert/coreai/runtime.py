@@ -55,12 +55,12 @@ def package_info(bundle: Bundle) -> PackageInfo:
             )
     graph = read_graph(bundle)
     names = list(graph)
-    if engine_kind(names) == "static":  # extend_<context>_<q>: the context in the name
-        contexts = [int(n.split("_")[1]) for n in names if re.fullmatch(r"extend_\d+_\d+", n)]
-    else:  # the dynamic engine's states: [layers, 1, kv heads, context, head dim]
+    contexts, vocab = [], []  # the static engine's own checks hold its functions to the context
+    if engine_kind(names) == "sequential":  # (check_static_functions, StaticShapeEngine, Swift:94-108)
+        # the dynamic engine's states: [layers, 1, kv heads, context, head dim]; logits [1, q, vocab]
         states = _shapes(graph, bundle.main_functions[0], "states").values()
         contexts = [shape[-2] for shape in states if len(shape) == 5]
-    vocab = [shape[-1] for f in graph for name, shape in _shapes(graph, f, "outputs").items() if "logits" in name]
+        vocab = [shape[-1] for shape in _shapes(graph, bundle.main_functions[0], "outputs").values()][:1]
     check_graph(info, bundle.path, "export-coreai", contexts, vocab)
     return info
 
