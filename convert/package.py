@@ -9,6 +9,8 @@ ios_graph.py for iOS, bundle.py), the Core ML package swift-transformers' `input
 
 import importlib
 import json
+import os
+import re
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,14 +24,25 @@ from mlx.utils import tree_flatten
 from openelm_mlx import __version__, outputs
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.files import optional
+from openelm_mlx.files import (
+    each,
+    field_problem,
+    integer,
+    obj,
+    one_of,
+    optional,
+    parse_json,
+    read_json,
+    regular_file,
+    text,
+)
 from openelm_mlx.hf_tokenizer import hf_tokenizer_files
 from openelm_mlx.loader import load_model
 from openelm_mlx.model_folder import source_name
 from openelm_mlx.options import check_options, count
-from openelm_mlx.tokenizer import CHAT_TEMPLATE, Tokenizer, find_tokenizer
+from openelm_mlx.tokenizer import CHAT_TEMPLATE, MAX_TOKENIZER_BYTES, Tokenizer, find_tokenizer
 
-from .compression import BLOCKWISE, Palettized, Quantized, check_stored, compress, quantize_per_tensor
+from .compression import BLOCKWISE, IOS_PRESET, Palettized, Quantized, check_stored, compress, quantize_per_tensor
 from .numerics import ffn_scale_exponents, fold_ffn_scales
 
 FUNCTIONS = ("prefill", "decode")
@@ -242,6 +255,29 @@ def rope_tables(config: OpenELMConfig, context: int):
     return (np.concatenate([cos, cos], 1).astype(np.float32), np.concatenate([-sin, sin], 1).astype(np.float32))
 
 
+# What each openelm.* key may hold (all are strings in the package; numbers and lists are decoded
+# first): a package is input, and a field that would size a buffer or index the vocabulary is
+# checked before anything uses it. Exponents: FFN scales 2**-k, 0 for most models, under 20 measured.
+PACKAGE_FIELDS = {
+    "openelm.context_length": integer(1, 1 << 31),
+    "openelm.prefill_length": integer(1, 1 << 31),
+    "openelm.vocab_size": integer(1, 1 << 20),  # config.json's vocab_size range
+    "openelm.bos_token_id": integer(0, 1 << 20),
+    "openelm.eos_token_id": integer(0, 1 << 20),
+    "openelm.compression": one_of("none", "int8", "int4", "palettize4", "palettize6", IOS_PRESET),
+    "openelm.block_size": integer(0, 1 << 16),
+    "openelm.compute_precision": one_of(*COMPUTE_DTYPES),
+    "openelm.ffn_scale_exponents": each(integer(0, 64)),
+    "openelm.source_model": text,
+    "openelm.chat_template": text,
+    "openelm.config": obj,
+    "openelm.target": one_of("macos", "ios"),
+}
+NUMERIC = {"openelm.context_length", "openelm.prefill_length", "openelm.vocab_size", "openelm.bos_token_id"}
+NUMERIC |= {"openelm.eos_token_id", "openelm.block_size"}
+DECODED = {"openelm.ffn_scale_exponents", "openelm.config"}  # JSON inside the string
+
+
 @dataclass
 class PackageInfo:
     """The openelm.* metadata of an exported package, read back (PackageDescription.metadata)."""
@@ -261,25 +297,107 @@ class PackageInfo:
     target: str = "macos"  # absent before iOS bundles existed, and in Core ML packages
 
     @classmethod
-    def from_metadata(cls, meta: Dict[str, str], package, command: str) -> "PackageInfo":
+    def from_metadata(cls, meta, package, command: str) -> "PackageInfo":
+        """Each field decoded and held to PACKAGE_FIELDS, then to the others (prefill within the
+        context, special ids within the vocabulary, the config's own sizes): one line naming the
+        field, else a PackageInfo every runner can trust."""
+
+        def fail(why):
+            raise OpenELMError(f"{package}: {why}: re-export it with `openelm {command}`") from None
+
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            fail("its metadata is not a map of strings")
+        values = {"openelm.target": "macos", "openelm.block_size": "0"}
+        for key in PACKAGE_FIELDS:
+            if key not in meta and key not in values:
+                fail(f"metadata key '{key}' is missing (not an openelm package?)")
+            raw = meta.get(key, values.get(key))
+            if key in NUMERIC:
+                raw = raw or ("0" if key == "openelm.block_size" else "")  # "" when not int4
+                raw = int(raw) if re.fullmatch(r"-?\d{1,20}", raw) else raw
+            elif key in DECODED:
+                raw = parse_json(
+                    raw.encode(), f"{package}: metadata key '{key}'", f"re-export it with `openelm {command}`"
+                )
+            values[key] = raw
+        problem = field_problem(values, PACKAGE_FIELDS)
+        if problem:
+            fail(f"metadata {problem}")
+        info = cls(*(values[key] for key in PACKAGE_FIELDS))
         try:
-            return cls(
-                context=int(meta["openelm.context_length"]),
-                prefill_length=int(meta["openelm.prefill_length"]),
-                vocab_size=int(meta["openelm.vocab_size"]),
-                bos_token_id=int(meta["openelm.bos_token_id"]),
-                eos_token_id=int(meta["openelm.eos_token_id"]),
-                compression=meta["openelm.compression"],
-                block_size=int(meta["openelm.block_size"] or 0),
-                compute_precision=meta["openelm.compute_precision"],
-                ffn_scale_exponents=[int(k) for k in json.loads(meta["openelm.ffn_scale_exponents"])],
-                source_model=meta["openelm.source_model"],
-                chat_template=meta["openelm.chat_template"],
-                config=json.loads(meta["openelm.config"]),
-                target=meta.get("openelm.target", "macos"),
+            config = OpenELMConfig.from_dict(info.config, "metadata key 'openelm.config'")
+        except OpenELMError as e:
+            fail(str(e))
+        for bad, why in (
+            (info.prefill_length > info.context, f"prefill_length {info.prefill_length} exceeds the context"),
+            (max(info.bos_token_id, info.eos_token_id) >= info.vocab_size, "a special token id is past the vocabulary"),
+            (config.vocab_size != info.vocab_size, f"the config's vocab_size is {config.vocab_size}"),
+            (
+                info.context > config.max_context_length,
+                f"the config's max_context_length is {config.max_context_length}",
+            ),
+            (
+                len(info.ffn_scale_exponents) != config.num_transformer_layers,
+                f"{len(info.ffn_scale_exponents)} FFN scale exponents for {config.num_transformer_layers} layers",
+            ),
+        ):
+            if bad:
+                fail(
+                    f"its metadata disagrees with itself ({why}; context {info.context}, vocab_size {info.vocab_size})"
+                )
+        return info
+
+
+def check_graph(info: PackageInfo, package, command: str, contexts, vocab_sizes):
+    """The metadata against the program, as each package reader finds it: `contexts`, the KV
+    caches' lengths (the largest must be the context every runner sizes its checks by), and
+    `vocab_sizes`, the logits' last dimensions (each must be the vocabulary a runner indexes).
+    None found: a program without that contract, which the runner's own checks refuse by name."""
+    contexts, vocab_sizes = [c for c in contexts if c], [v for v in vocab_sizes if v]
+    for what, found, claimed in (
+        ("KV-cache length", contexts, info.context),
+        ("logits size", vocab_sizes, info.vocab_size),
+    ):
+        if found and (max(found) != claimed or (what == "logits size" and min(found) != claimed)):
+            raise OpenELMError(
+                f"{package}: its metadata says {claimed} ({'context' if 'KV' in what else 'vocab_size'}) but the "
+                f"program's {what} is {max(found)}: re-export it with `openelm {command}`"
             )
-        except (KeyError, ValueError, TypeError) as e:
-            raise OpenELMError(f"{package} has no openelm metadata ({e}): export it with `openelm {command}`") from None
+
+
+def check_files(folder: Path):
+    """Every entry of a package folder a folder or a regular file (links followed): a FIFO would
+    hang a reader, a device never ends; refused by stat, nothing opened."""
+    for parent, folders, files in os.walk(folder):
+        for name in files + [f for f in folders if os.path.islink(os.path.join(parent, f))]:
+            regular_file(Path(parent) / name)
+
+
+def check_tokenizer(tokenizer: Tokenizer, info: PackageInfo, package):
+    """The tokenizer a package is run with must have the package's vocabulary: a larger one feeds
+    ids past the embedding, a smaller one cannot decode what the package samples."""
+    if tokenizer.vocab_size != info.vocab_size:
+        raise OpenELMError(
+            f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but {package} has a vocabulary of "
+            f"{info.vocab_size}: re-export the package, or pass its tokenizer with --tokenizer"
+        )
+
+
+def check_tokenizer_folder(folder: Path, info: PackageInfo, package):
+    """The Hugging Face files the Swift runners read from a package's tokenizer folder: strict
+    JSON objects, tokenizer.json's vocabulary the package's size."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = folder / name
+        if not os.path.lexists(path):
+            continue
+        data = read_json(path, MAX_TOKENIZER_BYTES, "re-export the package")
+        vocab = data.get("model", {}).get("vocab") if name == "tokenizer.json" and isinstance(data, dict) else None
+        if not isinstance(data, dict) or (name == "tokenizer.json" and not isinstance(vocab, (dict, list))):
+            raise OpenELMError(f"{path} is not a Hugging Face tokenizer file: re-export the package")
+        if vocab is not None and len(vocab) != info.vocab_size:
+            raise OpenELMError(
+                f"{path} has {len(vocab)} pieces but {package} has a vocabulary of {info.vocab_size}: re-export the package"
+            )
 
 
 def tokenizer_folder(package) -> Path:
@@ -298,10 +416,16 @@ def tokenizer_path(package) -> Path:
     return package.with_name(package.stem + ".tokenizer.model")
 
 
-def package_tokenizer(package, tokenizer=None) -> Tokenizer:
-    """The tokenizer written beside the package by the exporter, or `tokenizer`."""
-    beside = tokenizer_path(package)
-    return find_tokenizer(None, tokenizer or (beside if beside.is_file() else None))
+def package_tokenizer(package, info: PackageInfo, tokenizer=None, beside: Optional[Path] = None) -> Tokenizer:
+    """The tokenizer a package runs with: `tokenizer` (--tokenizer), else the one the exporter
+    wrote (`beside`, default tokenizer_path(package)) with the folder it is in, each checked
+    against the package's vocabulary."""
+    beside = Path(beside or tokenizer_path(package))
+    if tokenizer is None and beside.parent.name.endswith("tokenizer"):
+        check_tokenizer_folder(beside.parent, info, package)
+    found = find_tokenizer(None, tokenizer or (beside if os.path.lexists(beside) else None))
+    check_tokenizer(found, info, package)
+    return found
 
 
 def check_output(output, suffix: str, force: bool) -> Path:

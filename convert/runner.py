@@ -8,10 +8,9 @@ from types import SimpleNamespace
 import mlx.core as mx
 
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.tokenizer import find_tokenizer
 
 from .coreai.bundle import check_static_functions, engine_kind, read_bundle
-from .coreai.runtime import function_names
+from .coreai.runtime import function_names, package_info
 from .coreai.sequential_engine import SequentialEngine
 from .coreai.static_engine import StaticShapeEngine
 from .coreml.swift_transformers import CoreMLRunner
@@ -43,6 +42,7 @@ def open_runner(package, backend: str) -> PackageRunner:
 def open_bundle(bundle, chunk_threshold=None) -> PackageRunner:
     """A Core AI bundle behind the engine twin that the stock runner would pick (bundle.engine_kind)."""
     bundle = read_bundle(bundle)
+    package_info(bundle)  # every field against the program, before the engine sizes anything by them
     names = function_names(bundle)
     if engine_kind(names) == "static":
         check_static_functions(bundle, names)
@@ -74,8 +74,5 @@ def load_package(package, backend: str, tokenizer=None):
         what = "OUT (an exported bundle folder)" if backend == "coreai" else f"OUT{BACKENDS.get(backend, ('',))[0]}"
         raise OpenELMError(f"--backend {backend} needs --model {what}")
     runner = open_runner(package, backend)
-    if backend == "coreai":
-        return PackageModel(runner), find_tokenizer(
-            None, tokenizer or runner.bundle.tokenizer_folder / "tokenizer.model"
-        )
-    return PackageModel(runner), package_tokenizer(package, tokenizer)
+    beside = runner.bundle.tokenizer_folder / "tokenizer.model" if backend == "coreai" else None
+    return PackageModel(runner), package_tokenizer(package, runner.info, tokenizer, beside)

@@ -8,6 +8,7 @@ written to disk:
 3. greedy tokens: the package's argmax must equal MLX's, except at near-ties that the logits
    tolerance explains."""
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -24,7 +25,15 @@ from openelm_mlx.tokenizer import find_tokenizer
 
 from .compression import BITS, IOS_PRESET
 from .numerics import fold_ffn_scales
-from .package import EMBEDDING, PackageInfo, is_norm, model_weights, tokenizer_path
+from .package import (
+    EMBEDDING,
+    PackageInfo,
+    check_tokenizer,
+    is_norm,
+    model_weights,
+    package_tokenizer,
+    tokenizer_path,
+)
 
 DEFAULT_PROMPT = "Once upon a time there was a little model that wanted to write stories about the sea and the stars."
 # Logits tolerance, relative to the largest |logit| (at least 1.0), per compute precision.
@@ -206,8 +215,12 @@ def verify_package(
     stored = package_weights(list(expected))
     problems, worst = check_weights(stored, expected, info)
 
-    beside = beside or tokenizer_path(package)
-    tok = find_tokenizer(folder, tokenizer or (beside if beside.is_file() else None))  # else the model's
+    beside = Path(beside or tokenizer_path(package))
+    if tokenizer or os.path.lexists(beside):
+        tok = package_tokenizer(package, info, tokenizer, beside)
+    else:  # an export that has lost its tokenizer: the model's, if it fits
+        tok = find_tokenizer(folder)
+        check_tokenizer(tok, info, package)
     tokens, steps = prompt_tokens(tok, prompt, info.context, steps)
     reports = []
     if not problems:

@@ -20,6 +20,7 @@ from bad_input_checkpoints import CHECKPOINT_ROWS
 from bad_input_eval_tasks import EVAL_TASK_ROWS
 from bad_input_generation import GENERATION
 from bad_input_options import OPTION_ROWS
+from bad_input_packages import PACKAGE_ROWS
 from bad_input_training import TINY_RUN, TRAINING_ROWS
 from conftest import assert_clean_error, run_cli, tiny_config
 
@@ -45,13 +46,15 @@ OPTIONS = category(
     ),
 )
 
-ROWS = CHECKPOINT_ROWS + OPTIONS + OPTION_ROWS + GENERATION + TRAINING_ROWS + EVAL_TASK_ROWS
+ROWS = CHECKPOINT_ROWS + OPTIONS + OPTION_ROWS + GENERATION + TRAINING_ROWS + EVAL_TASK_ROWS + PACKAGE_ROWS
 
 # --- the runner -----------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def bases(tmp_path_factory, tiny_checkpoint, tokenizer_file, massive_activation_checkpoint) -> Dict[str, Path]:
+def bases(
+    tmp_path_factory, tiny_checkpoint, tokenizer_file, massive_activation_checkpoint, exported
+) -> Dict[str, Path]:
     """The fixture checkpoints rows start from, and the files setups may copy."""
     from openelm_mlx.convert.hf_to_mlx import convert
 
@@ -68,9 +71,21 @@ def bases(tmp_path_factory, tiny_checkpoint, tokenizer_file, massive_activation_
         "q4": q4,
         "massive": massive_activation_checkpoint,
         "run": run,
+        "packages": packages(root / "packages", tiny_checkpoint, exported),
         "tokenizer-512": train_tokenizer(root / "t512", vocab_size=512),
         "tokenizer-320": train_tokenizer(root / "t320", vocab_size=320),
     }
+
+
+def packages(folder: Path, checkpoint: Path, exported) -> Path:
+    """ckpt/ (the tiny checkpoint), b/ (a float32 Core AI bundle of it), p.mlpackage and its
+    p.tokenizer/: the session's exports, copied for the package rows to damage."""
+    shutil.copytree(checkpoint, folder / "ckpt")
+    shutil.copytree(exported("coreai", checkpoint, precision="float32")["output"], folder / "b")
+    coreml = exported("coreml", checkpoint)
+    shutil.copytree(coreml["output"], folder / "p.mlpackage")
+    shutil.copytree(coreml["tokenizer"], folder / "p.tokenizer")
+    return folder
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda row: row.id)

@@ -249,7 +249,7 @@ METADATA_EDITS = [
     (lambda m: m["language"].update(vocab_size="384"), "language.vocab_size must be int"),
     (lambda m: m["language"].pop("max_context_length"), "language.max_context_length is missing"),
     (lambda m: m["language"].update(function_map={"main": "main"}), "function_map must map roles to lists"),
-    (lambda m: m["language"].update(vocab_size=383), "vocab_size 383 is not the logits' last dimension 384"),
+    (lambda m: m["language"].update(vocab_size=383), "language.vocab_size 383 is not the model's 384"),
 ]
 
 

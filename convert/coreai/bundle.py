@@ -10,12 +10,15 @@ Layout and keys: Apple's `export/bundle.py:21-74` (writer), `Bundle/ModelBundle.
 `Bundle/LanguageBundle.swift:35-54`, `Bundle/LanguageConfig.swift:60-69` (reader)."""
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.files import read_json
+
+from ..package import check_files
 
 METADATA_VERSION = "0.2"  # ModelBundle.swift:178-181 refuses anything else (absent = "0.1")
 LANGUAGE_KINDS = ("llm", "vlm")  # LanguageBundle.swift:36-38
@@ -82,10 +85,11 @@ def read_bundle(path) -> Bundle:
         raise OpenELMError(
             f"{path} is the model inside a bundle: give the bundle folder that holds it and metadata.json"
         )
-    if not (path / "metadata.json").is_file():
+    if not os.path.lexists(path / "metadata.json"):  # anything else there: read_json names it
         raise OpenELMError(
             f"{path} is not a Core AI bundle (no metadata.json): export one with `openelm export-coreai`"
         )
+    check_files(path)  # a FIFO or a device anywhere in the bundle: refused before anything reads
     meta = read_json(path / "metadata.json")
     try:
         return _parse(path, meta)

@@ -4,58 +4,115 @@ behind the shared PackageRunner), the integrity check and the openelm.* metadata
 
 import asyncio
 import hashlib
-import json
 import os
+import re
+import signal
+import subprocess
 import sys
 import threading
 import weakref
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.files import open_regular, parse_json, read_bytes, read_json
 
-from ..package import PackageInfo, require
+from ..package import PackageInfo, check_files, check_graph, require
 from ..package_runner import PackageRunner
-from .bundle import Bundle
+from .bundle import Bundle, engine_kind
+
+# The model's own metadata.json: a few kilobytes (the chat template is the largest field).
+MAX_METADATA_BYTES = 1 << 20
+SHAPE = re.compile(r"NDArray \((\w+), ([^)]*)\)")  # the runtime's "NDArray (Float16, 1 × ? × 384)"
 
 
 def check_integrity(package: Path):
     """main.mlirb against the SHA-256 that save_asset wrote to main.hash. Core AI's bytecode reader
     aborts the whole process on some corruptions (a C++ terminate, nothing to catch), so a changed
-    or damaged file is refused here, before anything parses it."""
-    try:
-        expected = (package / "main.hash").read_bytes()
-        actual = hashlib.sha256((package / "main.mlirb").read_bytes()).digest()
-    except OSError as e:
-        raise OpenELMError(f"{package} is not a complete Core AI model ({e.strerror}: {e.filename})") from None
-    if actual != expected:
+    or damaged file is refused here, before anything parses it (and read_graph isolates the rest)."""
+    check_files(package)
+    expected = read_bytes(package / "main.hash", 64)
+    digest = hashlib.sha256()
+    with open_regular(package / "main.mlirb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    if digest.digest() != expected:
         raise OpenELMError(f"{package}/main.mlirb does not match its main.hash (corrupted or edited): re-export it")
 
 
 def package_info(bundle: Bundle) -> PackageInfo:
-    """The openelm.* metadata in the bundle's model (its own metadata.json, readable without
-    coreai-core), once main.mlirb has passed check_integrity."""
+    """The openelm.* metadata in the bundle's model (its own metadata.json), held to the bundle's
+    metadata.json and to the program's functions and states as the runtime reads them."""
+    meta = read_json(bundle.asset / "metadata.json", MAX_METADATA_BYTES, "re-export the bundle")
+    meta = meta.get("creatorDefinedMetadata") if isinstance(meta, dict) else None
+    info = PackageInfo.from_metadata(meta, bundle.asset, "export-coreai")
+    for key, value in (("max_context_length", info.context), ("vocab_size", info.vocab_size)):
+        if getattr(bundle, key) != value:
+            raise OpenELMError(
+                f"{bundle.path}/metadata.json: language.{key} {getattr(bundle, key)} is not the model's {value}: "
+                "re-export the bundle"
+            )
+    graph = read_graph(bundle)
+    names = list(graph)
+    contexts, vocab = [], []  # the static engine's own checks hold its functions to the context
+    if engine_kind(names) == "sequential":  # (check_static_functions, StaticShapeEngine, Swift:94-108)
+        # the dynamic engine's states: [layers, 1, kv heads, context, head dim]; logits [1, q, vocab]
+        states = _shapes(graph, bundle.main_functions[0], "states").values()
+        contexts = [shape[-2] for shape in states if len(shape) == 5]
+        vocab = [shape[-1] for shape in _shapes(graph, bundle.main_functions[0], "outputs").values()][:1]
+    check_graph(info, bundle.path, "export-coreai", contexts, vocab)
+    return info
+
+
+def _shapes(graph: dict, function: str, kind: str) -> Dict[str, list]:
+    """{name: shape (None for a dynamic dimension)} of a function's inputs, outputs or states."""
+    if function not in graph:
+        raise OpenELMError(f"the model has no function '{function}' (it has {', '.join(graph)}): re-export the bundle")
+    shapes = {}
+    for name, kind_text in graph[function][kind].items():
+        match = SHAPE.fullmatch(str(kind_text))
+        dims = match.group(2).split(" × ") if match else []
+        shapes[name] = [int(d) if d.isdigit() else None for d in dims] or [None]
+    return shapes
+
+
+_GRAPHS: Dict[tuple, dict] = {}  # read_graph's answers in this process, by the program's path and hash
+
+
+def read_graph(bundle: Bundle) -> dict:
+    """The model's functions {name: {"inputs"|"outputs"|"states": {name: type}}}, read and loaded
+    by Apple's runtime in a child process (probe.py: a damaged program aborts that process, not
+    this one; about 0.9 s, measured on the tiny test bundles, mostly importing coreai), once per
+    program per process."""
     check_integrity(bundle.asset)
-    try:
-        meta = json.loads((bundle.asset / "metadata.json").read_text())["creatorDefinedMetadata"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise OpenELMError(
-            f"{bundle.asset} is not a Core AI model with openelm metadata ({type(e).__name__}: {e})"
-        ) from None
-    return PackageInfo.from_metadata(meta, bundle.path, "export-coreai")
+    key = (str(bundle.asset.resolve()), (bundle.asset / "main.hash").read_bytes())
+    if key not in _GRAPHS:
+        require("coreai.runtime", "coreai")
+        child = subprocess.run(
+            [sys.executable, "-m", "openelm_mlx.convert.coreai.probe", str(bundle.asset)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+        )
+        fail = f"{bundle.path} cannot be loaded by Core AI: {{}}; re-export it"
+        if child.returncode < 0:
+            why = (
+                f"the runtime aborted reading {bundle.asset.name}/main.mlirb ({signal.Signals(-child.returncode).name})"
+            )
+            raise OpenELMError(fail.format(why))
+        try:
+            report = parse_json(child.stdout, "the runtime's report")
+        except OpenELMError:
+            report = {"error": f"the runtime ended with status {child.returncode}"}
+        if not isinstance(report, dict) or "error" in report or not report.get("functions"):
+            raise OpenELMError(fail.format(report.get("error", "the model holds no function")))
+        _GRAPHS[key] = report["functions"]
+    return _GRAPHS[key]
 
 
 def function_names(bundle: Bundle) -> List[str]:
-    """The model's functions, read from main.mlirb after check_integrity (the engine choice needs them)."""
-    from coreai.authoring import AIModelAsset
-
-    check_integrity(bundle.asset)
-    try:
-        with native_stderr_silenced():
-            return list(AIModelAsset.load(bundle.asset).summary(include_statistics=False).function_names)
-    except (RuntimeError, ValueError) as e:
-        raise OpenELMError(f"{bundle.asset} cannot be read by Core AI ({_first_line(e)}): re-export it") from None
+    """The model's functions (the engine choice needs them), from read_graph."""
+    return list(read_graph(bundle))
 
 
 class CoreAIEngine(PackageRunner):
@@ -100,8 +157,14 @@ class CoreAIEngine(PackageRunner):
         """One call: numpy inputs, NDArray states (updated in place); numpy outputs by name."""
         from coreai.runtime import NDArray
 
-        call = self.functions[function]({k: NDArray(v) for k, v in inputs.items()}, state=states)
-        return {name: value.numpy() for name, value in self._loop.run_until_complete(call).items()}
+        try:
+            call = self.functions[function]({k: NDArray(v) for k, v in inputs.items()}, state=states)
+            outputs = self._loop.run_until_complete(call)
+        except (RuntimeError, ValueError, KeyError) as e:  # the runtime's raw error, with the bundle it is about
+            raise OpenELMError(
+                f"{self.bundle.path}: Core AI failed running function {function} ({_first_line(e)}): re-export it"
+            ) from None
+        return {name: value.numpy() for name, value in outputs.items()}
 
 
 def _first_line(e: Exception) -> str:

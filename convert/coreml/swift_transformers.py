@@ -3,6 +3,7 @@
 does with an exported package is run and checked here: by Core ML itself (macOS 15+) or by the
 numpy MIL executor (anywhere, slow), behind the shared PackageRunner."""
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Sequence
@@ -10,22 +11,33 @@ from typing import Callable, List, Sequence
 import numpy as np
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.files import read_json
 
-from ..package import PackageInfo, require
+from ..package import PackageInfo, check_files, check_graph, require, tokenizer_folder
 from ..package_runner import PackageRunner
 from .executor import MILExecutor
 
 
 def package_info(package) -> PackageInfo:
-    ct = require("coremltools", "coreml")
+    """The openelm.* metadata of a .mlpackage, every file of it a regular one (check_files) and
+    Manifest.json strict JSON before coremltools reads anything, held to the KV-cache states of
+    the spec (keyCache: [layers, 1, kv heads, context, head dim])."""
     package = Path(package)
-    if not (package / "Manifest.json").is_file():
+    if not os.path.lexists(package / "Manifest.json"):
         raise OpenELMError(f"{package} is not a Core ML package (no Manifest.json): pass the .mlpackage folder")
+    for folder in (package, tokenizer_folder(package)):  # the tokenizer beside it too: before any slow import
+        check_files(folder)
+    if not isinstance(read_json(package / "Manifest.json", fix="re-export it"), dict):
+        raise OpenELMError(f"{package}/Manifest.json is not a JSON object: re-export it")
+    ct = require("coremltools", "coreml")
     try:
-        meta = dict(ct.models.MLModel(str(package), skip_model_load=True).get_spec().description.metadata.userDefined)
+        spec = ct.models.MLModel(str(package), skip_model_load=True).get_spec()
     except Exception as e:  # a spec that protobuf cannot parse
         raise OpenELMError(f"{package} cannot be read ({type(e).__name__}: {e}): re-export it") from None
-    return PackageInfo.from_metadata(meta, package, "export-coreml")
+    info = PackageInfo.from_metadata(dict(spec.description.metadata.userDefined), package, "export-coreml")
+    contexts = [list(s.type.stateType.arrayType.shape)[-2:-1] for s in spec.description.state]
+    check_graph(info, package, "export-coreml", [c[0] for c in contexts if c], [info.vocab_size])
+    return info
 
 
 def swift_inputs(input_ids: Sequence[int], token_count: int) -> dict:
@@ -79,6 +91,11 @@ class CoreMLRunner(PackageRunner):
         if logits.ndim != 3 or logits.shape[1] != inputs["inputIds"].shape[1]:
             raise OpenELMError(
                 f"{self.package}: logits of shape {logits.shape}, swift-transformers needs [1, q, vocab]"
+            )
+        if logits.shape[-1] != self.info.vocab_size:
+            raise OpenELMError(
+                f"{self.package}: logits of {logits.shape[-1]} tokens, its metadata says vocab_size "
+                f"{self.info.vocab_size}: re-export it"
             )
         return logits[0, -1]
 
