@@ -11,17 +11,15 @@ import importlib
 import json
 import os
 import re
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from openelm_mlx import __version__, outputs
+from openelm_mlx import __version__
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.files import (
@@ -45,7 +43,6 @@ from openelm_mlx.tokenizer import CHAT_TEMPLATE, MAX_TOKENIZER_BYTES, Tokenizer,
 from .compression import BLOCKWISE, IOS_PRESET, Palettized, Quantized, check_stored, compress, quantize_per_tensor
 from .numerics import ffn_scale_exponents, fold_ffn_scales
 
-FUNCTIONS = ("prefill", "decode")
 EMBEDDING = "transformer.token_embeddings.weight"
 FINAL_NORM = "transformer.norm.weight"
 COMPUTE_DTYPES = {"float16": np.float16, "float32": np.float32}  # --compute-precision
@@ -55,7 +52,6 @@ IOS_CONTEXT = 1024
 # The exporters' numeric options; each is checked against the model once it is loaded as well.
 EXPORT_OPTION_RULES = {
     "context": optional(count(1, 1 << 20)),
-    "prefill_length": optional(count(1, 1 << 20)),
     "block_size": count(1, 1 << 16),
 }
 
@@ -138,7 +134,6 @@ class PackageDescription:
 def describe(
     model_source,
     context: Optional[int],
-    prefill_length: Optional[int],
     compression: str,
     block_size: int,
     compute_precision: str,
@@ -148,14 +143,14 @@ def describe(
 ):
     """Load `model_source` (anything openelm_mlx.load accepts), check the export settings (the
     exporter's `compressions`), and describe the package: (PackageDescription, the model's folder).
-    prefill_length None: one call takes up to the whole context (Core ML's inputIds range, Core AI's
-    bundles). `tokenizer` (a path, else the model folder's) encodes the float16 guard's calibration
+    One call may take the whole context (Core ML's inputIds range, Core AI's bundles), which the
+    `openelm.prefill_length` metadata records. `tokenizer` (a path, else the model folder's) encodes the float16 guard's calibration
     text. For `target` "ios" the context defaults to IOS_CONTEXT and the weights take ios_form."""
     if compute_precision not in COMPUTE_DTYPES:
         raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
         raise OpenELMError(f"unknown compression '{compression}': choose one of {', '.join(compressions)}")
-    check_export_options(context, prefill_length, block_size)
+    check_export_options(context, block_size)
     model, folder = load_model(model_source, dtype="float32")
     config = model.config
     if context is None:
@@ -164,10 +159,10 @@ def describe(
         raise OpenELMError(
             f"--context {context} is outside 1..{config.max_context_length} (the model's max_context_length)"
         )
-    prefill_length = context if prefill_length is None else prefill_length
-    if not 1 <= prefill_length <= context:
-        raise OpenELMError(f"--prefill-length {prefill_length} must be between 1 and --context ({context})")
     weights = model_weights(model)
+    for name, w in weights.items():  # before the float16 bounds, whose searches never end on inf or NaN
+        if not np.isfinite(w).all():
+            raise OpenELMError(f"{name} holds inf or NaN values: the checkpoint is damaged; convert it again")
     scale_exponents = ffn_scale_exponents(model, weights, compute_precision, find_tokenizer(folder, tokenizer))
     weights = fold_ffn_scales(weights, scale_exponents)
     del model
@@ -185,7 +180,7 @@ def describe(
         config,
         source_name(model_source),
         context,
-        prefill_length,
+        context,  # prefill_length
         compression,
         block_size,
         compute_precision,
@@ -211,10 +206,10 @@ def ios_form(name: str, weight: np.ndarray, compression: str, block_size: int, s
     return compress(name, weight, compression, block_size, scale_dtype)
 
 
-def check_export_options(context: Optional[int], prefill_length: Optional[int], block_size: int):
+def check_export_options(context: Optional[int], block_size: int):
     """The exporters' numeric options in their ranges (EXPORT_OPTION_RULES), before anything is
     imported or read; describe() checks them against the model."""
-    check_options({"context": context, "prefill_length": prefill_length, "block_size": block_size}, EXPORT_OPTION_RULES)
+    check_options({"context": context, "block_size": block_size}, EXPORT_OPTION_RULES)
 
 
 def require(module: str, extra: str):
@@ -428,26 +423,6 @@ def package_tokenizer(package, info: PackageInfo, tokenizer=None, beside: Option
     return found
 
 
-def check_output(output, suffix: str, force: bool) -> Path:
-    """Refuse a wrong suffix, or an existing package or tokenizer without --force, before any work."""
-    output = Path(output)
-    if output.suffix != suffix:
-        raise OpenELMError(f"output '{output}' must end in {suffix}")
-    for path in (output, tokenizer_path(output)):
-        outputs.check_output(path, force)
-    return output
-
-
-@contextmanager
-def staged_package(output: Path, tokenizer: Tokenizer, force: bool, reads) -> Iterator[Path]:
-    """A temporary path beside OUTPUT to write the package to. When the block ends without error,
-    the package and the tokenizer beside it are placed together (outputs.py: never over something
-    that appeared meanwhile, --force never over what the export reads); on error nothing is."""
-    with outputs.staged_outputs([output, tokenizer_path(output)], force, reads) as (package, tok):
-        yield package
-        shutil.copyfile(tokenizer.path, tok)
-
-
 def package_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -470,11 +445,9 @@ def export_summary(description: PackageDescription, output: Path, seconds: float
     }
 
 
-def export_from_args(export, args, **extra):
+def export_from_args(export, args, summary_line, **extra):
     """The export commands' main: `export` (export_coreml or export_coreai) with the shared
-    options (add_export_arguments) and `extra` ones, then its one-line summary."""
-    if "prefill_length" in vars(args):
-        extra["prefill_length"] = args.prefill_length
+    options (add_export_arguments) and `extra` ones, then summary_line(its summary)."""
     summary = export(
         args.model,
         args.output,
@@ -486,16 +459,12 @@ def export_from_args(export, args, **extra):
         progress=True,
         **extra,
     )
-    print(
-        f"wrote {summary['output']} ({summary['bytes'] / 2**20:.1f} MiB, "
-        f"{summary['bytes_per_parameter']:.3f} bytes/parameter, {summary['compression']}, "
-        f"{summary['compute_precision']} compute) and {summary['tokenizer']} in {summary['seconds']:.1f} s"
-    )
+    print(summary_line(summary))
 
 
-def add_export_arguments(parser, suffix: str, compressions, output_help: Optional[str] = None, prefill: bool = True):
-    """The exporters' shared options; `prefill` False leaves out --prefill-length (Core ML: the
-    runner sends the whole prompt in one call; Core AI: the engine chooses how many tokens each call takes)."""
+def add_export_arguments(parser, suffix: str, compressions, output_help: Optional[str] = None):
+    """The exporters' shared options. No --prefill-length: swift-transformers sends the whole prompt
+    in one call, and Apple's engines choose how many tokens each call takes."""
     parser.add_argument("model", help="model folder or Hugging Face repo id (MLX folders may be quantized)")
     parser.add_argument(
         "-o", "--output", required=True, help=output_help or f"OUT{suffix} (the tokenizer goes to OUT.tokenizer.model)"
@@ -507,8 +476,6 @@ def add_export_arguments(parser, suffix: str, compressions, output_help: Optiona
         help="KV-cache length in tokens (default: the model's max_context_length; for --target ios "
         f"{IOS_CONTEXT} at most)",
     )
-    if prefill:
-        parser.add_argument("--prefill-length", type=int, default=128, help="most tokens per prefill call")
     parser.add_argument("--compress", choices=compressions, default="none", help="weight compression (none: 16-bit)")
     parser.add_argument("--block-size", type=int, default=32, help="int8 and int4 block size along the input axis")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model if the model folder has none")

@@ -1,8 +1,9 @@
 """The contract every exported-package runner keeps, whatever runs the package (Core ML, the numpy
 MIL executor, Apple's Core AI runtime): a KV cache inside the package, filled by `prefill` and
 `decode` calls at a position. Long prompts become successive prefill calls of up to prefill_length
-tokens; how tokens and position are passed is the backend's (`_inputs`). Backends subclass it
-(coreml/swift_transformers.py, coreai/runtime.py); runner.py chooses one."""
+tokens; how tokens and position are passed is the backend's (`_inputs`). Backends subclass it:
+coreml/swift_transformers.py, and coreai/runtime.py's CoreAIEngine, whose engine twins replace
+prefill and decode with the Swift engines' own steps; runner.py chooses one."""
 
 from pathlib import Path
 from typing import List, Sequence
@@ -60,8 +61,9 @@ class PackageRunner:
         return np.asarray(logits, np.float32).reshape(-1)
 
     def _inputs(self, tokens: List[int]) -> dict:
-        """The inputs of one call: Core AI's `input_ids` and `position` (Core ML's: its runner's)."""
-        return {"input_ids": np.array([tokens], np.int32), "position": np.array([self.position], np.int32)}
+        """The inputs of one call, in the package's contract (coreml/swift_transformers.py); the Core
+        AI engines drive their functions themselves (prefill and decode of coreai/*_engine.py)."""
+        raise NotImplementedError
 
     def _reset_states(self):
         raise NotImplementedError

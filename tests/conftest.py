@@ -92,7 +92,7 @@ def assert_clean_error(result, *fragments, exit=1):
         assert fragment in lines[0], lines[0]
 
 
-EXPORT_CONTEXT, EXPORT_PREFILL = 96, 16  # of the shared exports: 3 Core AI prefill blocks fit a test prompt
+EXPORT_CONTEXT = 96  # of the shared exports
 
 
 @pytest.fixture(scope="session")

@@ -22,13 +22,12 @@ from ..package import check_files
 
 METADATA_VERSION = "0.2"  # ModelBundle.swift:178-181 refuses anything else (absent = "0.1")
 LANGUAGE_KINDS = ("llm", "vlm")  # LanguageBundle.swift:36-38
-# The Hugging Face tokenizer files the Swift side reads (LanguageBundle.swift:82-98: tokenizer.json;
-# swift-transformers also wants tokenizer_config.json or a template), copied when the model has them.
 
 
-def bundle_metadata(name: str, tokenizer_id: str, vocab_size: int, context: int, functions: List[str]) -> dict:
+def bundle_metadata(name: str, tokenizer_id: str, vocab_size: int, context: int) -> dict:
     """metadata.json as Apple's bundle.py:47-69 writes it; function_map role "main" names the
-    function the runner calls (CoreAIRunner.swift:73-88)."""
+    function the runner calls (CoreAIRunner.swift:73-88), "main" for iOS too, as bundle.py:59
+    writes it (the static engine finds its functions by name)."""
     return {
         "metadata_version": METADATA_VERSION,
         "kind": "llm",
@@ -39,7 +38,7 @@ def bundle_metadata(name: str, tokenizer_id: str, vocab_size: int, context: int,
             "vocab_size": vocab_size,
             "max_context_length": context,
             "embedded_tokenizer": True,
-            "function_map": {"main": functions},
+            "function_map": {"main": ["main"]},
         },
         "source": {"model_definition": "openelm-mlx", "hf_model_id": tokenizer_id},
     }

@@ -24,6 +24,7 @@ from ..package import (
     add_export_arguments,
     check_export_options,
     describe,
+    export_from_args,
     package_size,
     require,
     tokenizer_files,
@@ -55,7 +56,7 @@ def export_coreai(
     Returns a summary (sizes, KV memory, seconds)."""
     if target not in TARGETS:
         raise OpenELMError(f"unknown target '{target}': choose {' or '.join(TARGETS)}")
-    check_export_options(context, None, block_size)
+    check_export_options(context, block_size)
     require("coreai.authoring", "coreai")
     start = time.perf_counter()
     output = check_bundle_output(output, force)
@@ -63,24 +64,22 @@ def export_coreai(
     with bar:
         bar.set_postfix_str("load, calibrate, compress")
         desc, folder = describe(
-            model_source, context, None, compress, block_size, compute_precision, COMPRESSIONS, tokenizer, target
+            model_source, context, compress, block_size, compute_precision, COMPRESSIONS, tokenizer, target
         )
         tok = find_tokenizer(folder, tokenizer)
         files = tokenizer_files(tok, is_instruct_model(desc.source, folder), desc.context)  # may refuse: first
         bar.update()
         with outputs.staged_output(output, force, reads=[folder, tok.path]) as staged:
             bar.set_postfix_str(f"build the {target} program")
-            program, functions = build_program(desc, target, static_shapes)
+            program = build_program(desc, static_shapes)
             bar.update()
             bar.set_postfix_str("write")
             staged.mkdir()
             save(program, desc, tok, staged / f"{output.name}.aimodel")
             write_files(staged / "tokenizer", files)
-            write_metadata(
-                staged, bundle_metadata(output.name, desc.source, desc.config.vocab_size, desc.context, functions)
-            )
+            write_metadata(staged, bundle_metadata(output.name, desc.source, desc.config.vocab_size, desc.context))
             bar.update()
-    return export_summary(desc, output, target, time.perf_counter() - start)
+    return export_summary(desc, output, time.perf_counter() - start)
 
 
 def check_bundle_output(output, force: bool) -> Path:
@@ -96,23 +95,21 @@ def check_bundle_output(output, force: bool) -> Path:
     return output
 
 
-def build_program(desc: PackageDescription, target: str, static_shapes=None):
-    """(AIProgram, the names of the functions the runner calls) for the target's contract."""
+def build_program(desc: PackageDescription, static_shapes=None):
+    """The AIProgram of desc.target's contract."""
     from coreai.authoring import AIProgram, Module
 
     module = Module.create()
     with module:  # leaving the block runs coreai's pre-compilation rewrite
-        if target == "macos":
+        if desc.target == "macos":
             from .graph import build_main
 
             build_main(desc)
-            functions = ["main"]
         else:
             from .ios_graph import StaticShapes, build_functions
 
             build_functions(desc, static_shapes or StaticShapes.ladder(desc.context))
-            functions = ["main"]  # what Apple's bundle.py:59 writes for iOS too; the static engine ignores it
-    return AIProgram(module), functions
+    return AIProgram(module)
 
 
 def save(program, desc: PackageDescription, tok, path: Path):
@@ -148,11 +145,11 @@ def kv_bytes(desc: PackageDescription) -> dict:
     return {"kv_bytes": len(heads) * max(heads) * per_head, "kv_bytes_unpadded": sum(heads) * per_head}
 
 
-def export_summary(desc: PackageDescription, output: Path, target: str, seconds: float) -> dict:
+def export_summary(desc: PackageDescription, output: Path, seconds: float) -> dict:
     size, n_params = package_size(output), desc.config.num_parameters()
     return {
         "output": str(output),
-        "target": target,
+        "target": desc.target,
         "compression": desc.compression,
         "compute_precision": desc.compute_precision,
         "context": desc.context,
@@ -174,9 +171,7 @@ def summary_line(s: dict) -> str:
 
 
 def add_arguments(parser):
-    add_export_arguments(
-        parser, "", COMPRESSIONS, output_help="OUT, the bundle folder (any name; not OUT.aimodel)", prefill=False
-    )
+    add_export_arguments(parser, "", COMPRESSIONS, output_help="OUT, the bundle folder (any name; not OUT.aimodel)")
     parser.add_argument(
         "--target",
         choices=TARGETS,
@@ -195,16 +190,4 @@ def add_arguments(parser):
 
 
 def main(args):
-    summary = export_coreai(
-        args.model,
-        args.output,
-        target=args.target,
-        context=args.context,
-        compress=args.compress,
-        block_size=args.block_size,
-        compute_precision=args.compute_precision,
-        force=args.force,
-        tokenizer=args.tokenizer,
-        progress=True,
-    )
-    print(summary_line(summary))
+    export_from_args(export_coreai, args, summary_line, target=args.target, compute_precision=args.compute_precision)

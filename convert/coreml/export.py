@@ -58,7 +58,7 @@ def export_coreml(
 ) -> dict:
     """Export `model_source` (anything openelm_mlx.load accepts) to OUTPUT.mlpackage and its
     tokenizer to the folder OUTPUT.tokenizer/. Returns a summary (sizes, seconds)."""
-    check_export_options(context, None, block_size)
+    check_export_options(context, block_size)
     if context is not None and context < MIN_CONTEXT:
         raise OpenELMError(f"--context {context} is too small: swift-transformers needs at least {MIN_CONTEXT}")
     require("coremltools", "coreml")
@@ -72,7 +72,7 @@ def export_coreml(
     bar = progress_bar(total=len(steps), show=progress, desc="export-coreml", unit="step")
     with bar:
         bar.set_postfix_str("load, calibrate, compress")
-        desc, folder = describe(model_source, context, None, compress, block_size, "float16", COMPRESSIONS, tokenizer)
+        desc, folder = describe(model_source, context, compress, block_size, "float16", COMPRESSIONS, tokenizer)
         tok = find_tokenizer(folder, tokenizer)
         files = tokenizer_files(tok, is_instruct_model(desc.source, folder), desc.context)  # may refuse: first
         bar.update()
@@ -148,9 +148,15 @@ def add_arguments(parser):
         ".mlpackage",
         COMPRESSIONS,
         output_help="OUT.mlpackage (the tokenizer goes to OUT.tokenizer/)",
-        prefill=False,
+    )
+
+
+def summary_line(s: dict) -> str:
+    return (
+        f"wrote {s['output']} ({s['bytes'] / 2**20:.1f} MiB, {s['bytes_per_parameter']:.3f} bytes/parameter, "
+        f"{s['compression']}, {s['compute_precision']} compute) and {s['tokenizer']} in {s['seconds']:.1f} s"
     )
 
 
 def main(args):
-    export_from_args(export_coreml, args)
+    export_from_args(export_coreml, args, summary_line)
