@@ -187,6 +187,17 @@ def test_a_weight_float16_cannot_hold_is_refused_in_one_line(tmp_path, tokenizer
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+@pytest.mark.parametrize("value", [np.inf, np.nan])
+def test_a_weight_of_inf_or_nan_is_refused_before_the_bounds(tmp_path, tokenizer_file, value):
+    """The float16 bounds' searches (the eigenvalue's growing mu, the exponent's halving) never end
+    on inf or NaN: a damaged checkpoint is one line, at once, nothing written."""
+    folder = tmp_path / "model" / "damaged"
+    checkpoint = write_massive_checkpoint(folder, tokenizer_file, 1, big_weight=(PROJ_1, (0, 0), value))
+    result = run_cli("export-coreml", checkpoint, "-o", tmp_path / "out.mlpackage", "--context", 128, timeout=60)
+    assert_clean_error(result, PROJ_1, "inf or NaN", "convert it again")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def package_arrays(summary, target):
     """Every constant of an exported package's (last) function by name, weights decompressed."""
     if target == "coreai":
