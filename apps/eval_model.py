@@ -133,7 +133,13 @@ class OpenELMLM(LM):
         self.scorer, self.tokenizer, self.add_bos, self.progress = scorer, tokenizer, add_bos, progress
 
     def encode_pair(self, context: str, continuation: str) -> Tuple[List[int], List[int]]:
-        spaces = len(context) - len(context.rstrip(" "))
+        """As lm-eval's TemplateLM (api/model.py: _encode_pair, and loglikelihood's empty context):
+        trailing whitespace of the context moves to the continuation; an empty context is BOS."""
+        if not context:
+            whole = self.tokenizer.encode(continuation, bos=False)
+            bos = self.tokenizer.bos_id
+            return ([bos], whole) if whole[:1] != [bos] else (whole[:1], whole[1:])
+        spaces = len(context) - len(context.rstrip())
         context, continuation = context[: len(context) - spaces], context[len(context) - spaces :] + continuation
         whole = self._encode(context + continuation)
         ctx = self._encode(context)

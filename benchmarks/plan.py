@@ -3,7 +3,7 @@ package_bench.py for exported packages): one entry per configuration, failures r
 
 from typing import Callable, List, Optional
 
-from openelm_mlx.errors import OpenELMError
+from openelm_mlx.errors import OpenELMError, Terminated
 from openelm_mlx.outputs import SIGNALS
 from openelm_mlx.progress import progress_bar
 
@@ -70,9 +70,9 @@ def run_plan(
                 entry["error"] = str(e) if isinstance(e, OpenELMError) else f"{type(e).__name__}: {e}"
             finally:
                 finish(entry)
-    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the CLI raises it as a KeyboardInterrupt)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Terminated, a KeyboardInterrupt)
         results["interrupted"] = True
-        results["interrupted_by"] = "SIGTERM" if type(e).__name__ == "Terminated" else "SIGINT"
+        results["interrupted_by"] = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
         SIGNALS.clear()  # handled: what was gathered is written, and the status says what stopped it
     finally:
         bar.close()
