@@ -192,7 +192,9 @@ def speculate(
             for token in plain_steps(model, context[:], cache, min(run, max_tokens - n), sampling):
                 context.append(token)
                 n += 1
+                handed = time.perf_counter()
                 yield token
+                start += time.perf_counter() - handed  # the caller's time is not decoding's
             policy.plain(len(context) - begin, time.perf_counter() - start, chosen=k == 0)
             if drafter.free:
                 policy.check(drafter, context, begin)

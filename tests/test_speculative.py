@@ -4,6 +4,7 @@ against the exact probabilities). Also mlx-lm's quantized KV cache driving our m
 
 import importlib
 import math
+import time
 from collections import Counter
 
 import mlx.core as mx
@@ -301,3 +302,22 @@ def test_policy_finds_a_loop_that_starts_after_plain_decoding():
     loop = seesaw + [7, 8, 9, 10, 11] * 6
     policy.check(PromptLookup(4), loop, len(seesaw))
     assert min(policy.acceptance) > 0.9 and policy.draft_length(room=100) == 4
+
+
+def test_the_callers_time_between_tokens_is_not_counted_as_decoding(target, monkeypatch):
+    """A slow consumer (a terminal, a detokenizer) must not make plain decoding look dear, or the
+    policy would draft where drafting loses: T(0) is the model's time per token only."""
+    generate_module = importlib.import_module("openelm_mlx.generate")  # the package exports a function of that name
+    policies = []
+
+    class Recorded(DraftPolicy):
+        def __init__(self, *args):
+            super().__init__(*args)
+            policies.append(self)
+
+    monkeypatch.setattr(generate_module, "DraftPolicy", Recorded)
+    model, tokenizer = target
+    tokens = tokenizer.encode(PROMPTS[0])
+    for _ in speculate(model, tokens, make_cache(model), 24, Sampling(), PromptLookup(4), GenerationStats()):
+        time.sleep(0.05)
+    assert policies[0].seconds[0] is not None and policies[0].seconds[0] < 0.025
