@@ -127,7 +127,8 @@ class DraftPolicy:
     the positions before it were. T(k): the measured seconds of a step that drafts k tokens (the
     drafting, a draft model's passes included, the pass over k + 1 rows, the verification), an
     exponentially weighted mean per k; between measured k interpolated, beyond the largest one
-    PRIOR_ROW of a plain step per row. T(0) is a step of plain decoding, timed per token over plain
+    extrapolated at its cost per drafted token over plain decoding (a draft model's own steps
+    included), PRIOR_ROW of a plain step per row before any k is timed. T(0) is a step of plain decoding, timed per token over plain
     runs; the first step is a probe (k = 1), the second a plain run, so T(0) is known from then on.
     Only the calls decoding makes anyway are timed (no calibration pass); the first step of each k
     is not (a new shape's first pass allocates) and no time counts past OUTLIER x its estimate: a k
@@ -163,8 +164,9 @@ class DraftPolicy:
         known = [(j, t) for j, t in enumerate(self.seconds) if t is not None]  # (0, T(0)) first
         j0, t0 = [p for p in known if p[0] <= k][-1]
         above = [p for p in known if p[0] >= k]
-        if not above:
-            return t0 + (k - j0) * PRIOR_ROW * known[0][1]
+        if not above:  # beyond the largest k timed: its cost per drafted token so far, or the prior
+            row = (t0 - known[0][1]) / j0 if j0 else PRIOR_ROW * known[0][1]
+            return t0 + (k - j0) * max(row, 0.0)
         j1, t1 = above[0]
         return t0 if j1 == j0 else t0 + (t1 - t0) * (k - j0) / (j1 - j0)
 

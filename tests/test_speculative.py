@@ -247,7 +247,19 @@ def test_policy_expected_tokens_and_step_seconds():
     assert policy.expected_tokens(0) == 1 and policy.expected_tokens(2) == pytest.approx(1 + 0.8 + 0.4)
     policy.seconds = [1.0, None, 3.0, None, None]
     assert policy.step_seconds(1) == 2.0  # interpolated between the k measured
-    assert policy.step_seconds(4) == 3.0 + 2 * PRIOR_ROW  # beyond them: PRIOR_ROW of a plain step per row
+    assert policy.step_seconds(4) == 3.0 + 2 * 1.0  # beyond them: (3.0 - 1.0) / 2 s per drafted token
+    policy.seconds = [1.0, None, None, None, None]
+    assert policy.step_seconds(3) == 1.0 + 3 * PRIOR_ROW  # nothing drafted timed yet: the prior per row
+
+
+def test_policy_never_extrapolates_a_dear_draft_model_as_cheap():
+    """A draft model as big as its target (a 4-bit self-draft on a CPU): a 1-token draft costs
+    T(0) + a draft step + a row; longer drafts are not assumed to cost PRIOR_ROW per token."""
+    policy = DraftPolicy(4, free=False)
+    policy.seconds, policy.probe = [0.01, 0.025, None, None, None], False
+    policy.acceptance = [0.95] * 4
+    assert policy.step_seconds(4) == pytest.approx(0.01 + 4 * 0.015)
+    assert policy.draft_length(room=100) == 0
 
 
 def test_policy_probes_first_then_times_plain_decoding_and_no_first_step_of_a_k():
