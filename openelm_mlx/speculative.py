@@ -127,8 +127,7 @@ class DraftPolicy:
     the positions before it were. T(k): the measured seconds of a step that drafts k tokens (the
     drafting, a draft model's passes included, the pass over k + 1 rows, the verification), an
     exponentially weighted mean per k; between measured k interpolated, beyond the largest one
-    extrapolated at its cost per drafted token over plain decoding (a draft model's own steps
-    included), PRIOR_ROW of a plain step per row before any k is timed. T(0) is a step of plain decoding, timed per token over plain
+    extrapolated (row_seconds). T(0) is a step of plain decoding, timed per token over plain
     runs; the first step is a probe (k = 1), the second a plain run, so T(0) is known from then on.
     Only the calls decoding makes anyway are timed (no calibration pass); the first step of each k
     is not (a new shape's first pass allocates) and no time counts past OUTLIER x its estimate: a k
@@ -164,11 +163,20 @@ class DraftPolicy:
         known = [(j, t) for j, t in enumerate(self.seconds) if t is not None]  # (0, T(0)) first
         j0, t0 = [p for p in known if p[0] <= k][-1]
         above = [p for p in known if p[0] >= k]
-        if not above:  # beyond the largest k timed: its cost per drafted token so far, or the prior
-            row = (t0 - known[0][1]) / j0 if j0 else PRIOR_ROW * known[0][1]
-            return t0 + (k - j0) * max(row, 0.0)
+        if not above:
+            return t0 + (k - j0) * self.row_seconds(known)
         j1, t1 = above[0]
         return t0 if j1 == j0 else t0 + (t1 - t0) * (k - j0) / (j1 - j0)
+
+    def row_seconds(self, known: list) -> float:
+        """A drafted token's cost beyond the largest k timed: the slope between the two largest k
+        timed; with one, a draft model's cost per drafted token over plain decoding (its own steps
+        are most of it), a free drafter's PRIOR_ROW of a plain step (a step's fixed cost, the lost
+        pipelining, is not per row)."""
+        (ja, ta), (jb, tb) = known[-2:] if len(known) > 1 else (known[0], known[0])
+        if ja == 0 and (jb == 0 or self.free):
+            return PRIOR_ROW * known[0][1]
+        return max(tb - ta, 0.0) / (jb - ja)
 
     def draft_length(self, room: int) -> int:
         """k for the next step, at most `room` (the tokens left after the pass's own)."""

@@ -247,9 +247,9 @@ def test_policy_expected_tokens_and_step_seconds():
     assert policy.expected_tokens(0) == 1 and policy.expected_tokens(2) == pytest.approx(1 + 0.8 + 0.4)
     policy.seconds = [1.0, None, 3.0, None, None]
     assert policy.step_seconds(1) == 2.0  # interpolated between the k measured
-    assert policy.step_seconds(4) == 3.0 + 2 * 1.0  # beyond them: (3.0 - 1.0) / 2 s per drafted token
-    policy.seconds = [1.0, None, None, None, None]
-    assert policy.step_seconds(3) == 1.0 + 3 * PRIOR_ROW  # nothing drafted timed yet: the prior per row
+    assert policy.step_seconds(4) == 3.0 + 2 * PRIOR_ROW  # beyond one timed k: PRIOR_ROW of a plain step per row
+    policy.seconds = [1.0, 1.5, 2.0, None, None]
+    assert policy.step_seconds(4) == 3.0  # beyond two: their slope
 
 
 def test_policy_never_extrapolates_a_dear_draft_model_as_cheap():
