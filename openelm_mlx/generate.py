@@ -180,7 +180,7 @@ def speculate(
     prefill(model, tokens[:-1], cache)
     context = list(tokens)  # the cache holds all of it but the last token
     policy = DraftPolicy(drafter.size, drafter.free)
-    n = 0
+    n, checked = 0, len(context)  # a free drafter's drafts are checked at every token of the text
     while n < max_tokens:
         start = time.perf_counter()
         k = policy.draft_length(max_tokens - n - 1)
@@ -197,7 +197,7 @@ def speculate(
                 start += time.perf_counter() - handed  # the caller's time is not decoding's
             policy.plain(len(context) - begin, time.perf_counter() - start, chosen=k == 0)
             if drafter.free:
-                policy.check(drafter, context, begin)
+                checked = policy.check(drafter, context, checked)
             continue
         logits = model(mx.array(context[-1:] + draft)[None], cache=cache)[0]
         seen = [mx.array(context + draft[:i]) for i in range(len(draft) + 1)] if sampling.penalizes else []
@@ -206,14 +206,17 @@ def speculate(
         new = verify(logprobs, draft, q, sampling)
         accepted = len(new) - 1
         policy.drafted(len(draft), time.perf_counter() - start)
-        policy.observe(proposed, new)
+        if not drafter.free:
+            policy.observe(proposed, new)
         stats.drafted += len(draft)
         stats.accepted += accepted
         for c in cache:
             c.trim(len(draft) - accepted)
         drafter.rollback(len(context) + accepted)
+        context += new
+        if drafter.free:
+            checked = policy.check(drafter, context, checked)
         for token in new:
-            context.append(token)
             n += 1
             yield token
 

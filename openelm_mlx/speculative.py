@@ -213,11 +213,15 @@ class DraftPolicy:
         self.seconds[0] = ewma(self.seconds[0], seconds / tokens, TIME_WEIGHT)
         self.probe = chosen and not self.free
 
-    def check(self, drafter, context: List[int], start: int):
-        """The drafts a free drafter would have made at each token from `start` on, checked
-        against the text that followed them."""
-        for j in range(start, len(context)):
-            self.observe(drafter.propose(context[:j], self.size)[0], context[j:])
+    def check(self, drafter, context: List[int], start: int) -> int:
+        """The drafts a free drafter would have made at each token from `start` on whose `size`
+        tokens of text are known, checked against that text; returns the first token not checked.
+        Every position of a draft is checked, also those past the k verified, so a loop's long
+        drafts are known to be right before they are first verified."""
+        stop = max(start, len(context) - self.size)
+        for j in range(start, stop):
+            self.observe(drafter.propose(context[:j], self.size)[0], context[j : j + self.size])
+        return stop
 
 
 def verify(logprobs: mx.array, draft: List[int], q: Optional[mx.array], sampling: Sampling) -> List[int]:

@@ -306,13 +306,13 @@ def test_policy_finds_a_loop_that_starts_after_plain_decoding():
     text is fresh, the whole draft once it loops."""
     policy = policy_with(4, 0.01, 0.006, 0.5)
     fresh = list(range(3, 40))
-    policy.check(PromptLookup(4), fresh, 2)
-    assert policy.acceptance == [0.5] * 4  # nothing matched, nothing proposed
-    seesaw = fresh + [50, 51, 99, 50, 51, 98, 50, 51, 97, 50, 51, 96]  # "50 51" recurs, then something new
-    policy.check(PromptLookup(4), seesaw, len(fresh))
+    checked = policy.check(PromptLookup(4), fresh, 2)
+    assert policy.acceptance == [0.5] * 4 and checked == len(fresh) - 4  # nothing matched; the last 4 wait for text
+    seesaw = fresh + [x for n in range(99, 91, -1) for x in (50, 51, n)]  # "50 51" recurs, then something new
+    checked = policy.check(PromptLookup(4), seesaw, checked)
     assert policy.acceptance[0] < 0.2 and policy.draft_length(room=100) == 0  # drafted, rejected
     loop = seesaw + [7, 8, 9, 10, 11] * 6
-    policy.check(PromptLookup(4), loop, len(seesaw))
+    policy.check(PromptLookup(4), loop, checked)
     assert min(policy.acceptance) > 0.9 and policy.draft_length(room=100) == 4
 
 
