@@ -127,8 +127,10 @@ class DraftPolicy:
     the positions before it were. T(k): the measured seconds of a step that drafts k tokens (the
     drafting, a draft model's passes included, the pass over k + 1 rows, the verification), an
     exponentially weighted mean per k; between measured k interpolated, beyond the largest one
-    extrapolated (row_seconds). T(0) is a step of plain decoding, timed per token over plain
-    runs; the first step is a probe (k = 1), the second a plain run, so T(0) is known from then on.
+    extrapolated (row_seconds); a draft model's step priced, until timed, at draft_share (its
+    parameters over the model's) of a plain step. T(0) is a step of plain decoding, timed per token over plain
+    runs; prompt lookup's first step is a probe (k = 1) and its second a plain run, a draft model's
+    first a plain run and its second a probe, so T(0) is known from then on.
     Only the calls decoding makes anyway are timed (no calibration pass); the first step of each k
     is not (a new shape's first pass allocates) and no time counts past OUTLIER x its estimate: a k
     made to look dear by one slow step on a shared machine would not be tried again.
@@ -145,12 +147,14 @@ class DraftPolicy:
     time PROBE_SHARE of the run's.
     """
 
-    def __init__(self, size: int, free: bool):
-        self.size, self.free = size, free
+    def __init__(self, size: int, free: bool, draft_share: float = 0.0):
+        self.size, self.free, self.draft_share = size, free, draft_share
         self.acceptance = [PRIOR_ACCEPTANCE] * size
         self.seconds: List[Optional[float]] = [None] * (size + 1)
         self.timed = [False] * (size + 1)  # a first step of this k was seen (and not timed)
-        self.run, self.probe, self.probing = MIN_RUN, True, False
+        # prompt lookup's first step drafts (a prompt may repeat itself); a draft model's first step is
+        # a plain run, so that its probe is measured against plain decoding and sizes the next run
+        self.run, self.probe, self.probing = MIN_RUN, free, False
 
     def expected_tokens(self, k: int) -> float:
         total = chain = 1.0
@@ -175,7 +179,7 @@ class DraftPolicy:
         pipelining, is not per row)."""
         (ja, ta), (jb, tb) = known[-2:] if len(known) > 1 else (known[0], known[0])
         if ja == 0 and (jb == 0 or self.free):
-            return PRIOR_ROW * known[0][1]
+            return (PRIOR_ROW + self.draft_share) * known[0][1]
         return max(tb - ta, 0.0) / (jb - ja)
 
     def draft_length(self, room: int) -> int:
@@ -201,10 +205,12 @@ class DraftPolicy:
     def drafted(self, k: int, seconds: float):
         """A step that drafted k tokens took `seconds`."""
         if self.probing and self.seconds[0]:  # its whole time: a probe's cost is the draft model catching up
-            waste = seconds - self.seconds[0]
+            # on the run before it; the next probe catches up on the next run, up to CATCH_UP tokens
+            waste = (seconds - self.seconds[0]) * CATCH_UP / min(self.run, CATCH_UP)
             self.run = min(MAX_RUN, max(MIN_RUN, round(waste / (PROBE_SHARE * self.seconds[0]))))
-        if self.timed[k]:  # a time past OUTLIER x the estimate counts as that (a preempted step, mostly)
-            seconds = min(seconds, OUTLIER * self.step_seconds(k))
+        if self.timed[k]:  # past OUTLIER x a measured estimate counts as that (a preempted step, mostly)
+            if self.seconds[k] is not None:
+                seconds = min(seconds, OUTLIER * self.step_seconds(k))
             self.seconds[k] = ewma(self.seconds[k], seconds, TIME_WEIGHT)
         self.timed[k] = True
 

@@ -21,6 +21,7 @@ from openelm_mlx.generate import GenerationOptions, GenerationStats, generate_to
 from openelm_mlx.sample import Sampling
 from openelm_mlx.speculative import (
     ACCEPT_WEIGHT,
+    CATCH_UP,
     MAX_RUN,
     MIN_RUN,
     OUTLIER,
@@ -252,6 +253,34 @@ def test_policy_expected_tokens_and_step_seconds():
     assert policy.step_seconds(4) == 3.0  # beyond two: their slope
 
 
+@pytest.mark.parametrize("share, k", [(0.0, 4), (0.1, 4), (1.0, 0)])
+def test_policy_prices_an_untimed_draft_model_step_at_its_share_of_the_parameters(share, k):
+    """A draft model as big as its target is not tried on the prior alone; a small one is."""
+    policy = DraftPolicy(4, free=False, draft_share=share)
+    policy.seconds, policy.probe = [0.01, None, None, None, None], False
+    policy.acceptance = [0.95] * 4
+    assert policy.step_seconds(1) == pytest.approx(0.01 * (1 + PRIOR_ROW + share))
+    assert policy.draft_length(room=100) == k
+
+
+def test_policy_starts_a_draft_model_with_a_plain_run_then_probes():
+    policy = DraftPolicy(4, free=False, draft_share=1.0)
+    assert policy.draft_length(room=100) == 0 and policy.run == MIN_RUN
+    policy.plain(MIN_RUN, MIN_RUN * 0.01, chosen=True)
+    assert policy.draft_length(room=100) == 1 and policy.probing
+    policy.drafted(1, 0.05)  # a catch-up on MIN_RUN tokens: 0.04 s more than a plain step, 0.16 s for CATCH_UP
+    assert policy.draft_length(room=100) == 0 and policy.run == MAX_RUN
+
+
+def test_policy_keeps_a_first_timed_step_whole():
+    """OUTLIER caps a time against a measured estimate; the first one has none (the prior would
+    make a dear draft model look cheap for good)."""
+    policy = DraftPolicy(4, free=False, draft_share=0.1)
+    policy.seconds, policy.timed, policy.probe = [0.01, None, None, None, None], [True] * 5, False
+    policy.drafted(1, 0.05)
+    assert policy.seconds[1] == 0.05
+
+
 def test_policy_never_extrapolates_a_dear_draft_model_as_cheap():
     """A draft model as big as its target (a 4-bit self-draft on a CPU): a 1-token draft costs
     T(0) + a draft step + a row; longer drafts are not assumed to cost PRIOR_ROW per token."""
@@ -294,8 +323,8 @@ def test_policy_probes_a_draft_model_after_plain_runs_as_long_as_the_probe_costs
         assert policy.draft_length(room=1000) == 1  # the probe
         policy.drafted(1, probe_seconds)
         policy.observe([5], [6])
-    # its extra time (probe - plain step) a PROBE_SHARE of the next run's: 0.01 s -> 20 steps of 0.01 s
-    assert runs == [MIN_RUN, round(0.01 / (PROBE_SHARE * 0.01)), MAX_RUN] and policy.run == MIN_RUN
+    # the next probe's extra time (this one's, for a catch-up on CATCH_UP tokens) a PROBE_SHARE of the next run's
+    assert runs == [MIN_RUN, round(0.01 * CATCH_UP / MIN_RUN / (PROBE_SHARE * 0.01)), MAX_RUN] and policy.run == MIN_RUN
     free = policy_with(4, 0.01, 0.01, 0.2, free=True)
     free.plain(8, 0.08, chosen=True)
     assert free.draft_length(room=100) == 0 and free.run == MIN_RUN  # prompt lookup is checked, not probed
