@@ -223,7 +223,7 @@ def stream_generate(
     draft_model (a smaller OpenELM with the same tokenizer) drafts for speculative decoding."""
     options = options or GenerationOptions()
     options.check(tokenizer.vocab_size, model.config.max_context_length, draft_model)
-    drafter = make_drafter(model, options, options.prompt_lookup, draft_model, options.num_draft)
+    drafter = make_drafter(model, options, draft_model)
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not tokens:
         raise OpenELMError("the prompt is empty")
@@ -266,10 +266,11 @@ def stream_generate(
     yield GenerationChunk(text + stopper.pending, None, stats)
 
 
-def make_drafter(model, sampling: Sampling, prompt_lookup: Optional[int], draft_model, num_draft: Optional[int]):
-    """What proposes tokens for speculative decoding, or None for plain decoding."""
-    if prompt_lookup:
-        return PromptLookup(prompt_lookup)
+def make_drafter(model, options: GenerationOptions, draft_model):
+    """What proposes tokens for speculative decoding (options.prompt_lookup, or draft_model drafting
+    options.num_draft as options sample), or None for plain decoding."""
+    if options.prompt_lookup:
+        return PromptLookup(options.prompt_lookup)
     if draft_model is None:
         return None
     if draft_model.config.vocab_size != model.config.vocab_size:
@@ -277,7 +278,7 @@ def make_drafter(model, sampling: Sampling, prompt_lookup: Optional[int], draft_
             f"the draft model's vocab_size {draft_model.config.vocab_size} differs from the model's "
             f"{model.config.vocab_size}: a draft model must share the model's tokenizer"
         )
-    return DraftModel(draft_model, sampling, num_draft or DEFAULT_NUM_DRAFT)
+    return DraftModel(draft_model, options, options.num_draft or DEFAULT_NUM_DRAFT)
 
 
 def generate(model, tokenizer: Tokenizer, prompt: Union[str, List[int]], draft_model=None, **options) -> str:
