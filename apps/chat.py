@@ -34,34 +34,7 @@ class ChatSession:
 
     def encode_all(self, user: str, messages: Optional[List[Dict[str, str]]] = None) -> List[int]:
         """The whole conversation (or `messages`), system message first, ending with the new user message."""
-        system = [{"role": "system", "content": self.system}] if self.system else []
-        turns = self.messages if messages is None else messages
-        return self.tokenizer.encode(chat_prompt(system + turns + [{"role": "user", "content": user}]))
-
-    def reply_room(self, max_tokens: Optional[int]) -> int:
-        context = self.model.config.max_context_length
-        return min(DEFAULT_MAX_TOKENS, context // 2) if max_tokens is None else max_tokens
-
-    def check_room(self, max_tokens: Optional[int]):
-        """Refuse, before the first turn, a --system or --max-tokens that leaves no room for a
-        message: otherwise every turn would fail."""
-        context, reply = self.model.config.max_context_length, self.reply_room(max_tokens)
-        base = len(self.encode_all("", []))  # the system message and the template around a message
-        if base + reply < context:
-            return
-        half = ", half the context" if reply == context // 2 else ""
-        given = "--max-tokens" if max_tokens is not None else f"the default --max-tokens{half}"
-        if not self.system:
-            raise OpenELMError(
-                f"--max-tokens {reply} leaves no room for a message in the model's context of {context} "
-                f"(the chat template takes {base}): use at most {context - base - 1}"
-            )
-        system = base - len(ChatSession(self.model, self.tokenizer).encode_all("", []))
-        lower = f" or pass --max-tokens {context - base - 1} or less" if base + 1 < context else ""
-        raise OpenELMError(
-            f"the system message (--system) is {system} tokens: with the chat template and a reply of {reply} "
-            f"({given}) it leaves no room for a message in the model's context of {context}: shorten it{lower}"
-        )
+        return conversation(self.tokenizer, self.system, self.messages if messages is None else messages, user)
 
     def turn_tokens(self, user: str) -> List[int]:
         if not self.tokens:
@@ -74,7 +47,8 @@ class ChatSession:
     ) -> Iterator[GenerationChunk]:
         options = options or GenerationOptions()
         max_tokens = options.max_tokens
-        context, reply_room = self.model.config.max_context_length, self.reply_room(max_tokens)
+        context = self.model.config.max_context_length
+        reply_room = room_for_reply(context, max_tokens)
         new = self.turn_tokens(user)
         if len(self.tokens) + len(new) + reply_room > context:
             # Drop the oldest turns until the rest, fed again from the start, leaves room for a
@@ -122,6 +96,40 @@ class ChatSession:
             c.trim(c.offset - keep)
 
 
+def conversation(tokenizer: Tokenizer, system: Optional[str], turns: List[Dict[str, str]], user: str) -> List[int]:
+    """The tokens of the system message (if any), the finished turns and the new user message."""
+    head = [{"role": "system", "content": system}] if system else []
+    return tokenizer.encode(chat_prompt(head + turns + [{"role": "user", "content": user}]))
+
+
+def room_for_reply(context: int, max_tokens: Optional[int]) -> int:
+    """Tokens each turn keeps free for the reply: --max-tokens, else DEFAULT_MAX_TOKENS or half the context."""
+    return min(DEFAULT_MAX_TOKENS, context // 2) if max_tokens is None else max_tokens
+
+
+def check_room(model: Model, tokenizer: Tokenizer, system: Optional[str], max_tokens: Optional[int]):
+    """Refuse, before the first turn, a --system or --max-tokens that leaves no room for a
+    message: otherwise every turn would fail."""
+    context = model.config.max_context_length
+    reply = room_for_reply(context, max_tokens)
+    base = len(conversation(tokenizer, system, [], ""))  # the system message and the template around a message
+    if base + reply < context:
+        return
+    half = ", half the context" if reply == context // 2 else ""
+    given = "--max-tokens" if max_tokens is not None else f"the default --max-tokens{half}"
+    if not system:
+        raise OpenELMError(
+            f"--max-tokens {reply} leaves no room for a message in the model's context of {context} "
+            f"(the chat template takes {base}): use at most {context - base - 1}"
+        )
+    system_tokens = base - len(conversation(tokenizer, None, [], ""))
+    lower = f" or pass --max-tokens {context - base - 1} or less" if base + 1 < context else ""
+    raise OpenELMError(
+        f"the system message (--system) is {system_tokens} tokens: with the chat template and a reply of {reply} "
+        f"({given}) it leaves no room for a message in the model's context of {context}: shorten it{lower}"
+    )
+
+
 def add_arguments(parser):
     add_model_arguments(parser)
     add_sampling_arguments(parser)
@@ -130,7 +138,7 @@ def add_arguments(parser):
 
 def main(args):
     def room(model, tokenizer):  # before the Instruct notice: a refusal is one line
-        ChatSession(model, tokenizer, args.system).check_room(args.max_tokens)
+        check_room(model, tokenizer, args.system, args.max_tokens)
 
     options = generation_options(args)
     model, tokenizer, draft = load_for_cli(args, options, chat=True, check=room)

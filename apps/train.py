@@ -11,6 +11,7 @@ Data: train_data.py; checkpoints and resuming: train_checkpoint.py; the plot: tr
 import hashlib
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -29,13 +30,17 @@ from openelm_mlx.apps.train_data import batch_at, encode_documents, train_tokeni
 from openelm_mlx.apps.train_plot import plot_losses
 from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.files import read_bytes, read_text
+from openelm_mlx.files import read_text
 from openelm_mlx.model import Model
 from openelm_mlx.model_folder import write_model_folder
-from openelm_mlx.options import TRAIN_RULES, check_options
+from openelm_mlx.options import MAX_SEED, TRAIN_RULES, check_options
 from openelm_mlx.outputs import check_output, remove
 from openelm_mlx.progress import progress_bar
-from openelm_mlx.tokenizer import MAX_TOKENIZER_BYTES, Tokenizer
+from openelm_mlx.tokenizer import Tokenizer
+
+# ffn widths in multiples of 64 (not corenet's 256) let small models keep their per-layer
+# scaling; every width stays divisible by 64, as 4/8-bit group quantization needs.
+FFN_DIVISOR = 64
 
 
 @dataclass
@@ -60,11 +65,9 @@ class TrainConfig:
     def check(self):
         """Every setting in its range (options.TRAIN_RULES), before a byte is written."""
         check_options(asdict(self), TRAIN_RULES)
-        if self.head_dim % 2:
-            raise OpenELMError(f"--head-dim must be even (rotary embeddings pair its halves), got {self.head_dim}")
         if self.warmup >= self.steps:
             raise OpenELMError(f"--warmup ({self.warmup}) must be smaller than --steps ({self.steps})")
-        config = OpenELMConfig.layerwise(self.layers, self.model_dim, self.head_dim, ffn_dim_divisor=64)
+        config = OpenELMConfig.layerwise(self.layers, self.model_dim, self.head_dim, ffn_dim_divisor=FFN_DIVISOR)
         # weights, gradients and AdamW's two moments, float32; the vocabulary at its largest
         needed = 16 * (config.num_parameters() + (self.vocab_size - config.vocab_size) * self.model_dim)
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -75,13 +78,11 @@ class TrainConfig:
             )
 
     def model_config(self, tokenizer: Tokenizer) -> OpenELMConfig:
-        # ffn widths in multiples of 64 (not corenet's 256) let small models keep their per-layer
-        # scaling; every width stays divisible by 64, as 4/8-bit group quantization needs.
         return OpenELMConfig.layerwise(
             self.layers,
             self.model_dim,
             self.head_dim,
-            ffn_dim_divisor=64,
+            ffn_dim_divisor=FFN_DIVISOR,
             vocab_size=tokenizer.vocab_size,
             max_context_length=self.context,
             bos_token_id=tokenizer.bos_id,
@@ -112,7 +113,7 @@ SETTING_HELP = {
     "warmup": "linear warm-up steps (0: none), fewer than --steps",
     "weight_decay": "AdamW's weight decay",
     "grad_clip": "largest global gradient norm",
-    "seed": f"seed of the initialization and the batch order (0 to {2**64 - 1})",
+    "seed": f"seed of the initialization and the batch order (0 to {MAX_SEED})",
 }
 
 
@@ -164,7 +165,7 @@ def _train(cfg: TrainConfig, output: Path, paths, texts, resume, checkpoint_ever
     if resume and not os.path.lexists(tokenizer_file):  # training a new one would change every token
         raise OpenELMError(f"--resume: {tokenizer_file} is missing: put the run's tokenizer back, or {RESTART}")
     tokenizer = Tokenizer(tokenizer_file) if resume else train_tokenizer(Path(text), output, cfg.vocab_size)
-    tokenizer_sha256 = hashlib.sha256(read_bytes(tokenizer_file, MAX_TOKENIZER_BYTES)).hexdigest()
+    tokenizer_sha256 = hashlib.sha256(tokenizer.data).hexdigest()
     train_tokens = encode_documents(tokenizer, texts[0])
     val_tokens = encode_documents(tokenizer, texts[1]) if texts[1] is not None else None
     # A batch is a window of context + 1 tokens (inputs and their next tokens), so is a validation window.
@@ -190,9 +191,10 @@ def _train(cfg: TrainConfig, output: Path, paths, texts, resume, checkpoint_ever
     optimize(model, optimizer, cfg, state, output, train_tokens, val_tokens, checkpoint_every, eval_every)
 
     weights = dict(tree_flatten(model.parameters()))
-    folder = write_model_folder(
-        output / "model", config, weights, mx.float32, output, tokenizer, force=True, reads=paths
-    )
+    folder = output / "model"
+    notice = write_model_folder(folder, config, weights, mx.float32, output, tokenizer, force=True, reads=paths)
+    if notice:
+        print(notice, file=sys.stderr)
     plot_losses(state, output / "loss_curve.png")
     print(f"trained {state['step']} steps in {state['seconds'] / 60:.1f} min; model in {folder}")
     return folder

@@ -9,16 +9,17 @@ from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 
+from openelm_mlx import outputs
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.options import BENCH_RULES, check_options
+from openelm_mlx.options import BENCH_RULES, DEFAULT_GROUP_SIZE, MAX_SEED, check_options
 from openelm_mlx.overflow import check_finite
 
 from . import timing
 from .machine import machine_info
 from .plan import MLX_LM, OURS, WARMUP_DECODE_TOKENS, run_plan
-from .report import check_out, markdown, write_results
+from .report import FILES, RESULTS_BYTES, markdown, write_results
 from .speculation import run_speculation, speculation_settings
-from .subjects import GROUP_SIZE, PRECISIONS, activation_dtype, build_subject, load_source, mlx_lm_twin
+from .subjects import PRECISIONS, activation_dtype, build_subject, load_source, mlx_lm_twin
 
 SCHEMA = "openelm-bench/1"
 MLX_LM_DEFAULT = "fp16"  # mlx_lm.convert's default: float16 weights and activations
@@ -157,7 +158,7 @@ def run_benchmark(
         compare=compare,
         backend=backend,
         seed=seed,
-        group_size=GROUP_SIZE,
+        group_size=DEFAULT_GROUP_SIZE,
         speculation=speculation,
     )
     results = {
@@ -248,7 +249,7 @@ def add_arguments(parser):
         help="mlx; coreml times an exported .mlpackage with Core ML (macOS only); coreai times an exported "
         "bundle with Apple's Core AI runtime (on Linux its reference runtime: not device speed)",
     )
-    parser.add_argument("--seed", type=int, default=0, help=f"seed of the random weights and prompt (0 to {2**64 - 1})")
+    parser.add_argument("--seed", type=int, default=0, help=f"seed of the random weights and prompt (0 to {MAX_SEED})")
     parser.add_argument(
         "--out",
         type=Path,
@@ -269,7 +270,8 @@ def add_arguments(parser):
 
 def main(args) -> int:
     out = args.out or Path(datetime.now().strftime("openelm-bench-%Y%m%d-%H%M%S"))
-    check_out(out, args.force)
+    # before a long run, not after it: results that would be replaced, a folder that cannot be written
+    outputs.check_outputs([out / name for name in FILES], args.force, room=RESULTS_BYTES)
     results = run_benchmark(
         models=[m for m in args.models.split(",") if m],
         precisions=args.precisions.split(",") if args.precisions else None,

@@ -3,17 +3,16 @@
 import csv
 import io
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List
 
 from openelm_mlx import outputs
-from openelm_mlx.errors import OpenELMError
 
 from .spec_report import SPECULATION_CSV_FIELDS, settings_line, speculation_lines, speculation_rows
 
 FILES = ("results.json", "results.csv", "results.md", "chart.png")
+RESULTS_BYTES = 65536  # about what results take: bench writes and removes this much before the run
 NAMES = {"openelm_mlx": "openelm-mlx", "mlx_lm": "mlx-lm", "coreml": "Core ML", "coreai": "Core AI"}
 CSV_FIELDS = [
     "model",
@@ -39,27 +38,6 @@ CSV_FIELDS = [
     "decode_tps_ratio",
     "error",
 ]
-
-
-def check_out(out: Path, force: bool):
-    """Fail before a long run, not after it: results that would overwrite others, or a folder
-    that cannot be written (read-only, full, a file in the way, a name too long). A file is
-    written there and removed, with the folders made for it."""
-    if os.path.lexists(out) and not out.is_dir():
-        raise OpenELMError(f"--out {out} is not a folder: give a folder")
-    existing = [name for name in FILES if os.path.lexists(out / name)]
-    if existing and not force:
-        raise OpenELMError(f"{out} already holds {', '.join(existing)}: choose another --out or pass --force")
-    try:
-        with outputs.staged_output(out / FILES[0], force=True) as tmp:
-            tmp.write_bytes(b" " * 65536)  # as much as results take
-            raise _Probed()  # leaves the block without placing anything
-    except _Probed:
-        pass
-
-
-class _Probed(Exception):
-    """Ends the probe of check_out: its file and the folders made for it are removed."""
 
 
 def rows(results: dict) -> List[dict]:
@@ -278,7 +256,6 @@ def chart(results: dict, path) -> bool:
 def write_results(results: dict, out: Path, force: bool = False) -> List[Path]:
     """results.json, results.csv, results.md and chart.png in `out`, placed together or not at
     all, never over a file that appeared during the run unless `force` (outputs.staged_outputs)."""
-    check_out(out, force)
     files = {
         "results.json": json.dumps(results, indent=1).encode(),
         "results.csv": to_csv(results).encode(),

@@ -10,9 +10,8 @@ import numpy as np
 from openelm_mlx.checkpoint import resolve_source
 from openelm_mlx.config import PRESETS, OpenELMConfig
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.generate import FALLBACK_PROMPT, make_drafter
+from openelm_mlx.generate import FALLBACK_PROMPT, GenerationOptions, make_drafter
 from openelm_mlx.loader import DEMO_MODEL, DTYPES, load
-from openelm_mlx.sample import Sampling
 from openelm_mlx.tokenizer import Tokenizer, check_tokenizer_fits, find_tokenizer
 
 from .subjects import activation_dtype, build_subject, load_source
@@ -88,12 +87,12 @@ class Subject:
             )
         self.model = build_subject(config, make_weights, precision)
         s = settings["speculation"]
-        self.lookup, self.num_draft = s["prompt_lookup"] or 0, s["num_draft"] or 0
+        self.options = GenerationOptions(prompt_lookup=s["prompt_lookup"], num_draft=s["num_draft"])  # greedy
         self.drafter()  # checks the draft model's vocabulary before any timing
 
     def drafter(self):
         """A fresh drafter: a draft model's drafter holds a KV cache, so each decode gets its own."""
-        return make_drafter(self.model, Sampling(), self.lookup, self.draft, self.num_draft)
+        return make_drafter(self.model, self.options, self.draft)
 
     def describe(self, task: str) -> dict:
         prompt = self.prompts[task]

@@ -13,7 +13,7 @@ import mlx.core as mx
 from openelm_mlx.cache import make_cache
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.generate import DEFAULT_NUM_DRAFT, PREFILL_STEP, GenerationStats, generate_tokens, speculate
-from openelm_mlx.options import check_speculation
+from openelm_mlx.options import BENCH_SPECULATION_RULES, check_options, check_speculation
 from openelm_mlx.sample import Sampling
 
 from .plan import run_plan
@@ -25,18 +25,14 @@ WARMUP_TOKENS = 16  # a warm-up pair decodes this many tokens (or -g if fewer)
 
 
 def speculation_settings(prompt_lookup, draft_model, num_draft, backend, generation_tokens) -> Optional[dict]:
-    """The speculation options, checked (their ranges: options.BENCH_RULES); None when neither
-    --prompt-lookup nor --draft-model is given."""
+    """The speculation options, checked (their ranges: options.BENCH_RULES and
+    BENCH_SPECULATION_RULES); None when neither --prompt-lookup nor --draft-model is given."""
     check_speculation(prompt_lookup, draft_model, num_draft)
     if prompt_lookup is None and draft_model is None:
         return None
-    checks = [
-        (backend == "mlx", f"--backend {backend}: speculative decoding is timed on MLX models only (--backend mlx)"),
-        (generation_tokens >= 2, "-g must be at least 2 with speculation: decode tok/s is timed after the first token"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise OpenELMError(message)
+    if backend != "mlx":
+        raise OpenELMError(f"--backend {backend}: speculative decoding is timed on MLX models only (--backend mlx)")
+    check_options({"generation_tokens": generation_tokens}, BENCH_SPECULATION_RULES)
     if draft_model is not None:
         num_draft = num_draft or DEFAULT_NUM_DRAFT
     return {"prompt_lookup": prompt_lookup, "draft_model": draft_model, "num_draft": num_draft}

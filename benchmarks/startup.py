@@ -20,11 +20,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from openelm_mlx.generate import FALLBACK_PROMPT
 from openelm_mlx.loader import DEMO_MODEL
 
 from .machine import machine_info
 
-PROMPT = "Once upon a time"
 MAX_TOKENS = 20
 TARGET_RATIO = 0.35  # issue 10: our start-to-exit time at most 0.35x mlx-lm's
 IMPORTTIME_TOP = 15
@@ -89,7 +89,7 @@ def import_profile(cmd, top: int = IMPORTTIME_TOP) -> dict:
 
 
 def run(trials: int = 5, warmup: int = 1, model: Path = DEMO_MODEL, profile: bool = True) -> dict:
-    cmds = commands(model, PROMPT, MAX_TOKENS)
+    cmds = commands(model, FALLBACK_PROMPT, MAX_TOKENS)
     names = list(cmds)
     results = {
         "schema": "openelm-startup/1",
@@ -97,7 +97,7 @@ def run(trials: int = 5, warmup: int = 1, model: Path = DEMO_MODEL, profile: boo
         "settings": {
             "trials": trials,
             "warmup": warmup,
-            "prompt": PROMPT,
+            "prompt": FALLBACK_PROMPT,
             "max_tokens": MAX_TOKENS,
             "model": str(model),
         },

@@ -12,13 +12,13 @@ from openelm_mlx.config import PRESETS, OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import ready, resolve_dtype
 from openelm_mlx.model import Model
+from openelm_mlx.options import DEFAULT_GROUP_SIZE
 
 from .synthetic import random_weights
 
 FLOATS = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
 QUANTIZED = {"q8": 8, "q4": 4}
 PRECISIONS = (*FLOATS, *QUANTIZED)
-GROUP_SIZE = 64  # mlx-lm's default, and `openelm convert`'s
 RANDOM_NOTE = (
     "random weights of the real shapes (uniform, variance 1/fan_in): speed does not "
     "depend on the weight values, so this runs offline"
@@ -69,7 +69,7 @@ def build_subject(config: OpenELMConfig, make_weights: Callable, precision: str)
         model = Model(config)
         model.load_weights(list(weights.items()))
         if precision in QUANTIZED:
-            nn.quantize(model, group_size=GROUP_SIZE, bits=QUANTIZED[precision])
+            nn.quantize(model, group_size=DEFAULT_GROUP_SIZE, bits=QUANTIZED[precision])
     del weights  # nothing but the model may hold the float source once it is evaluated
     return ready(model, activation_dtype(precision, config))
 

@@ -79,10 +79,19 @@ def compress(name: str, weight: np.ndarray, compression: str, block_size: int, s
 def check_stored(name: str, weight: np.ndarray, stored, dtype):
     """Refuse a stored form the package cannot compute with: every form is decompressed to the
     compute dtype on the device, so a weight past its range is inf there, whether it is stored
-    plainly or as int8/int4 data times a scale that fits, or as a LUT entry."""
+    plainly or as int8/int4 data times a scale that fits, or as a LUT entry. Checked without
+    decompressing (a copy of the weight in float32): a block's largest |data| times its scale is
+    finite in dtype exactly when every product in the block is (rounding is monotonic); a LUT's
+    entries lie within the weights they were fitted to, so its extreme entries (where an inf would
+    be) are the ones its extreme weights use: the LUT is finite exactly when the weights it gives are."""
+    if isinstance(stored, Quantized):
+        peaks = np.abs(stored.data.reshape(len(stored.data), -1, stored.block)).max(axis=-1)  # |int8| <= 127
+        largest = peaks.astype(np.float32) * stored.scale.astype(np.float32)
+    else:
+        largest = stored.lut if isinstance(stored, Palettized) else stored
     with np.errstate(over="ignore", invalid="ignore"):
-        dense = decompress(stored).astype(dtype)
-    if not np.isfinite(dense).all():
+        finite = np.isfinite(np.asarray(largest, np.float32).astype(dtype)).all()
+    if not finite:
         raise OpenELMError(
             f"{name} holds a weight of {float(np.abs(weight).max()):.3g}, past {np.dtype(dtype).name}'s largest "
             f"{float(np.finfo(dtype).max):.0f} (compressed or not, the package computes with {np.dtype(dtype).name} "

@@ -2,16 +2,18 @@
 optionally 4/8-bit, with Apple's chat template for Instruct models. Tensor by tensor, written as
 it goes (openelm_mlx.model_folder), so memory stays near one tensor."""
 
+import sys
 from pathlib import Path
 from typing import Dict, Optional
 
 import mlx.core as mx
 
 from openelm_mlx.checkpoint import build_model, quantized_paths, read_header, read_weights, resolve_source, weight_files
-from openelm_mlx.config import OpenELMConfig
+from openelm_mlx.config import GROUP_SIZES, OpenELMConfig
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import DTYPES, named_dtype
 from openelm_mlx.model_folder import source_name, write_model_folder
+from openelm_mlx.options import CONVERT_RULES, DEFAULT_GROUP_SIZE, QUANT_BITS, check_options
 from openelm_mlx.outputs import check_output
 from openelm_mlx.tokenizer import check_tokenizer_fits, find_tokenizer, is_instruct_model
 
@@ -41,7 +43,7 @@ def convert(
     output,
     dtype: str = "auto",
     bits: Optional[int] = None,
-    group_size: int = 64,
+    group_size: int = DEFAULT_GROUP_SIZE,
     tokenizer: Optional[str] = None,
     quantize_embedding: bool = True,
     chat_template: str = "auto",
@@ -49,10 +51,7 @@ def convert(
 ) -> Path:
     """Write an MLX folder (config.json, model.safetensors, tokenizer files) that both
     openelm_mlx.load and mlx_lm.load read. Returns the output folder."""
-    if bits not in (None, 4, 8):
-        raise OpenELMError(f"--bits must be 4 or 8, got {bits}")
-    if group_size not in (32, 64, 128):
-        raise OpenELMError(f"--group-size must be 32, 64 or 128, got {group_size}")
+    check_options({"bits": bits, "group_size": group_size}, CONVERT_RULES)
     if chat_template not in CHAT_TEMPLATES:
         raise OpenELMError(f"--chat-template must be one of {', '.join(CHAT_TEMPLATES)}, got '{chat_template}'")
     output = Path(output)
@@ -69,7 +68,7 @@ def convert(
     if tok is not None:
         check_tokenizer_fits(tok, config)
 
-    write_model_folder(
+    notice = write_model_folder(
         output,
         config,
         weights,
@@ -87,6 +86,8 @@ def convert(
     notes = [] if tok else ["no tokenizer.model found: pass --tokenizer to include one"]
     if instruct and tok:
         notes.append("Instruct: chat template in tokenizer_config.json")
+    if notice:
+        print(notice, file=sys.stderr)
     print(
         f"wrote {output}: {size / 1e9:.3f} GB, {8 * size / config.num_parameters():.2f} bits per weight"
         + "".join(f" ({note})" for note in notes)
@@ -106,11 +107,15 @@ def add_arguments(parser):
     parser.add_argument(
         "--bits",
         type=int,
-        choices=[4, 8],
+        choices=QUANT_BITS,
         help="quantize weights to 4 or 8 bits (MLX affine, group-wise; default: float weights)",
     )
     parser.add_argument(
-        "--group-size", type=int, default=64, choices=[32, 64, 128], help="weights per quantization group, with --bits"
+        "--group-size",
+        type=int,
+        default=DEFAULT_GROUP_SIZE,
+        choices=GROUP_SIZES,
+        help="weights per quantization group, with --bits",
     )
     parser.add_argument(
         "--no-quantize-embedding",

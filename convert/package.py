@@ -28,7 +28,6 @@ from openelm_mlx.files import (
     integer,
     obj,
     one_of,
-    optional,
     parse_json,
     read_json,
     regular_file,
@@ -37,7 +36,7 @@ from openelm_mlx.files import (
 from openelm_mlx.hf_tokenizer import hf_tokenizer_files
 from openelm_mlx.loader import load_model
 from openelm_mlx.model_folder import source_name
-from openelm_mlx.options import check_options, count
+from openelm_mlx.options import EXPORT_RULES, check_options
 from openelm_mlx.tokenizer import CHAT_TEMPLATE, MAX_TOKENIZER_BYTES, Tokenizer, find_tokenizer
 
 from .compression import BLOCKWISE, IOS_PRESET, Palettized, Quantized, check_stored, compress, quantize_per_tensor
@@ -46,14 +45,9 @@ from .numerics import ffn_scale_exponents, fold_ffn_scales
 EMBEDDING = "transformer.token_embeddings.weight"
 FINAL_NORM = "transformer.norm.weight"
 COMPUTE_DTYPES = {"float16": np.float16, "float32": np.float32}  # --compute-precision
-# iOS's default context: Apple's iPhone GPU path corrupts output once the KV cache reaches 2048
-# (coreai-models #124); the model's max_context_length if smaller.
+# iOS's default context: Apple's is 4096 (_constants.py:29), but its iPhone GPU path corrupts
+# output once the KV cache reaches 2048 (coreai-models #124); the model's max_context_length if smaller.
 IOS_CONTEXT = 1024
-# The exporters' numeric options; each is checked against the model once it is loaded as well.
-EXPORT_OPTION_RULES = {
-    "context": optional(count(1, 1 << 20)),
-    "block_size": count(1, 1 << 16),
-}
 
 
 @dataclass
@@ -207,9 +201,9 @@ def ios_form(name: str, weight: np.ndarray, compression: str, block_size: int, s
 
 
 def check_export_options(context: Optional[int], block_size: int):
-    """The exporters' numeric options in their ranges (EXPORT_OPTION_RULES), before anything is
+    """The exporters' numeric options in their ranges (options.EXPORT_RULES), before anything is
     imported or read; describe() checks them against the model."""
-    check_options({"context": context, "block_size": block_size}, EXPORT_OPTION_RULES)
+    check_options({"context": context, "block_size": block_size}, EXPORT_RULES)
 
 
 def require(module: str, extra: str):
@@ -487,7 +481,7 @@ def tokenizer_files(tok: Tokenizer, instruct: bool, context: int) -> Dict[str, b
     tokenizer/): tokenizer.json and tokenizer_config.json (+ chat_template.jinja for an Instruct
     model) for the Swift runners, and tokenizer.model for our own loading (sentencepiece). Built
     before anything is written: an unusable tokenizer is refused first."""
-    return hf_tokenizer_files(tok.path, instruct, context) | {"tokenizer.model": Path(tok.path).read_bytes()}
+    return hf_tokenizer_files(tok, instruct, context) | {"tokenizer.model": tok.data}
 
 
 def write_files(folder: Path, files: Dict[str, bytes]):

@@ -20,7 +20,7 @@ from openelm_mlx.cache import make_cache
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.loader import load_model
 from openelm_mlx.model import Model
-from openelm_mlx.options import check_options, count
+from openelm_mlx.options import VERIFY_RULES, check_options
 from openelm_mlx.tokenizer import find_tokenizer
 
 from .compression import BITS, IOS_PRESET
@@ -35,7 +35,8 @@ from .package import (
     tokenizer_path,
 )
 
-DEFAULT_PROMPT = "Once upon a time there was a little model that wanted to write stories about the sea and the stars."
+# verify's prefill when no --prompt is given (clipped to the context); generate's is generate.FALLBACK_PROMPT.
+VERIFY_PROMPT = "Once upon a time there was a little model that wanted to write stories about the sea and the stars."
 # Logits tolerance, relative to the largest |logit| (at least 1.0), per compute precision.
 # float16 keeps 11 significant bits: each rounding errs by <= 2**-11 (4.9e-4) relative. A logit goes
 # through ~4 roundings per layer at activation scale; random-walk accumulation over 16 layers gives
@@ -100,7 +101,7 @@ class VerifyReport:
         return not self.weight_problems and all(b.ok for b in self.backends)
 
 
-def check_weights(package_w: Dict[str, np.ndarray], source_w: Dict[str, np.ndarray], info: PackageInfo):
+def compare_weights(package_w: Dict[str, np.ndarray], source_w: Dict[str, np.ndarray], info: PackageInfo):
     """(problems, worst relative error) of the package's weights (float32, decompressed) against
     the source model's (FFN scales folded in, as stored): plain weights must equal the source
     rounded to their stored dtype (norms float32, others the compute precision), compressed ones
@@ -143,7 +144,7 @@ def check_weights(package_w: Dict[str, np.ndarray], source_w: Dict[str, np.ndarr
 def prompt_tokens(tokenizer, prompt: Optional[str], context: int, steps: int) -> Tuple[List[int], int]:
     """(tokens, steps) that fit the context. The default prompt is clipped to fit any context (and
     the steps to what is left after one token); a prompt of the user's must fit as it is."""
-    tokens = tokenizer.encode(prompt or DEFAULT_PROMPT)
+    tokens = tokenizer.encode(prompt or VERIFY_PROMPT)
     if prompt is None:
         tokens = tokens[: max(1, context - steps)]
         return tokens, min(steps, context - len(tokens))
@@ -213,7 +214,7 @@ def verify_package(
             )
     expected = fold_ffn_scales(model_weights(source), info.ffn_scale_exponents)
     stored = package_weights(list(expected))
-    problems, worst = check_weights(stored, expected, info)
+    problems, worst = compare_weights(stored, expected, info)
 
     beside = Path(beside or tokenizer_path(package))
     if tokenizer or os.path.lexists(beside):
@@ -270,4 +271,4 @@ def add_verify_arguments(parser, suffix: str, exporter: str):
 
 
 def check_verify_options(steps: int):
-    check_options({"steps": steps}, {"steps": count(0, 1 << 20)})
+    check_options({"steps": steps}, VERIFY_RULES)

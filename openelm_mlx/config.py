@@ -57,8 +57,9 @@ FIELD_RULES = {
     "quantization": optional(obj),
 }
 # mlx-lm's quantization entry; the bits and group sizes are those MLX's affine mode supports.
+GROUP_SIZES = (32, 64, 128)
 QUANTIZATION_RULES = {
-    "group_size": one_of(32, 64, 128),
+    "group_size": one_of(*GROUP_SIZES),
     "bits": one_of(1, 2, 3, 4, 5, 6, 8),
     "mode": one_of("affine"),
 }

@@ -141,9 +141,9 @@ def rule(ok: Callable[[object], bool], needs: str) -> Rule:
     return lambda v: None if ok(v) else f"{needs}, got {shown(v)}"
 
 
-def integer(low: int, high: int) -> Rule:
+def integer(low: int, high: int, why: str = "") -> Rule:
     # type(), not isinstance: bool is an int subclass, and JSON's true is no count
-    return rule(lambda v: type(v) is int and low <= v <= high, f"must be an integer from {low} to {high:,}")
+    return rule(lambda v: type(v) is int and low <= v <= high, f"must be an integer from {low} to {high:,}{why}")
 
 
 def number(low: float, high: float) -> Rule:

@@ -25,26 +25,18 @@ PREFILL_STEP = 2048  # prompt tokens per forward pass: bounds the activations' m
 
 
 @dataclass
-class GenerationOptions:
+class GenerationOptions(Sampling):
     """How to generate, besides the model and the prompt: `openelm generate`'s and `chat`'s
-    options (their ranges: options.generation_rules). Speculative decoding is lossless: the same
-    text greedily, the same distribution when sampling."""
+    options (their ranges: options.generation_rules). The sampling fields (temp, top_p, top_k,
+    min_p, repetition_penalty) are Sampling's: the options are the draw's filters and the rest.
+    Speculative decoding is lossless: the same text greedily, the same distribution when sampling."""
 
     max_tokens: Optional[int] = None  # None: DEFAULT_MAX_TOKENS, or what remains of the context if less
-    temp: float = 0.0  # 0: greedy
-    top_p: float = 0.0  # 0 or 1: off
-    top_k: int = 0  # 0: off
-    min_p: float = 0.0  # 0: off
-    repetition_penalty: Optional[float] = None  # None or 1: off
     seed: Optional[int] = None  # None: MLX's own
     stop: Sequence[str] = ()  # stop before the first of these strings
     truncate: bool = False  # cut the prompt's start (keeping BOS) to fit the context, instead of failing
     prompt_lookup: Optional[int] = None  # draft up to K tokens by matching the last tokens earlier in the text
     num_draft: Optional[int] = None  # tokens a draft model proposes per step (None: DEFAULT_NUM_DRAFT)
-
-    @property
-    def sampling(self) -> Sampling:
-        return Sampling(self.temp, self.top_p, self.top_k, self.min_p, self.repetition_penalty)
 
     def check(self, vocab_size: int, context: int, draft_model=None):
         """Refuse values that would sample from nothing, from something else than asked, or
@@ -237,8 +229,7 @@ def stream_generate(
     draft_model (a smaller OpenELM with the same tokenizer) drafts for speculative decoding."""
     options = options or GenerationOptions()
     options.check(tokenizer.vocab_size, model.config.max_context_length, draft_model)
-    sampling = options.sampling
-    drafter = make_drafter(model, sampling, options.prompt_lookup, draft_model, options.num_draft)
+    drafter = make_drafter(model, options, draft_model)
     tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not tokens:
         raise OpenELMError("the prompt is empty")
@@ -255,9 +246,9 @@ def stream_generate(
     mx.reset_peak_memory()
     start = time.perf_counter()
     if drafter is None:
-        steps = generate_tokens(model, fitted, cache, max_tokens, sampling)
+        steps = generate_tokens(model, fitted, cache, max_tokens, options)
     else:
-        steps = speculate(model, fitted, cache, max_tokens, sampling, drafter, stats)
+        steps = speculate(model, fitted, cache, max_tokens, options, drafter, stats)
     for n, token in enumerate(steps):
         now = time.perf_counter()
         if n == 0:
@@ -281,10 +272,11 @@ def stream_generate(
     yield GenerationChunk(text + stopper.pending, None, stats)
 
 
-def make_drafter(model, sampling: Sampling, prompt_lookup: Optional[int], draft_model, num_draft: Optional[int]):
-    """What proposes tokens for speculative decoding, or None for plain decoding."""
-    if prompt_lookup:
-        return PromptLookup(prompt_lookup)
+def make_drafter(model, options: GenerationOptions, draft_model):
+    """What proposes tokens for speculative decoding (options.prompt_lookup, or draft_model drafting
+    options.num_draft as options sample), or None for plain decoding."""
+    if options.prompt_lookup:
+        return PromptLookup(options.prompt_lookup)
     if draft_model is None:
         return None
     if draft_model.config.vocab_size != model.config.vocab_size:
@@ -292,7 +284,7 @@ def make_drafter(model, sampling: Sampling, prompt_lookup: Optional[int], draft_
             f"the draft model's vocab_size {draft_model.config.vocab_size} differs from the model's "
             f"{model.config.vocab_size}: a draft model must share the model's tokenizer"
         )
-    return DraftModel(draft_model, sampling, num_draft or DEFAULT_NUM_DRAFT)
+    return DraftModel(draft_model, options, options.num_draft or DEFAULT_NUM_DRAFT)
 
 
 def generate(model, tokenizer: Tokenizer, prompt: Union[str, List[int]], draft_model=None, **options) -> str:

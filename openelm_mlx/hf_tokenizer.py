@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import tokenizers
 from sentencepiece import sentencepiece_model_pb2
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+from tokenizers import AddedToken, decoders, models, normalizers, processors
 
 from .errors import OpenELMError
-from .files import read_bytes
-from .tokenizer import CHAT_TEMPLATE, MAX_TOKENIZER_BYTES
+from .tokenizer import CHAT_TEMPLATE, Tokenizer
 
 # The Swift runners and mlx-lm encode a rendered template without special tokens: it emits BOS.
 TOKENIZER_CHAT_TEMPLATE = "{{ bos_token }}" + CHAT_TEMPLATE
@@ -22,12 +22,13 @@ SPECIAL = (Piece.UNKNOWN, Piece.CONTROL)
 
 
 def hf_tokenizer_files(
-    sp_model: Path, instruct: bool = True, model_max_length: Optional[int] = None
+    sp_model: Tokenizer, instruct: bool = True, model_max_length: Optional[int] = None
 ) -> Dict[str, bytes]:
     """{"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} for the sentencepiece
-    model at `sp_model`, same bytes for the same model. A base model (`instruct` False) gets no
-    chat template: a template is what tells mlx-lm and our loader to format chat turns."""
-    proto = read_proto(Path(sp_model))
+    model `sp_model` (its bytes as Tokenizer read them), same bytes for the same model. A base
+    model (`instruct` False) gets no chat template: a template is what tells mlx-lm and our loader
+    to format chat turns."""
+    proto = read_proto(sp_model)
     tokenizer = build_tokenizer(proto)
     files = {
         "tokenizer.json": tokenizer.to_str(pretty=True).encode() + b"\n",
@@ -38,13 +39,11 @@ def hf_tokenizer_files(
     return files
 
 
-def read_proto(path: Path):
+def read_proto(sp_model: Tokenizer):
+    """The model's pieces and settings (sentencepiece parsed the same bytes when it was loaded)."""
     proto = sentencepiece_model_pb2.ModelProto()
-    try:
-        proto.ParseFromString(read_bytes(path, MAX_TOKENIZER_BYTES))
-    except Exception:  # protobuf's DecodeError and its C++ twin share no public base
-        raise OpenELMError(f"{path} is not a sentencepiece model: pass LLaMA-2's tokenizer.model") from None
-    check_llama_form(path, proto)
+    proto.ParseFromString(sp_model.data)
+    check_llama_form(sp_model.path, proto)
     return proto
 
 
@@ -89,7 +88,7 @@ def vocab_and_merges(proto) -> Tuple[Dict[str, int], List[Tuple[str, str]]]:
     return vocab, [(r[4], r[5]) for r in ranked]
 
 
-def build_tokenizer(proto) -> Tokenizer:
+def build_tokenizer(proto) -> tokenizers.Tokenizer:
     """The legacy LLaMA form (transformers' LlamaConverter with legacy=True, the hub's Llama-2
     tokenizer.json): sentencepiece's dummy prefix as a Prepend normalizer, so the text after a
     special token starts with "▁" too, as sentencepiece encodes each part of our Tokenizer.encode.
@@ -97,7 +96,7 @@ def build_tokenizer(proto) -> Tokenizer:
     "▁▁" pieces of runs of spaces: hence no pre-tokenizer."""
     vocab, merges = vocab_and_merges(proto)
     unk, bos = (proto.pieces[i].piece for i in (proto.trainer_spec.unk_id, proto.trainer_spec.bos_id))
-    tokenizer = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    tokenizer = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]

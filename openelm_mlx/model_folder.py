@@ -6,9 +6,7 @@ same model and the same tokenizer from it. Tensors are streamed, one at a time."
 
 import dataclasses
 import json
-import shutil
 import struct
-import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -20,6 +18,7 @@ from .config import OpenELMConfig
 from .hf_tokenizer import hf_tokenizer_files
 from .loader import DTYPES
 from .mlx_swift_lm import mlx_swift_lm_notice
+from .options import DEFAULT_GROUP_SIZE
 from .outputs import staged_output
 from .progress import progress_bar
 from .tokenizer import Tokenizer
@@ -53,17 +52,18 @@ def write_model_folder(
     tokenizer: Optional[Tokenizer] = None,
     instruct: bool = False,
     bits: Optional[int] = None,
-    group_size: int = 64,
+    group_size: int = DEFAULT_GROUP_SIZE,
     quantize_embedding: bool = True,
     force: bool = False,
     reads: Iterable = (),
-) -> Path:
+) -> Optional[str]:
     """Write `weights` (Hugging Face names; consumed) as a folder at `output`, floats stored in
     `dtype` and, with `bits`, linear layers quantized the way mlx-lm quantizes them. Everything is
     written into a temporary folder beside `output` and put in place at the end (outputs.py);
     `reads` are what the run reads, which --force must never delete. With a tokenizer, the folder
     also holds tokenizer.json and tokenizer_config.json (hf_tokenizer.py) for the runners without
-    sentencepiece, the chat template too for an `instruct` model."""
+    sentencepiece, the chat template too for an `instruct` model. Returns mlx-swift-lm's one-line
+    notice for the command to print when that runner would rebuild this config differently, else None."""
     output = Path(output)
     plan = plan_tensors(weights, dtype, bits, group_size, quantize_embedding)
     config = dataclasses.replace(
@@ -78,7 +78,7 @@ def write_model_folder(
 
     hf_files = {}
     if tokenizer is not None:  # before anything is written: a tokenizer it cannot reproduce is an error
-        hf_files = hf_tokenizer_files(tokenizer.path, instruct, config.max_context_length)
+        hf_files = hf_tokenizer_files(tokenizer, instruct, config.max_context_length)
     with staged_output(output, force, reads) as tmp:
         tmp.mkdir()
         write_weights(tmp, plan, weights, dtype, bits, group_size)
@@ -87,13 +87,10 @@ def write_model_folder(
             tmp / "generation_config.json", {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
         )
         if tokenizer is not None:
-            shutil.copyfile(tokenizer.path, tmp / "tokenizer.model")  # what our own loader reads
+            (tmp / "tokenizer.model").write_bytes(tokenizer.data)  # what our own loader reads
         for name, data in hf_files.items():
             (tmp / name).write_bytes(data)
-    notice = mlx_swift_lm_notice(config)  # the folder is written; say where it will not run as it is
-    if notice:
-        print(notice, file=sys.stderr)
-    return output
+    return mlx_swift_lm_notice(config)  # the folder is written; where it will not run as it is
 
 
 def write_json(path: Path, value: dict):

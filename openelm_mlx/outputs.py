@@ -111,6 +111,26 @@ def check_output(output: Path, force: bool, reads: Iterable = ()):
         )
 
 
+def check_outputs(outputs: Sequence, force: bool, reads: Iterable = (), room: int = 0):
+    """check_output for each of `outputs`. With `room`, that many bytes are also written beside
+    the first and removed again, with the folders made for them: a read-only or full filesystem,
+    or a folder name too long, then fails now rather than after a long run (`openelm bench`)."""
+    outputs, reads = [Path(o) for o in outputs], list(reads)
+    for output in outputs:
+        check_output(output, force, reads)
+    if room:
+        try:
+            with staged_output(outputs[0], force=True) as tmp:
+                tmp.write_bytes(b" " * room)
+                raise _Probed()  # leaves the block without placing anything
+        except _Probed:
+            pass
+
+
+class _Probed(Exception):
+    """Ends check_outputs' probe: its file and the folders made for it are removed."""
+
+
 def _name_max(folder: Path) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")
@@ -184,9 +204,7 @@ def staged_outputs(outputs: Sequence, force: bool = False, reads: Iterable = ())
             write(tmp)            # a file or a folder, created by the caller
     """
     outputs = [Path(o) for o in outputs]
-    reads = list(reads)
-    for output in outputs:
-        check_output(output, force, reads)
+    check_outputs(outputs, force, reads)
     temps, created = [], []
     try:
         for output in outputs:

@@ -17,7 +17,8 @@ REPETITION_CONTEXT = 20  # tokens the repetition penalty looks back over, as in 
 
 @dataclass
 class Sampling:
-    """The filters of one draw (their ranges: options.generation_rules)."""
+    """The filters of one draw (their ranges: options.generation_rules); generate.GenerationOptions
+    is these and the rest of generate's options."""
 
     temp: float = 0.0  # 0: greedy
     top_p: float = 0.0  # 0 or 1: off

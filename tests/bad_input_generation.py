@@ -43,10 +43,10 @@ SAMPLING = [
     ("seed-negative", ("--seed", "-1"), "--seed must be an integer from 0 to 18,446,744,073,709,551,615"),
     ("seed-beyond-64-bits", ("--seed", str(2**64)), "--seed must be an integer from 0 to 18,446,744,073,709,551,615"),
     ("max-tokens-negative", ("--max-tokens", "-3"), "--max-tokens must be at least 1"),
-    ("prompt-lookup-negative", ("--prompt-lookup", "-1"), "--prompt-lookup must be from 1 to 64"),
-    ("prompt-lookup-huge", ("--prompt-lookup", "1000"), "--prompt-lookup must be from 1 to 64"),
+    ("prompt-lookup-negative", ("--prompt-lookup", "-1"), "--prompt-lookup must be an integer from 1 to 64"),
+    ("prompt-lookup-huge", ("--prompt-lookup", "1000"), "--prompt-lookup must be an integer from 1 to 64"),
     ("num-draft-alone", ("--num-draft", "3"), "--num-draft needs --draft-model"),
-    ("num-draft-0", ("--draft-model", "{model}", "--num-draft", "0"), "--num-draft must be from 1 to 64"),
+    ("num-draft-0", ("--draft-model", "{model}", "--num-draft", "0"), "--num-draft must be an integer from 1 to 64"),
     ("lookup-and-draft", ("--prompt-lookup", "4", "--draft-model", "{model}"), "are alternatives"),
     ("draft-missing", ("--draft-model", "./no-such-draft"), "no model folder at './no-such-draft'"),
 ]

@@ -325,7 +325,7 @@ def test_cli_writes_outputs_and_refuses_to_overwrite(tiny_checkpoint, tmp_path, 
     with pytest.raises(SystemExit) as e:
         cli_main(argv)
     assert e.value.code == 1
-    assert "already holds results.json" in capsys.readouterr().err
+    assert "results.json already exists: choose another output or pass --force" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -160,10 +160,13 @@ def test_failures_are_recorded_per_entry(tiny_checkpoint, draft_checkpoint):
     [
         (dict(prompt_lookup=4, draft_model="270M"), "--prompt-lookup and --draft-model are alternatives"),
         (dict(num_draft=4), "--num-draft needs --draft-model"),
-        (dict(prompt_lookup=0), "--prompt-lookup must be from 1 to 64, got 0"),
-        (dict(prompt_lookup=65), "--prompt-lookup must be from 1 to 64, got 65"),
-        (dict(draft_model="270M", num_draft=0), "--num-draft must be from 1 to 64"),
-        (dict(prompt_lookup=4, generation_tokens=1), "-g must be at least 2"),
+        (dict(prompt_lookup=0), "--prompt-lookup must be an integer from 1 to 64, got 0"),
+        (dict(prompt_lookup=65), "--prompt-lookup must be an integer from 1 to 64, got 65"),
+        (dict(draft_model="270M", num_draft=0), "--num-draft must be an integer from 1 to 64"),
+        (
+            dict(prompt_lookup=4, generation_tokens=1),
+            "--generation-tokens must be an integer from 2 to 1,048,576 with speculation",
+        ),
     ],
 )
 def test_bad_options(kwargs, message):

@@ -98,7 +98,7 @@ def test_spec_is_swift_transformers_contract(tiny_checkpoint, packages):
     assert "<|assistant|>" in meta["openelm.chat_template"] and meta["openelm.toolkit_version"]
     beside = tokenizer_folder(summary["output"])
     assert summary["tokenizer"] == str(beside)
-    files = hf_tokenizer_files(tiny_checkpoint / "tokenizer.model", False, CONTEXT)  # a base model: no template
+    files = hf_tokenizer_files(find_tokenizer(tiny_checkpoint), False, CONTEXT)  # a base model: no template
     files["tokenizer.model"] = (tiny_checkpoint / "tokenizer.model").read_bytes()
     assert {p.name: p.read_bytes() for p in beside.iterdir()} == files
     # The fp16 weights once (2 bytes/parameter), the float32 norms and RoPE tables besides.

@@ -57,7 +57,7 @@ def test_shipped_files_and_config():
 def test_tokenizer_matches_config(demo):
     model, tokenizer = demo
     # The shipped folder holds what the one model-folder writer writes for a base model.
-    files = hf_tokenizer_files(tokenizer.path, instruct=False, model_max_length=model.config.max_context_length)
+    files = hf_tokenizer_files(tokenizer, instruct=False, model_max_length=model.config.max_context_length)
     assert {name: (DEMO_MODEL / name).read_bytes() for name in files} == files
     c = model.config
     assert (c.vocab_size, c.bos_token_id, c.eos_token_id) == (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)

@@ -43,9 +43,6 @@ from .graph import feed_forward, named_constant, rms_norm, rope, u32, weight
 
 QUERY_LENGTHS = (8, 16, 64)  # Apple's IOS_STATIC_QUERY_LENS (coreai-models models/base.py:864)
 SMALLEST_CONTEXT = 256  # IOS_STATIC_MIN_CACHE_LEN, doubling up to the context (base.py:867, 1008-1030)
-# Apple's iOS default is 4096 (_constants.py:29), but its GPU path corrupts output once the KV
-# cache reaches 2048 on iPhones (coreai-models #124): 1024 until that is fixed.
-IOS_CONTEXT = 1024
 MASKED = -40000.0  # what the engine writes where a query may not look (CoreAIStaticShapeEngine.swift:312)
 
 

@@ -30,7 +30,7 @@ class GrowingState:
     `capacity` and double (capped at max) when a call needs more. A static dimension (ours: T = the
     context) is never resized: resolvingDynamicDimensions only replaces -1 (:92-93, :113-114), so
     the buffers are full size from the start and growing only copies them whole (copyCache :148-183
-    with old length = new length)."""
+    with old length = new length), which the twin skips: the values are the same."""
 
     def __init__(self, specs: Dict[str, tuple], capacity: int, max_capacity: int):
         from coreai.runtime import NDArray
@@ -58,9 +58,11 @@ class GrowingState:
             capacity = min(capacity * 2, self.max_capacity)
         self.capacity = capacity
         for name, (shape, dtype) in self.specs.items():
+            seq = next((i for i, d in enumerate(shape) if d < 0), None)  # :85: the dynamic dimension
+            if seq is None:  # static: the Swift's copy into a buffer of the same shape changes nothing
+                continue
             old = self.arrays[name].numpy()
             new = np.zeros(self._shape(shape), dtype)
-            seq = next((i for i, d in enumerate(shape) if d < 0), len(shape) - 2)  # :85: the dynamic dim
             index = (slice(None),) * seq + (slice(0, old.shape[seq]),)  # copyCache: the old buffer's length
             new[index] = old[index]
             self.arrays[name] = NDArray(new)
