@@ -12,7 +12,7 @@ import numpy as np
 
 from openelm_mlx.errors import OpenELMError
 
-from .package import PackageInfo
+from .package_input import PackageInfo
 
 
 class PackageRunner:

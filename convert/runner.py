@@ -9,12 +9,12 @@ import mlx.core as mx
 
 from openelm_mlx.errors import OpenELMError
 
-from .coreai.bundle import check_static_functions, engine_kind, read_bundle
-from .coreai.runtime import function_names, package_info
+from .coreai.bundle import Bundle, engine_kind, read_bundle
+from .coreai.runtime import read_model
 from .coreai.sequential_engine import SequentialEngine
 from .coreai.static_engine import StaticShapeEngine
 from .coreml.swift_transformers import CoreMLRunner
-from .package import package_tokenizer
+from .package_input import PackageInfo, package_tokenizer
 from .package_runner import PackageRunner
 
 # backend -> the package it runs, and what runs it
@@ -40,14 +40,18 @@ def open_runner(package, backend: str) -> PackageRunner:
 
 
 def open_bundle(bundle, chunk_threshold=None) -> PackageRunner:
-    """A Core AI bundle behind the engine twin that the stock runner would pick (bundle.engine_kind)."""
+    """A Core AI bundle behind the engine twin that the stock runner would pick; its model read
+    (every field against the program, main.mlirb hashed) once."""
     bundle = read_bundle(bundle)
-    package_info(bundle)  # every field against the program, before the engine sizes anything by them
-    names = function_names(bundle)
-    if engine_kind(names) == "static":
-        check_static_functions(bundle, names)
-        return StaticShapeEngine(bundle, names)
-    return SequentialEngine(bundle, chunk_threshold)
+    return start_engine(bundle, *read_model(bundle), chunk_threshold)
+
+
+def start_engine(bundle: Bundle, info: PackageInfo, graph: dict, chunk_threshold=None) -> PackageRunner:
+    """The engine twin for a bundle whose model is read (runtime.read_model): chosen by its
+    functions as EngineFactory.swift does (bundle.engine_kind)."""
+    if engine_kind(list(graph)) == "static":
+        return StaticShapeEngine(bundle, info, list(graph))
+    return SequentialEngine(bundle, info, chunk_threshold)
 
 
 class PackageModel:

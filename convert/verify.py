@@ -25,15 +25,8 @@ from openelm_mlx.tokenizer import find_tokenizer
 
 from .compression import BITS, IOS_PRESET
 from .numerics import fold_ffn_scales
-from .package import (
-    EMBEDDING,
-    PackageInfo,
-    check_tokenizer,
-    is_norm,
-    model_weights,
-    package_tokenizer,
-    tokenizer_path,
-)
+from .package import EMBEDDING, is_norm, model_weights
+from .package_input import PackageInfo, check_tokenizer, package_tokenizer, tokenizer_path
 
 # verify's prefill when no --prompt is given (clipped to the context); generate's is generate.FALLBACK_PROMPT.
 VERIFY_PROMPT = "Once upon a time there was a little model that wanted to write stories about the sea and the stars."

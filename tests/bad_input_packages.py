@@ -1,7 +1,8 @@
 """Bad-input rows for exported packages read as input (issue 20 part 1): a Core AI bundle (float32,
-context 96) and a Core ML package with its tokenizer folder, copied from the session's exports and
-damaged per row: edited openelm.* metadata, edited bundle metadata.json, tokenizers of another
-size, non-regular files where a package file belongs, and programs edited with their hash
+context 96), an iOS one (static shapes, context 128) and a Core ML package with its tokenizer
+folder, copied from the session's exports and damaged per row: edited openelm.* metadata, edited
+bundle metadata.json, metadata that agrees with itself but not with the program, tokenizers of
+another size, non-regular files where a package file belongs, and programs edited with their hash
 rewritten (Apple's runtime aborts on them: probe.py isolates it). docs/packages.md lists which
 check guards each field and file."""
 
@@ -10,10 +11,13 @@ import json
 from pathlib import Path
 
 from bad_input import DELETE, Row, Work, assign, category, special
+from conftest import tiny_config
 
 GEN_AI = ("generate", "--backend", "coreai", "--model", "{model}/b", "-p", "hi", "--max-tokens", "2")
+GEN_IOS = ("generate", "--backend", "coreai", "--model", "{model}/ib", "-p", "hi", "--max-tokens", "2")
 GEN_ML = ("generate", "--backend", "mil-reference", "--model", "{model}/p.mlpackage", "-p", "hi", "--max-tokens", "2")
 VERIFY_AI = ("verify-coreai", "{model}/b", "--model", "{model}/ckpt", "--steps", "1")
+VERIFY_IOS = ("verify-coreai", "{model}/ib", "--model", "{model}/ckpt", "--steps", "1")
 VERIFY_ML = ("verify-coreml", "{model}/p.mlpackage", "--model", "{model}/ckpt", "--steps", "1")
 BENCH_AI = ("bench", "--backend", "coreai", "--models", "{model}/b", "--out", "{out}", "-p", "4", "-g", "2")
 BENCH_AI += ("--trials", "1", "--warmup", "0")
@@ -22,16 +26,16 @@ COREML_WEIGHTS = "p.mlpackage/Data/com.apple.CoreML/weights/weight.bin"
 REEXPORT = "re-export"
 
 
-def asset(work: Work) -> Path:
+def asset(work: Work, bundle: str = "b") -> Path:
     """The bundle's model folder (b/<export name>.aimodel)."""
-    return next((work.model / "b").glob("*.aimodel"))
+    return next((work.model / bundle).glob("*.aimodel"))
 
 
-def ai_meta(**changes):
+def ai_meta(bundle: str = "b", **changes):
     """Set (or remove) openelm.* keys of the bundle model's own metadata.json (all strings)."""
 
     def setup(work: Work):
-        path = asset(work) / "metadata.json"
+        path = asset(work, bundle) / "metadata.json"
         raw = json.loads(path.read_text())
         assign(raw["creatorDefinedMetadata"], {f"openelm.{k.replace('__', '.')}": v for k, v in changes.items()})
         path.write_text(json.dumps(raw))
@@ -43,9 +47,9 @@ def ai_meta_text(text: str):
     return lambda work: (asset(work) / "metadata.json").write_text(text)
 
 
-def bundle_language(**changes):
+def bundle_language(bundle: str = "b", **changes):
     def setup(work: Work):
-        path = work.model / "b" / "metadata.json"
+        path = work.model / bundle / "metadata.json"
         raw = json.loads(path.read_text())
         assign(raw["language"], changes)
         path.write_text(json.dumps(raw))
@@ -118,6 +122,10 @@ def both(*setups):
 
 SMALLER = dict(context_length="64", prefill_length="64")
 GRAPH_CONTEXT = "its metadata says 64 (context) but the program's KV-cache length is 96"
+# Metadata that agrees with itself (the vocab_size, the config's, a bundle's language.vocab_size)
+# but not with the program, whose logits are 384 wide: only check_graph can tell.
+VOCAB_320 = dict(vocab_size="320", config=json.dumps(tiny_config(vocab_size=320).to_dict()))
+GRAPH_VOCAB = "its metadata says 320 (vocab_size) but the program's logits size is 384"
 NESTED = "[" * 100000 + "]" * 100000
 CONFIG_LIST = json.dumps([1, 2, 3])
 METADATA = [
@@ -177,6 +185,18 @@ PACKAGE_ROWS = category(
         both(ai_meta(vocab_size="320"), bundle_language(vocab_size=320)),
         "the config's vocab_size",
     ),
+    Row("coreml-graph.vocab-other", GEN_ML, ml_meta(**VOCAB_320), GRAPH_VOCAB),
+    Row("verify-coreml.graph-vocab-other", VERIFY_ML, ml_meta(**VOCAB_320), GRAPH_VOCAB),
+    Row("coreai-graph.vocab-other", GEN_AI, both(ai_meta(**VOCAB_320), bundle_language(vocab_size=320)), GRAPH_VOCAB),
+    *[
+        Row(
+            f"{name}.vocab-other",
+            command,
+            both(ai_meta("ib", **VOCAB_320), bundle_language("ib", vocab_size=320)),
+            GRAPH_VOCAB,
+        )
+        for name, command in (("ios-graph", GEN_IOS), ("verify-ios-graph", VERIFY_IOS))
+    ],
     Row("verify-coreai.vocab-other", VERIFY_AI, ai_meta(vocab_size="320"), "the config's vocab_size is 384"),
     Row(
         "verify-coreml.config-list", VERIFY_ML, ml_meta(config=CONFIG_LIST), "field 'openelm.config' must be an object"

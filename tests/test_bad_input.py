@@ -78,10 +78,15 @@ def bases(
 
 
 def packages(folder: Path, checkpoint: Path, exported) -> Path:
-    """ckpt/ (the tiny checkpoint), b/ (a float32 Core AI bundle of it), p.mlpackage and its
-    p.tokenizer/: the session's exports, copied for the package rows to damage."""
+    """ckpt/ (the tiny checkpoint), b/ (a float32 Core AI bundle of it), ib/ (an iOS one: one
+    context, one query length), p.mlpackage and its p.tokenizer/: the session's exports, copied
+    for the package rows to damage."""
+    from openelm_mlx.convert.coreai.export import export_coreai
+    from openelm_mlx.convert.coreai.ios_graph import StaticShapes
+
     shutil.copytree(checkpoint, folder / "ckpt")
     shutil.copytree(exported("coreai", checkpoint, precision="float32")["output"], folder / "b")
+    export_coreai(checkpoint, folder / "ib", target="ios", context=128, static_shapes=StaticShapes((128,), (8,)))
     coreml = exported("coreml", checkpoint)
     shutil.copytree(coreml["output"], folder / "p.mlpackage")
     shutil.copytree(coreml["tokenizer"], folder / "p.tokenizer")

@@ -19,12 +19,14 @@ from conftest import EXPORT_CONTEXT, assert_clean_error, run_cli, tiny_config  #
 from openelm_mlx import generate, load  # noqa: E402
 from openelm_mlx.apps.cli import main as cli  # noqa: E402
 from openelm_mlx.config import PRESETS, OpenELMConfig  # noqa: E402
+from openelm_mlx.convert.coreai import runtime  # noqa: E402
 from openelm_mlx.convert.coreai.bundle import check_static_functions, engine_kind, read_bundle  # noqa: E402
-from openelm_mlx.convert.coreai.export import AUTHOR, LICENSE, export_coreai, kv_bytes  # noqa: E402
+from openelm_mlx.convert.coreai.export import AUTHOR, LICENSE, export_coreai  # noqa: E402
 from openelm_mlx.convert.coreai.graph import STATES, cache_shape  # noqa: E402
 from openelm_mlx.convert.coreai.sequential_engine import GrowingState, SequentialEngine  # noqa: E402
 from openelm_mlx.convert.coreai.verify import verify_coreai  # noqa: E402
 from openelm_mlx.convert.coreai.weights import named_constants, resources  # noqa: E402
+from openelm_mlx.convert.export import kv_bytes  # noqa: E402
 from openelm_mlx.convert.package import Layer, PackageDescription  # noqa: E402
 from openelm_mlx.convert.runner import open_bundle  # noqa: E402
 from openelm_mlx.errors import OpenELMError  # noqa: E402
@@ -162,6 +164,18 @@ def test_float32_bundle_matches_mlx_closely(tiny_checkpoint, bundles):
     # float32 compute, float16 logits (what the stock engines read): one float16 rounding (2**-11 of
     # the largest |logit| at most) and float32's own error; tolerance = 1e-3 * the largest |logit|
     assert max(s.max_abs_diff for s in coreai.steps) < 2.0**-10 * coreai.tolerance / 1e-3
+
+
+def test_main_mlirb_is_hashed_once_per_open_and_verify(tiny_checkpoint, bundles, monkeypatch):
+    """runtime.read_model hashes main.mlirb once and passes the program along: opening a bundle,
+    and verifying one (its reader and its engine), check the hash once each."""
+    hashed, check = [], runtime.check_integrity
+    monkeypatch.setattr(runtime, "check_integrity", lambda package: hashed.append(package) or check(package))
+    bundle = bundles(tiny_checkpoint, precision="float32")["output"]
+    open_bundle(bundle).close()
+    assert len(hashed) == 1
+    assert verify_coreai(bundle, tiny_checkpoint, steps=1).ok
+    assert len(hashed) == 2
 
 
 def test_demo_model_float16_gives_mlx_greedy_tokens(bundles, calls):

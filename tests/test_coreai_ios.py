@@ -18,11 +18,13 @@ from conftest import assert_clean_error, run_cli, tiny_config  # noqa: E402
 from openelm_mlx.convert.coreai.bundle import read_bundle  # noqa: E402
 from openelm_mlx.convert.coreai.export import export_coreai  # noqa: E402
 from openelm_mlx.convert.coreai.ios_graph import MASKED, StaticShapes  # noqa: E402
-from openelm_mlx.convert.coreai.runtime import function_names  # noqa: E402
+from openelm_mlx.convert.coreai.runtime import read_graph  # noqa: E402
 from openelm_mlx.convert.coreai.static_engine import StaticShapeEngine, causal_mask  # noqa: E402
 from openelm_mlx.convert.coreai.verify import verify_coreai  # noqa: E402
 from openelm_mlx.convert.coreai.weights import named_constants, package_weights, resources  # noqa: E402
-from openelm_mlx.convert.package import EMBEDDING, package_size  # noqa: E402
+from openelm_mlx.convert.export import package_size  # noqa: E402
+from openelm_mlx.convert.package import EMBEDDING  # noqa: E402
+from openelm_mlx.convert.package_input import PackageInfo  # noqa: E402
 from openelm_mlx.convert.runner import open_bundle  # noqa: E402
 from openelm_mlx.errors import OpenELMError  # noqa: E402
 from openelm_mlx.loader import DEMO_MODEL  # noqa: E402
@@ -168,8 +170,10 @@ def test_an_extend_at_the_max_context_is_required(tiny_checkpoint, tmp_path, cli
     result = cli_here("verify-coreai", bundle, "--model", tiny_checkpoint)
     assert_clean_error(result, "no extend_128_* function for language.max_context_length 128")
     read = read_bundle(bundle)
+    meta = json.loads((read.asset / "metadata.json").read_text())["creatorDefinedMetadata"]
+    info = PackageInfo.from_metadata(meta, read.asset, "export-coreai")
     with pytest.raises(OpenELMError, match="no function's key_cache holds language.max_context_length 128"):
-        StaticShapeEngine(read, function_names(read))
+        StaticShapeEngine(read, info, list(read_graph(read)))
 
 
 def test_windows_masks_and_positions_as_the_swift_engine_makes_them(tiny_checkpoint, bundles, monkeypatch):

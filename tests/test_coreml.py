@@ -25,11 +25,12 @@ from openelm_mlx.convert.coreml.export import export_coreml  # noqa: E402
 from openelm_mlx.convert.coreml.swift_transformers import (  # noqa: E402
     CoreMLRunner,
     generate,
+    logits_sizes,
     sampler,
     swift_inputs,
 )
 from openelm_mlx.convert.coreml.verify import verify_coreml  # noqa: E402
-from openelm_mlx.convert.package import tokenizer_folder  # noqa: E402
+from openelm_mlx.convert.package_input import tokenizer_folder  # noqa: E402
 from openelm_mlx.convert.verify import LOGITS_RTOL  # noqa: E402
 from openelm_mlx.errors import OpenELMError  # noqa: E402
 from openelm_mlx.hf_tokenizer import hf_tokenizer_files  # noqa: E402
@@ -82,6 +83,10 @@ def test_spec_is_swift_transformers_contract(tiny_checkpoint, packages):
     for state in states.values():
         assert state.dataType == FLOAT16
         assert list(state.shape) == [config.num_transformer_layers, 1, kv_max, CONTEXT, config.head_dim]
+    per_head = 2 * CONTEXT * config.head_dim * 2  # K and V, float16: the summary's KV memory is the states'
+    assert summary["kv_bytes"] == config.num_transformer_layers * kv_max * per_head
+    assert summary["kv_bytes_unpadded"] == sum(config.num_kv_heads) * per_head
+    assert logits_sizes(spec) == [config.vocab_size]  # what check_graph holds openelm.vocab_size to
     (logits,) = spec.description.output
     assert logits.name == "logits" and logits.type.multiArrayType.dataType == FLOAT16
     assert all(f.shortDescription for f in list(inputs.values()) + [logits] + list(spec.description.state))

@@ -18,10 +18,12 @@ from typing import Dict, List
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.files import read_json
 
-from ..package import check_files
+from ..package_input import check_files
 
 METADATA_VERSION = "0.2"  # ModelBundle.swift:178-181 refuses anything else (absent = "0.1")
 LANGUAGE_KINDS = ("llm", "vlm")  # LanguageBundle.swift:36-38
+# The static-shape contract's output and states (CoreAIStaticShapeEngine.swift:19-21)
+LOGITS, KEY_CACHE, VALUE_CACHE = "out_logits", "key_cache", "value_cache"
 
 
 def bundle_metadata(name: str, tokenizer_id: str, vocab_size: int, context: int) -> dict:

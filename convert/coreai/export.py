@@ -1,35 +1,22 @@
 """`openelm export-coreai`: a Core AI LanguageBundle (OS 27) that Apple's stock LLM runners load
 (`CoreAILanguageModel(resourcesAt:)`), built with coreai.authoring (no PyTorch).
 
-The steps, one function each: describe the model (package.describe: load, check, calibrate,
-compress), build the target's functions into one module (graph.py for macOS, ios_graph.py for
-iOS), save the model with its asset metadata, the tokenizer and metadata.json into a staged
-folder (bundle.py) and move it into place (outputs.staged_output)."""
+The shared export flow (convert/export.py: describe the model, build its tokenizer files, stage the
+output, summary) with this format's steps: build the target's functions into one module (graph.py
+for macOS, ios_graph.py for iOS), then save the model with its asset metadata, the tokenizer and
+metadata.json into the staged bundle folder (bundle.py)."""
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
-from openelm_mlx import outputs
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.progress import progress_bar
-from openelm_mlx.tokenizer import find_tokenizer, is_instruct_model
 
 from ..compression import IOS_PRESET
-from ..package import (
-    COMPUTE_DTYPES,
-    PackageDescription,
-    add_export_arguments,
-    check_export_options,
-    describe,
-    export_from_args,
-    package_size,
-    require,
-    tokenizer_files,
-    write_files,
-)
+from ..export import Format, export_package, write_files
+from ..export_cli import add_export_arguments, export_from_args
+from ..package import COMPUTE_DTYPES, PackageDescription, check_export_options
 from .bundle import bundle_metadata, write_metadata
 
 COMPRESSIONS = ("none", "int8", "int4", "palettize4", IOS_PRESET)
@@ -53,36 +40,30 @@ def export_coreai(
 ) -> dict:
     """Export `model_source` (anything openelm_mlx.load accepts) to the bundle folder OUTPUT.
     `static_shapes` (iOS): an ios_graph.StaticShapes ladder instead of Apple's (tests use small ones).
-    Returns a summary (sizes, KV memory, seconds)."""
+    Returns a summary (export.export_summary: sizes, KV memory, seconds)."""
     if target not in TARGETS:
         raise OpenELMError(f"unknown target '{target}': choose {' or '.join(TARGETS)}")
     check_export_options(context, block_size)
-    require("coreai.authoring", "coreai")
-    start = time.perf_counter()
-    output = check_bundle_output(output, force)
-    bar = progress_bar(total=3, show=progress, desc="export-coreai", unit="step")
-    with bar:
-        bar.set_postfix_str("load, calibrate, compress")
-        desc, folder = describe(
-            model_source, context, compress, block_size, compute_precision, COMPRESSIONS, tokenizer, target
-        )
-        tok = find_tokenizer(folder, tokenizer)
-        files = tokenizer_files(tok, is_instruct_model(desc.source, folder), desc.context)  # may refuse: first
-        bar.update()
-        with outputs.staged_output(output, force, reads=[folder, tok.path]) as staged:
-            bar.set_postfix_str(f"build the {target} program")
-            program = build_program(desc, static_shapes)
-            bar.update()
-            bar.set_postfix_str("write")
-            staged.mkdir()
-            save(program, desc, tok, staged / f"{output.name}.aimodel")
-            write_files(staged / "tokenizer", files)
-            write_metadata(staged, bundle_metadata(output.name, desc.source, desc.config.vocab_size, desc.context))
-            bar.update()
-    return export_summary(desc, output, time.perf_counter() - start)
+    output = bundle_output(output)
+    fmt = Format(
+        "export-coreai", ("coreai.authoring", "coreai"), COMPRESSIONS, partial(write, output.name, static_shapes)
+    )
+    return export_package(
+        fmt,
+        model_source,
+        [output],
+        context,
+        compress,
+        block_size,
+        compute_precision,
+        target,
+        force,
+        tokenizer,
+        progress,
+    )
 
 
-def check_bundle_output(output, force: bool) -> Path:
+def bundle_output(output) -> Path:
     """A bundle is a folder of any name; an .aimodel name is the file inside one, which the stock
     runners refuse to be handed (ModelBundle.swift:148-151), so it is refused here before any work."""
     output = Path(output)
@@ -91,8 +72,22 @@ def check_bundle_output(output, force: bool) -> Path:
             f"-o {output} names a model file, but export-coreai writes a bundle folder: "
             f"use -o {output.with_suffix('')} (it will hold {output.stem}.aimodel, metadata.json and tokenizer/)"
         )
-    outputs.check_output(output, force)
     return output
+
+
+def write(name: str, static_shapes, desc: PackageDescription, tok, files: dict, staged: list, bar):
+    """The bundle folder `name` (bundle.py's layout, staged under another name): the model,
+    tokenizer/ and metadata.json."""
+    (bundle,) = staged
+    bar.set_postfix_str(f"build the {desc.target} program")
+    program = build_program(desc, static_shapes)
+    bar.update()
+    bar.set_postfix_str("write")
+    bundle.mkdir()
+    save(program, desc, tok, bundle / f"{name}.aimodel")
+    write_files(bundle / "tokenizer", files)
+    write_metadata(bundle, bundle_metadata(name, desc.source, desc.config.vocab_size, desc.context))
+    bar.update()
 
 
 def build_program(desc: PackageDescription, static_shapes=None):
@@ -136,32 +131,6 @@ def save(program, desc: PackageDescription, tok, path: Path):
     program.save_asset(path, metadata=meta)
 
 
-def kv_bytes(desc: PackageDescription) -> dict:
-    """KV-cache memory at the full context: the shared pair padded to the largest layer's heads,
-    against what per-layer states would hold."""
-    itemsize = 2 if desc.target == "ios" else np.dtype(desc.compute_dtype).itemsize  # iOS caches: float16
-    per_head = 2 * desc.context * desc.config.head_dim * itemsize  # K and V
-    heads = [layer.kv_heads for layer in desc.layers]
-    return {"kv_bytes": len(heads) * max(heads) * per_head, "kv_bytes_unpadded": sum(heads) * per_head}
-
-
-def export_summary(desc: PackageDescription, output: Path, seconds: float) -> dict:
-    size, n_params = package_size(output), desc.config.num_parameters()
-    return {
-        "output": str(output),
-        "target": desc.target,
-        "compression": desc.compression,
-        "compute_precision": desc.compute_precision,
-        "context": desc.context,
-        "ffn_scale_exponents": [layer.ffn_scale_exponent for layer in desc.layers],
-        "bytes": size,
-        "parameters": n_params,
-        "bytes_per_parameter": size / n_params,
-        **kv_bytes(desc),
-        "seconds": seconds,
-    }
-
-
 def summary_line(s: dict) -> str:
     return (
         f"wrote {s['output']}/ ({s['target']}: {s['bytes'] / 2**20:.1f} MiB, {s['bytes_per_parameter']:.3f} "
@@ -171,7 +140,7 @@ def summary_line(s: dict) -> str:
 
 
 def add_arguments(parser):
-    add_export_arguments(parser, "", COMPRESSIONS, output_help="OUT, the bundle folder (any name; not OUT.aimodel)")
+    add_export_arguments(parser, COMPRESSIONS, output_help="OUT, the bundle folder (any name; not OUT.aimodel)")
     parser.add_argument(
         "--target",
         choices=TARGETS,

@@ -1,8 +1,8 @@
 """The macOS Core AI program (`main`, the dynamic contract of Apple's stock LLM engines), block by
 block as openelm_mlx/model.py writes the model: attention, feed_forward, transformer_block, and the
-embedding and output around them. The helpers above `attention` (u32, named_constant, pack_nibbles,
-weight, rms_norm, rope, feed_forward) are shared with the iOS graph (ios_graph.py): keep their names
-and signatures.
+embedding and output around them. The helpers (u32, named_constant, pack_nibbles, weight, rms_norm,
+rope), the attention preamble (qkv_heads), feed_forward and transformer_block are shared with the
+iOS graph (ios_graph.py): keep their names and signatures.
 
 The contract (docs/apps.md; Apple's `models/macos/qwen3.py:83-101` and the Swift engines that drive
 it, `CoreAISequentialEngine.swift:110-146`): inputs `input_ids` int32 [1, S] (the new tokens) then
@@ -15,6 +15,8 @@ Core AI's differences in spelling: activations are [S, width] (batch 1), linear 
 [in, out] for batch_matmul, states are handles read and written with tokens, and the attention is
 composed (scores, mask, softmax). Every weight constant carries its name in its location, and
 its data in a resource of that name, so verify.py can read it back from main.mlirb."""
+
+from functools import partial
 
 import numpy as np
 from coreai.authoring import DebugInfo  # first: coreai's dialect modules import coreai.authoring
@@ -111,26 +113,37 @@ def rope(x, cos, sin):
     return C.broadcasting_add(C.broadcasting_mul(x, cos), C.broadcasting_mul(C.concat(np.int32(3), [x2, x1]), sin))
 
 
-def attention(desc: PackageDescription, i: int, w: dict, x, step: dict, caches):
-    """compute-dtype [S, d] -> (float32 [S, d], this layer's updated cache slices). As Apple's
-    qwen3.py:83-101: RoPE at the new tokens' positions, their keys (after RoPE) and values written
-    at cache[offset:P], attention over cache[:P] under the causal mask."""
-    layer, hd, kv_max = desc.layers[i], desc.config.head_dim, kv_heads(desc)
-    nq, nkv, ctx = layer.q_heads, layer.kv_heads, desc.context
-    eps, dtype = desc.config.rms_norm_eps, desc.compute_dtype
-    qkv = C.reshape(C.batch_matmul(x, w["qkv_proj"]), [1, -1, nq + 2 * nkv, hd])
+def qkv_heads(desc: PackageDescription, i: int, w: dict, x, step: dict, length: int = -1):
+    """The attention preamble both contracts share: compute-dtype [S, d] -> q [1, nq, S, hd] (normed,
+    RoPE at step["rope"], scaled by hd**-0.5, compute dtype), k [1, nkv, S, hd] (normed, RoPE,
+    float32: each contract casts it for its cache) and v [1, nkv, S, hd]. `length`: S, -1 if dynamic."""
+    layer, hd, eps = desc.layers[i], desc.config.head_dim, desc.config.rms_norm_eps
+    nq, nkv = layer.q_heads, layer.kv_heads
+    qkv = C.reshape(C.batch_matmul(x, w["qkv_proj"]), [1, length, nq + 2 * nkv, hd])
     q, k, v = C.split(C.transpose(qkv, u32([0, 2, 1, 3])), u32([nq, nkv, nkv]), np.int32(1))  # q | k | v heads
     scale = np.float32(hd**-0.5)  # folded into q, in float32
-    q = C.cast(C.broadcasting_mul(rope(rms_norm(C.cast(q, np.float32), w["q_norm"], eps), *step["rope"]), scale), dtype)
-    k = C.cast(rope(rms_norm(C.cast(k, np.float32), w["k_norm"], eps), *step["rope"]), dtype)
-    updated, attended = [], []
+    q = rope(rms_norm(C.cast(q, np.float32), w["q_norm"], eps), *step["rope"])
+    q = C.cast(C.broadcasting_mul(q, scale), desc.compute_dtype)
+    return q, rope(rms_norm(C.cast(k, np.float32), w["k_norm"], eps), *step["rope"]), v
+
+
+def attention(desc: PackageDescription, i: int, w: dict, x, step: dict, caches, updated: list):
+    """compute-dtype [S, d] -> float32 [S, d]; this layer's updated cache slices appended to
+    `updated`. As Apple's qwen3.py:83-101: RoPE at the new tokens' positions, their keys (after
+    RoPE) and values written at cache[offset:P], attention over cache[:P] under the causal mask."""
+    layer, hd, kv_max = desc.layers[i], desc.config.head_dim, kv_heads(desc)
+    nq, nkv, ctx, dtype = layer.q_heads, layer.kv_heads, desc.context, desc.compute_dtype
+    q, k, v = qkv_heads(desc, i, w, x, step)
+    k = C.cast(k, dtype)
+    written, attended = [], []
     for cache, new in zip(caches, (k, v)):
         # Layer i's slice of the shared state, all kv_max heads: [1, kv_max, T, hd]. Only its first
         # nkv heads at positions offset..P-1 change; the padding heads keep their (zero) contents.
         own = C.reshape(C.slice_(cache, [i, 0, 0, 0, 0], [i + 1, 1, kv_max, ctx, hd], [1] * 5), [1, kv_max, ctx, hd])
         own = C.slice_update(own, step["write_begin"], step["extent"][nkv], np.ones(4, np.int32), new)
-        updated.append(C.reshape(own, [1, 1, kv_max, ctx, hd]))
+        written.append(C.reshape(own, [1, 1, kv_max, ctx, hd]))
         attended.append(C.slice_(own, C.constant(np.zeros(4, np.int32)), step["extent"][nkv], [1] * 4))  # [1,nkv,P,hd]
+    updated.append(written)
     # GQA without copying K/V: query head j reads kv head j // g, so the g query heads of one kv
     # head become g * S rows of one matmul against that head's keys.
     q = C.reshape(q, [1, nkv, -1, hd])  # [1, nkv, g * S, hd]
@@ -138,7 +151,7 @@ def attention(desc: PackageDescription, i: int, w: dict, x, step: dict, caches):
     scores = C.broadcasting_where(step["future"][nq // nkv], np.array(-np.inf, dtype), scores)
     out = C.batch_matmul(C.softmax(scores, np.int32(3)), attended[1])  # [1, nkv, g * S, hd]
     out = C.reshape(C.transpose(C.reshape(out, [1, nq, -1, hd]), u32([0, 2, 1, 3])), [-1, nq * hd])
-    return C.cast(C.batch_matmul(out, w["out_proj"]), np.float32), updated
+    return C.cast(C.batch_matmul(out, w["out_proj"]), np.float32)
 
 
 def feed_forward(layer: Layer, w: dict, x):
@@ -150,13 +163,13 @@ def feed_forward(layer: Layer, w: dict, x):
     return out
 
 
-def transformer_block(desc: PackageDescription, i: int, h, weights: dict, step: dict, caches):
-    """The residual stream h stays float32; each sub-layer gets a compute-dtype input."""
+def transformer_block(desc: PackageDescription, i: int, h, weights: dict, attend):
+    """Both contracts' block: the residual stream h stays float32; each sub-layer gets a
+    compute-dtype input. `attend(i, w, x)` is the contract's attention over its own caches."""
     w = {role: weights[name] for role, name in block_names(i).items()}
     layer, eps, dtype = desc.layers[i], desc.config.rms_norm_eps, desc.compute_dtype
-    attn, updated = attention(desc, i, w, C.cast(rms_norm(h, w["attn_norm"], eps), dtype), step, caches)
-    h = C.broadcasting_add(h, attn)
-    return C.broadcasting_add(h, feed_forward(layer, w, C.cast(rms_norm(h, w["ffn_norm"], eps), dtype))), updated
+    h = C.broadcasting_add(h, attend(i, w, C.cast(rms_norm(h, w["attn_norm"], eps), dtype)))
+    return C.broadcasting_add(h, feed_forward(layer, w, C.cast(rms_norm(h, w["ffn_norm"], eps), dtype)))
 
 
 def sizes(x):
@@ -242,10 +255,10 @@ def build_main(desc: PackageDescription) -> GraphOp:
         # The price: each call copies the cache (each layer's slice, then the concatenation).
         reads = [G.read_handle(handle, C.create_token()) for handle in handles]  # (value, token) each
         h = C.cast(C.gather_nd(weights[EMBEDDING], C.reshape(input_ids, [-1, 1])), np.float32)  # [S, d]
-        layers = []
+        layers = []  # each layer's updated (keys, values) slices
+        attend = partial(attention, desc, step=step, caches=[value for value, _ in reads], updated=layers)
         for i in range(len(desc.layers)):
-            h, updated = transformer_block(desc, i, h, weights, step, [value for value, _ in reads])
-            layers.append(updated)
+            h = transformer_block(desc, i, h, weights, attend)
         written = [
             G.write_handle(handle, C.concat(np.int32(0), [u[j] for u in layers]), token)
             for j, (handle, (_, token)) in enumerate(zip(handles, reads))

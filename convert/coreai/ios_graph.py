@@ -24,6 +24,7 @@ to be computed from get_shape at run time. Explicit functions keep them constant
 identical weight constants are still stored once (a bundle holds one copy of the weights)."""
 
 from dataclasses import dataclass
+from functools import partial
 from typing import List, Tuple
 
 import numpy as np
@@ -38,8 +39,8 @@ from coreai.authoring.graph_builder import GraphOp
 from openelm_mlx.errors import OpenELMError
 
 from ..compression import Quantized
-from ..package import EMBEDDING, FINAL_NORM, PackageDescription, block_names, is_norm
-from .graph import feed_forward, named_constant, rms_norm, rope, u32, weight
+from ..package import EMBEDDING, FINAL_NORM, PackageDescription, is_norm
+from .graph import named_constant, qkv_heads, rms_norm, transformer_block, u32, weight
 
 QUERY_LENGTHS = (8, 16, 64)  # Apple's IOS_STATIC_QUERY_LENS (coreai-models models/base.py:864)
 SMALLEST_CONTEXT = 256  # IOS_STATIC_MIN_CACHE_LEN, doubling up to the context (base.py:867, 1008-1030)
@@ -131,12 +132,8 @@ def attention(desc: PackageDescription, i: int, w: dict, x, step: dict, caches: 
     `caches` (the whole [L, 1, rows, 1, ctx] values, updated functionally) at columns
     in_step..in_step+q-1; the layer then attends over its own kv_i * head_dim rows under the mask."""
     layer, hd, dtype = desc.layers[i], desc.config.head_dim, desc.compute_dtype
-    nq, nkv, q_len, ctx, eps = layer.q_heads, layer.kv_heads, step["q"], step["ctx"], desc.config.rms_norm_eps
-    qkv = C.reshape(C.batch_matmul(x, w["qkv_proj"]), [1, q_len, nq + 2 * nkv, hd])
-    q, k, v = C.split(C.transpose(qkv, u32([0, 2, 1, 3])), u32([nq, nkv, nkv]), np.int32(1))  # [1, heads, q, hd]
-    scale = np.float32(hd**-0.5)  # folded into q, in float32
-    q = C.cast(C.broadcasting_mul(rope(rms_norm(C.cast(q, np.float32), w["q_norm"], eps), *step["rope"]), scale), dtype)
-    k = rope(rms_norm(C.cast(k, np.float32), w["k_norm"], eps), *step["rope"])
+    nq, nkv, q_len, ctx = layer.q_heads, layer.kv_heads, step["q"], step["ctx"]
+    q, k, v = qkv_heads(desc, i, w, x, step, q_len)  # [1, heads, q, hd]
     begin = C.concat(np.int32(0), [C.constant(np.array([i, 0, 0, 0], np.int32)), step["in_step"]])
     end = C.concat(np.int32(0), [C.constant(np.array([i + 1, 1, nkv * hd, 1], np.int32)), step["end"]])
     mine = []  # this layer's keys and values: [1, nq, hd, ctx] (GQA-expanded)
@@ -155,14 +152,6 @@ def attention(desc: PackageDescription, i: int, w: dict, x, step: dict, caches: 
     out = C.batch_matmul(C.softmax(scores, np.int32(3)), C.transpose(mine[1], u32([0, 1, 3, 2])))  # [1, nq, q, hd]
     out = C.reshape(C.transpose(out, u32([0, 2, 1, 3])), [q_len, nq * hd])
     return C.cast(C.batch_matmul(out, w["out_proj"]), np.float32)
-
-
-def transformer_block(desc: PackageDescription, i: int, h, weights: dict, step: dict, caches: list):
-    """graph.transformer_block over the shared caches: the residual stream h stays float32."""
-    w = {role: weights[name] for role, name in block_names(i).items()}
-    layer, eps, dtype = desc.layers[i], desc.config.rms_norm_eps, desc.compute_dtype
-    h = C.broadcasting_add(h, attention(desc, i, w, C.cast(rms_norm(h, w["attn_norm"], eps), dtype), step, caches))
-    return C.broadcasting_add(h, feed_forward(layer, w, C.cast(rms_norm(h, w["ffn_norm"], eps), dtype)))
 
 
 def window(desc: PackageDescription, ctx: int, q: int, position_ids, in_step, causal_mask) -> dict:
@@ -234,8 +223,9 @@ def extend(desc: PackageDescription, ctx: int, q: int, prompt_only: bool) -> Gra
         )
         caches = [k_old, v_old]
         h = C.cast(C.reshape(x, [q, config.model_dim]), np.float32)
+        attend = partial(attention, desc, step=step, caches=caches)
         for i in range(len(desc.layers)):
-            h = transformer_block(desc, i, h, weights, step, caches)
+            h = transformer_block(desc, i, h, weights, attend)
         written = [G.write_handle(k_handle, caches[0], k_read), G.write_handle(v_handle, caches[1], v_read)]
         if prompt_only:  # Apple returns one cache element (models/ios/qwen3.py:217-218)
             out = C.reshape(C.slice_(caches[0], [0] * 5, [1] * 5, [1] * 5), [1])

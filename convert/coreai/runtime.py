@@ -1,6 +1,7 @@
 """A bundle's Core AI model run by Apple's runtime (coreai.runtime: on Linux the reference runtime in
 the coreai-core wheel, on macOS 27 the OS framework): what the engine twins share (CoreAIEngine,
-behind the shared PackageRunner), the integrity check and the openelm.* metadata read back."""
+behind the shared PackageRunner), the integrity check, and the model read back once per open
+(read_model: its openelm.* metadata held to the program)."""
 
 import asyncio
 import hashlib
@@ -13,24 +14,26 @@ import threading
 import weakref
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.files import open_regular, parse_json, read_bytes, read_json
 
-from ..package import PackageInfo, check_files, check_graph, require
+from ..package import require
+from ..package_input import PackageInfo, check_files, check_graph
 from ..package_runner import PackageRunner
-from .bundle import Bundle, engine_kind
+from .bundle import LOGITS, Bundle, check_static_functions, engine_kind
 
 # The model's own metadata.json: a few kilobytes (the chat template is the largest field).
 MAX_METADATA_BYTES = 1 << 20
 SHAPE = re.compile(r"NDArray \((\w+), ([^)]*)\)")  # the runtime's "NDArray (Float16, 1 × ? × 384)"
 
 
-def check_integrity(package: Path):
-    """main.mlirb against the SHA-256 that save_asset wrote to main.hash. Core AI's bytecode reader
-    aborts the whole process on some corruptions (a C++ terminate, nothing to catch), so a changed
-    or damaged file is refused here, before anything parses it (and read_graph isolates the rest)."""
+def check_integrity(package: Path) -> bytes:
+    """main.mlirb against the SHA-256 that save_asset wrote to main.hash (returned). Core AI's
+    bytecode reader aborts the whole process on some corruptions (a C++ terminate, nothing to
+    catch), so a changed or damaged file is refused here, before anything parses it (and read_graph
+    isolates the rest)."""
     check_files(package)
     expected = read_bytes(package / "main.hash", 64)
     digest = hashlib.sha256()
@@ -39,11 +42,13 @@ def check_integrity(package: Path):
             digest.update(chunk)
     if digest.digest() != expected:
         raise OpenELMError(f"{package}/main.mlirb does not match its main.hash (corrupted or edited): re-export it")
+    return expected
 
 
-def package_info(bundle: Bundle) -> PackageInfo:
-    """The openelm.* metadata in the bundle's model (its own metadata.json), held to the bundle's
-    metadata.json and to the program's functions and states as the runtime reads them."""
+def read_model(bundle: Bundle) -> Tuple[PackageInfo, Dict[str, dict]]:
+    """The bundle's model, read once per open (main.mlirb hashed once): (its openelm.* metadata,
+    held to the bundle's metadata.json and to the program's functions and states as the runtime
+    reads them; the program's functions, read_graph's)."""
     meta = read_json(bundle.asset / "metadata.json", MAX_METADATA_BYTES, "re-export the bundle")
     meta = meta.get("creatorDefinedMetadata") if isinstance(meta, dict) else None
     info = PackageInfo.from_metadata(meta, bundle.asset, "export-coreai")
@@ -55,14 +60,18 @@ def package_info(bundle: Bundle) -> PackageInfo:
             )
     graph = read_graph(bundle)
     names = list(graph)
-    contexts, vocab = [], []  # the static engine's own checks hold its functions to the context
-    if engine_kind(names) == "sequential":  # (check_static_functions, StaticShapeEngine, Swift:94-108)
+    if engine_kind(names) == "sequential":
         # the dynamic engine's states: [layers, 1, kv heads, context, head dim]; logits [1, q, vocab]
         states = _shapes(graph, bundle.main_functions[0], "states").values()
         contexts = [shape[-2] for shape in states if len(shape) == 5]
         vocab = [shape[-1] for shape in _shapes(graph, bundle.main_functions[0], "outputs").values()][:1]
+    else:  # the static engine's own checks hold its functions to the context (StaticShapeEngine, Swift:94-108)
+        check_static_functions(bundle, names)
+        contexts = []
+        # out_logits [1, 1, q, vocab] of every extend (prompt_opt's is a dummy [1]), read by vocab_size rows
+        vocab = [_shapes(graph, n, "outputs").get(LOGITS, [None])[-1] for n in names if n.startswith("extend")]
     check_graph(info, bundle.path, "export-coreai", contexts, vocab)
-    return info
+    return info, graph
 
 
 def _shapes(graph: dict, function: str, kind: str) -> Dict[str, list]:
@@ -85,8 +94,7 @@ def read_graph(bundle: Bundle) -> dict:
     by Apple's runtime in a child process (probe.py: a damaged program aborts that process, not
     this one; about 0.9 s, measured on the tiny test bundles, mostly importing coreai), once per
     program per process."""
-    check_integrity(bundle.asset)
-    key = (str(bundle.asset.resolve()), (bundle.asset / "main.hash").read_bytes())
+    key = (str(bundle.asset.resolve()), check_integrity(bundle.asset))
     if key not in _GRAPHS:
         require("coreai.runtime", "coreai")
         child = subprocess.run(
@@ -110,19 +118,14 @@ def read_graph(bundle: Bundle) -> dict:
     return _GRAPHS[key]
 
 
-def function_names(bundle: Bundle) -> List[str]:
-    """The model's functions (the engine choice needs them), from read_graph."""
-    return list(read_graph(bundle))
-
-
 class CoreAIEngine(PackageRunner):
     """What every engine twin shares: one `async with asset.executable()` open on one event loop
     for the engine's life (loading lowers the program for the device, so it is done once), the
     named functions loaded from it, and calls that update NDArray states in place. Engines provide
     reset(), prefill() and decode()."""
 
-    def __init__(self, bundle: Bundle, functions: List[str]):
-        super().__init__(bundle.path, package_info(bundle))
+    def __init__(self, bundle: Bundle, info: PackageInfo, functions: List[str]):
+        super().__init__(bundle.path, info)
         require("coreai.runtime", "coreai")
         from coreai.authoring import AIModelAsset
 

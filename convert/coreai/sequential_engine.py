@@ -10,6 +10,7 @@ import numpy as np
 
 from openelm_mlx.errors import OpenELMError
 
+from ..package_input import PackageInfo
 from .bundle import Bundle
 from .runtime import CoreAIEngine
 
@@ -77,9 +78,9 @@ class SequentialEngine(CoreAIEngine):
     """`chunk_threshold`: prompts longer than it are run in chunks of min(512, it); default
     COREAI_CHUNK_THRESHOLD or 1024, as the Swift reads it."""
 
-    def __init__(self, bundle: Bundle, chunk_threshold: Optional[int] = None):
+    def __init__(self, bundle: Bundle, info: PackageInfo, chunk_threshold: Optional[int] = None):
         function = bundle.main_functions[0]  # config.function: role "main" (CoreAIRunner.swift:73-88)
-        super().__init__(bundle, [function])
+        super().__init__(bundle, info, [function])
         self.function = function
         desc = self.functions[function].desc
         self._check(desc)

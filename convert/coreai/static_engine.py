@@ -14,10 +14,10 @@ import numpy as np
 
 from openelm_mlx.errors import OpenELMError
 
-from .bundle import Bundle
+from ..package_input import PackageInfo
+from .bundle import KEY_CACHE, LOGITS, VALUE_CACHE, Bundle
 from .runtime import CoreAIEngine
 
-LOGITS, KEY_CACHE, VALUE_CACHE = "out_logits", "key_cache", "value_cache"  # Swift:19-21
 MASKED = np.float16(-40000.0)  # Swift:312
 
 
@@ -26,8 +26,8 @@ class StaticShapeEngine(CoreAIEngine):
     Every function is loaded up front, as the Swift's warmup does after init (Swift:602-607,
     ModelResources.swift:168), rather than on first use (Swift:206-213)."""
 
-    def __init__(self, bundle: Bundle, names: Sequence[str]):
-        super().__init__(bundle, list(names))
+    def __init__(self, bundle: Bundle, info: PackageInfo, names: Sequence[str]):
+        super().__init__(bundle, info, list(names))
         self.max_context_length = bundle.max_context_length  # config.maxContextLength, from metadata.json
         # Swift:76-80: decoder functions (extend* and prompt*) sorted by name, gather functions by name.
         self.extend_names = sorted(n for n in names if n.startswith(("extend", "prompt")))

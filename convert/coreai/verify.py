@@ -7,10 +7,10 @@ from typing import Optional
 
 from ..compression import BITS
 from ..package import require
-from ..runner import open_bundle
+from ..runner import start_engine
 from ..verify import FLOAT16_SUM_RTOL, add_verify_arguments, check_verify_options, print_report, verify_package
-from .bundle import check_static_functions, engine_kind, read_bundle
-from .runtime import function_names, package_info
+from .bundle import engine_kind, read_bundle
+from .runtime import read_model
 from .weights import package_weights
 
 
@@ -20,18 +20,16 @@ def verify_coreai(bundle, model, steps: int = 16, prompt=None, tokenizer=None, c
     require("coreai.runtime", "coreai")
 
     bundle = read_bundle(bundle)
-    info = package_info(bundle)
-    bits = BITS.get(info.compression, 0)
-    names, functions = function_names(bundle), (None,)  # None: the first function (macOS: main)
+    info, graph = read_model(bundle)  # main.mlirb hashed once, for the engine too
+    bits, names, functions = BITS.get(info.compression, 0), list(graph), (None,)  # None: the first (macOS: main)
     if engine_kind(names) == "static":  # the table is load_embeddings' output, the rest in any extend
-        check_static_functions(bundle, names)
         functions = ("load_embeddings", min(n for n in names if n.startswith(f"extend_{bundle.max_context_length}_")))
     return verify_package(
         bundle.path,
         model,
         info,
         lambda names: package_weights(bundle.asset, names, bits, functions),
-        [("coreai", lambda: open_bundle(bundle.path, chunk_threshold))],
+        [("coreai", lambda: start_engine(bundle, info, graph, chunk_threshold))],
         [],
         steps,
         prompt,

@@ -1,35 +1,25 @@
 """`openelm export-coreml`: a stateful Core ML package (iOS18/macOS15) in the contract of
 swift-transformers' `LanguageModel` (apple-runners.md section 5), with the tokenizer folder beside it.
 
-The steps, one function each: describe the model (package.describe: load, check, calibrate,
-compress), build and convert the MIL program (graph.py), describe its inputs, outputs and
-metadata, write it and the tokenizer folder beside the output and move both into place."""
+The shared export flow (convert/export.py: describe the model, build its tokenizer files, stage the
+outputs, summary) with this format's steps: build and convert the MIL program (graph.py), describe
+its inputs, outputs and metadata, and write it and the tokenizer folder OUT.tokenizer/ beside it."""
 
 import contextlib
 import io
-import time
 from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
 
-from openelm_mlx import __version__, outputs
+from openelm_mlx import __version__
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.progress import progress_bar
-from openelm_mlx.tokenizer import Tokenizer, find_tokenizer, is_instruct_model
+from openelm_mlx.tokenizer import Tokenizer
 
-from ..package import (
-    PackageDescription,
-    add_export_arguments,
-    check_export_options,
-    describe,
-    export_from_args,
-    export_summary,
-    require,
-    tokenizer_files,
-    tokenizer_folder,
-    write_files,
-)
+from ..export import Format, export_package, write_files
+from ..export_cli import add_export_arguments, export_from_args
+from ..package import PackageDescription, check_export_options
+from ..package_input import tokenizer_folder
 
 COMPRESSIONS = ("none", "int8", "int4", "palettize4", "palettize6")
 # swift-transformers' stateful LanguageModel needs a ranged query length, max - min > 1
@@ -57,30 +47,27 @@ def export_coreml(
     progress: bool = False,
 ) -> dict:
     """Export `model_source` (anything openelm_mlx.load accepts) to OUTPUT.mlpackage and its
-    tokenizer to the folder OUTPUT.tokenizer/. Returns a summary (sizes, seconds)."""
+    tokenizer to the folder OUTPUT.tokenizer/. Returns a summary (export.export_summary: sizes,
+    KV memory, seconds; and where the tokenizer went)."""
     check_export_options(context, block_size)
     if context is not None and context < MIN_CONTEXT:
         raise OpenELMError(f"--context {context} is too small: swift-transformers needs at least {MIN_CONTEXT}")
-    require("coremltools", "coreml")
-    start = time.perf_counter()
     output = Path(output)
     if output.suffix != ".mlpackage":
         raise OpenELMError(f"output '{output}' must end in .mlpackage")
-    for path in (output, tokenizer_folder(output)):
-        outputs.check_output(path, force)
-    steps = ["describe", "build, convert", "write"]
-    bar = progress_bar(total=len(steps), show=progress, desc="export-coreml", unit="step")
-    with bar:
-        bar.set_postfix_str("load, calibrate, compress")
-        desc, folder = describe(model_source, context, compress, block_size, "float16", COMPRESSIONS, tokenizer)
-        tok = find_tokenizer(folder, tokenizer)
-        files = tokenizer_files(tok, is_instruct_model(desc.source, folder), desc.context)  # may refuse: first
-        bar.update()
-        places = [output, tokenizer_folder(output)]
-        with outputs.staged_outputs(places, force, reads=[folder, tok.path]) as (package, beside):
-            write_package(desc, metadata(desc, tok), package, bar)
-            write_files(beside, files)
-    return export_summary(desc, output, time.perf_counter() - start)
+    places = [output, tokenizer_folder(output)]
+    fmt = Format("export-coreml", ("coremltools", "coreml"), COMPRESSIONS, write)
+    summary = export_package(
+        fmt, model_source, places, context, compress, block_size, "float16", "macos", force, tokenizer, progress
+    )
+    return summary | {"tokenizer": str(places[1])}
+
+
+def write(desc: PackageDescription, tok: Tokenizer, files: dict, staged: list, bar):
+    """The .mlpackage, and the tokenizer folder beside it."""
+    package, beside = staged
+    write_package(desc, metadata(desc, tok), package, bar)
+    write_files(beside, files)
 
 
 def metadata(desc: PackageDescription, tok: Tokenizer) -> Dict[str, str]:
@@ -145,7 +132,6 @@ def quiet():
 def add_arguments(parser):
     add_export_arguments(
         parser,
-        ".mlpackage",
         COMPRESSIONS,
         output_help="OUT.mlpackage (the tokenizer goes to OUT.tokenizer/)",
     )

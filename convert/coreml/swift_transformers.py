@@ -13,7 +13,8 @@ import numpy as np
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.files import read_json
 
-from ..package import PackageInfo, check_files, check_graph, require, tokenizer_folder
+from ..package import require
+from ..package_input import PackageInfo, check_files, check_graph, tokenizer_folder
 from ..package_runner import PackageRunner
 from .executor import MILExecutor
 
@@ -21,7 +22,7 @@ from .executor import MILExecutor
 def package_info(package) -> PackageInfo:
     """The openelm.* metadata of a .mlpackage, every file of it a regular one (check_files) and
     Manifest.json strict JSON before coremltools reads anything, held to the KV-cache states of
-    the spec (keyCache: [layers, 1, kv heads, context, head dim])."""
+    the spec (keyCache: [layers, 1, kv heads, context, head dim]) and to the logits' width."""
     package = Path(package)
     if not os.path.lexists(package / "Manifest.json"):
         raise OpenELMError(f"{package} is not a Core ML package (no Manifest.json): pass the .mlpackage folder")
@@ -36,8 +37,24 @@ def package_info(package) -> PackageInfo:
         raise OpenELMError(f"{package} cannot be read ({type(e).__name__}: {e}): re-export it") from None
     info = PackageInfo.from_metadata(dict(spec.description.metadata.userDefined), package, "export-coreml")
     contexts = [list(s.type.stateType.arrayType.shape)[-2:-1] for s in spec.description.state]
-    check_graph(info, package, "export-coreml", [c[0] for c in contexts if c], [info.vocab_size])
+    check_graph(info, package, "export-coreml", [c[0] for c in contexts if c], logits_sizes(spec))
     return info
+
+
+def logits_sizes(spec) -> List[int]:
+    """The last dimension of `logits` as the program's op declares it ([1, q, vocab]; the spec's
+    output description carries no shape for a ranged input): what swift-transformers' scores are
+    indexed by. None found: a program without that output, which _run refuses by name."""
+    function = spec.mlProgram.functions.get("main") if spec.HasField("mlProgram") else None
+    block = function.block_specializations.get(function.opset) if function is not None else None
+    if block is None or "logits" not in block.outputs:
+        return []
+    return [
+        dims[-1].constant.size
+        for op in block.operations
+        for output in op.outputs
+        if output.name == "logits" and (dims := output.type.tensorType.dimensions) and dims[-1].HasField("constant")
+    ]
 
 
 def swift_inputs(input_ids: Sequence[int], token_count: int) -> dict:
