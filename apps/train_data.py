@@ -13,6 +13,11 @@ from openelm_mlx.tokenizer import Tokenizer
 
 EVAL_WINDOWS = 16  # validation windows scored during training: a quick, fixed subset
 MAX_LINE_BYTES = 1 << 16  # sentencepiece's max_sentence_length: it skips longer lines
+# The tokenizer OpenELM's is (Llama's): byte-fallback BPE, digits split, text kept as written, and
+# Llama's special ids (unk 0, bos 1, eos 2, no pad).
+TOKENIZER_KIND = dict(model_type="bpe", byte_fallback=True, split_digits=True, character_coverage=1.0)
+TOKENIZER_KIND |= dict(normalization_rule_name="identity", remove_extra_whitespaces=False)
+TOKENIZER_KIND |= dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
 
 
 def train_tokenizer(text_file: Path, output: Path, vocab_size: int) -> Tokenizer:
@@ -31,19 +36,10 @@ def train_tokenizer(text_file: Path, output: Path, vocab_size: int) -> Tokenizer
             input=str(text_file),
             model_prefix=str(prefix),
             vocab_size=vocab_size,
-            model_type="bpe",
-            byte_fallback=True,
-            split_digits=True,
-            unk_id=0,
-            bos_id=1,
-            eos_id=2,
-            pad_id=-1,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
             max_sentence_length=MAX_LINE_BYTES,
-            character_coverage=1.0,
             num_threads=2,
             minloglevel=2,
+            **TOKENIZER_KIND,
         )
     except RuntimeError as e:  # e.g. a --vocab-size the text is too small for
         why = str(e).splitlines()[-1].rsplit("] ", 1)[-1]  # drop sentencepiece's source location
