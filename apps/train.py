@@ -36,6 +36,7 @@ from openelm_mlx.options import TRAIN_RULES, check_options
 from openelm_mlx.outputs import check_output, remove
 from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import MAX_TOKENIZER_BYTES, Tokenizer
+from openelm_mlx.units import size_text
 
 
 @dataclass
@@ -70,8 +71,8 @@ class TrainConfig:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if needed > memory:
             raise OpenELMError(
-                f"a model of --layers {self.layers} --model-dim {self.model_dim} needs about {needed / 1e9:.0f} GB "
-                f"to train, more than this machine's {memory / 1e9:.0f} GB: choose a smaller one"
+                f"a model of --layers {self.layers} --model-dim {self.model_dim} needs about {size_text(needed)} "
+                f"to train, more than this machine's {size_text(memory)}: choose a smaller one"
             )
 
     def model_config(self, tokenizer: Tokenizer) -> OpenELMConfig:

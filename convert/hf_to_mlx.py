@@ -14,6 +14,7 @@ from openelm_mlx.loader import DTYPES, named_dtype
 from openelm_mlx.model_folder import source_name, write_model_folder
 from openelm_mlx.outputs import check_output
 from openelm_mlx.tokenizer import check_tokenizer_fits, find_tokenizer, is_instruct_model
+from openelm_mlx.units import size_text
 
 CHAT_TEMPLATES = ("auto", "instruct", "none")
 
@@ -88,7 +89,7 @@ def convert(
     if instruct and tok:
         notes.append("Instruct: chat template in tokenizer_config.json")
     print(
-        f"wrote {output}: {size / 1e9:.3f} GB, {8 * size / config.num_parameters():.2f} bits per weight"
+        f"wrote {output}: {size_text(size)}, {8 * size / config.num_parameters():.2f} bits per weight"
         + "".join(f" ({note})" for note in notes)
     )
     return output
