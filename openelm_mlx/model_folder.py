@@ -6,9 +6,9 @@ same model and the same tokenizer from it. Tensors are streamed, one at a time."
 
 import dataclasses
 import json
+import logging
 import shutil
 import struct
-import sys
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -23,6 +23,8 @@ from .mlx_swift_lm import mlx_swift_lm_notice
 from .outputs import staged_output
 from .progress import progress_bar
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 5 * 1024**3
 SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
@@ -92,7 +94,7 @@ def write_model_folder(
             (tmp / name).write_bytes(data)
     notice = mlx_swift_lm_notice(config)  # the folder is written; say where it will not run as it is
     if notice:
-        print(notice, file=sys.stderr)
+        log.info(notice)
     return output
 
 

@@ -97,6 +97,14 @@ VALUES = category(
     Row("bench-seed-negative", (*BENCH, "--seed", "-7"), nothing, f"--seed {SEED} -7"),
     Row("bench-seed-2-64", (*BENCH, "--seed", str(2**64)), nothing, f"{SEED} {2**64}"),
     Row("bench-precision-unknown", (*BENCH, "--precisions", "fp8"), nothing, "unknown precision in fp8"),
+    # no --model (the demo model): the option's error alone, no notice before it
+    Row(
+        "generate-demo-temp",
+        ("generate", "-p", "hi", "--temp", "-1"),
+        nothing,
+        "--temp must be >= 0 (0 is greedy), got -1.0",
+    ),
+    Row("chat-demo-top-p", ("chat", "--top-p", "2"), nothing, "--top-p must be in [0, 1], got 2.0"),
     # generate (today's checks)
     Row("generate-top-k-negative", (*GENERATE, "--top-k", "-1"), nothing, "--top-k must be >= 0"),
     Row("generate-min-p-negative", (*GENERATE, "--min-p", "-0.1"), nothing, "--min-p must be in [0, 1]"),
