@@ -213,6 +213,17 @@ def test_eval_ppl_json_holds_the_printed_figures(tiny_checkpoint):
     ]
 
 
+def test_eval_tasks_json_is_results_json(cli_here, tmp_path):
+    pytest.importorskip("lm_eval")
+    out = tmp_path / "out"
+    result = cli_here("eval", "tasks", "--limit", "4", "--out", out, "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)  # the object alone: "wrote ..." goes to stderr
+    assert printed == json.loads((out / "results.json").read_text())
+    assert [r["items"] for r in printed["results"] if (r["task"], r["metric"]) == ("demo_cloze", "acc")] == [4]
+    assert result.stderr.splitlines()[-1] == f"wrote {out}/results.json, results.csv, results.md"
+
+
 def test_verify_coreml_json_is_the_printed_report(tiny_checkpoint, exported):
     pytest.importorskip("coremltools")
     package = exported("coreml", tiny_checkpoint)["output"]
