@@ -16,6 +16,7 @@ from openelm_mlx import outputs
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import find_tokenizer, is_instruct_model
+from openelm_mlx.units import size_text
 
 from ..compression import IOS_PRESET
 from ..package import (
@@ -164,9 +165,9 @@ def export_summary(desc: PackageDescription, output: Path, seconds: float) -> di
 
 def summary_line(s: dict) -> str:
     return (
-        f"wrote {s['output']}/ ({s['target']}: {s['bytes'] / 2**20:.1f} MiB, {s['bytes_per_parameter']:.3f} "
+        f"wrote {s['output']}/ ({s['target']}: {size_text(s['bytes'])}, {s['bytes_per_parameter']:.3f} "
         f"bytes/parameter, {s['compression']}, {s['compute_precision']} compute; KV cache at {s['context']} tokens "
-        f"{s['kv_bytes'] / 2**20:.1f} MiB, {s['kv_bytes_unpadded'] / 2**20:.1f} MiB unpadded) in {s['seconds']:.1f} s"
+        f"{size_text(s['kv_bytes'])}, {size_text(s['kv_bytes_unpadded'])} unpadded) in {s['seconds']:.1f} s"
     )
 
 

@@ -17,6 +17,7 @@ from openelm_mlx import __version__, outputs
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import Tokenizer, find_tokenizer, is_instruct_model
+from openelm_mlx.units import size_text
 
 from ..package import (
     PackageDescription,
@@ -153,7 +154,7 @@ def add_arguments(parser):
 
 def summary_line(s: dict) -> str:
     return (
-        f"wrote {s['output']} ({s['bytes'] / 2**20:.1f} MiB, {s['bytes_per_parameter']:.3f} bytes/parameter, "
+        f"wrote {s['output']} ({size_text(s['bytes'])}, {s['bytes_per_parameter']:.3f} bytes/parameter, "
         f"{s['compression']}, {s['compute_precision']} compute) and {s['tokenizer']} in {s['seconds']:.1f} s"
     )
 
