@@ -14,8 +14,8 @@ from openelm_mlx.tokenizer import chat_prompt, is_instruct_model
 
 log = logging.getLogger(__name__)
 DEMO_NOTICE = (
-    "no --model given: using the small demo model shipped with openelm-mlx (context 256 tokens, for trying the "
-    "toolkit offline); `openelm models` lists the real ones to pass with --model"
+    "no --model given, using the small demo model shipped with openelm-mlx (context 256 tokens, for trying the "
+    "toolkit offline; `openelm models` lists the real ones to pass with --model)"
 )
 
 
@@ -165,10 +165,10 @@ def read_prompt(args):
 
 def tell_choices(args, fallback: bool, stats):
     """The notices of a run that has passed every check: what it chose for the user."""
-    if args.model is None:
-        log.info(DEMO_NOTICE)
     if fallback:
         log.info(f"no prompt given, continuing {FALLBACK_PROMPT!r}")
+    if args.model is None:
+        log.info(DEMO_NOTICE)
     if stats.prompt_dropped:
         log.info(f"--truncate dropped the prompt's first {stats.prompt_dropped} tokens, kept {stats.prompt_tokens}")
 
