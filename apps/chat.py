@@ -1,5 +1,6 @@
 """`openelm chat`: a REPL for Instruct models that keeps the KV cache across turns."""
 
+import logging
 import sys
 from dataclasses import replace
 from typing import Dict, Iterator, List, Optional
@@ -10,9 +11,17 @@ from openelm_mlx.generate import DEFAULT_MAX_TOKENS, GenerationChunk, Generation
 from openelm_mlx.model import Model
 from openelm_mlx.tokenizer import Tokenizer, chat_prompt
 
-from .generate import add_model_arguments, add_sampling_arguments, generation_options, load_for_cli
+from .generate import DEMO_NOTICE, add_model_arguments, add_sampling_arguments, generation_options, load_for_cli
 
-HELP = "type a message; /reset starts over, /quit (or Ctrl-D) leaves, Ctrl-C stops a reply"
+# What can be typed at the chat's `>>` prompt besides a message: `chat --help` and /help list it.
+COMMANDS = {
+    "/reset": "start the conversation over (the system message stays)",
+    "/quit": "leave the chat (also /exit, or Ctrl-D)",
+    "/help": "list these commands",
+}
+KEYS = "Ctrl-C stops a reply, Ctrl-D leaves"
+HELP = f"type a message, or {', '.join(COMMANDS)}; {KEYS}"
+log = logging.getLogger(__name__)
 
 
 class ChatSession:
@@ -134,6 +143,11 @@ def add_arguments(parser):
     add_model_arguments(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--system", help="system message")
+    parser.epilog = f"at the >> prompt: {commands_text()}; {KEYS}"
+
+
+def commands_text() -> str:
+    return "; ".join(f"{name} {what}" for name, what in COMMANDS.items())
 
 
 def main(args):
@@ -142,11 +156,13 @@ def main(args):
 
     options = generation_options(args)
     model, tokenizer, draft = load_for_cli(args, options, chat=True, check=room)
+    if args.model is None:
+        log.info(DEMO_NOTICE)
     context = model.config.max_context_length
     import readline  # noqa: F401  (arrow keys and history in input())
 
     session = ChatSession(model, tokenizer, args.system)
-    print(HELP, file=sys.stderr)
+    log.info(HELP)
     told = False
     while True:
         try:
@@ -168,6 +184,9 @@ def main(args):
         if user.strip() == "/reset":
             session.reset()
             print("(conversation reset)", file=sys.stderr)
+            continue
+        if user.strip() == "/help":
+            print(f"({commands_text()}; {KEYS})", file=sys.stderr)
             continue
         if not user.strip():
             continue

@@ -15,6 +15,7 @@ import tempfile
 
 from openelm_mlx import __version__
 from openelm_mlx.errors import OpenELMError, Terminated
+from openelm_mlx.notices import show_notices
 from openelm_mlx.outputs import SIGNALS
 
 # subcommand -> (module, one-line help); modules are imported only when chosen.
@@ -35,6 +36,7 @@ SUBCOMMANDS = {
     "train": ("openelm_mlx.apps.train", "train a small OpenELM on a text corpus"),
     "eval": ("openelm_mlx.apps.eval", "measure perplexity, or accuracy on lm-evaluation-harness tasks"),
     "bench": ("openelm_mlx.benchmarks.bench", "benchmark prompt and generation speed"),
+    "models": ("openelm_mlx.apps.models", "list the released OpenELM models and the demo model, and which are cached"),
 }
 # Optional dependencies -> the extra that installs them.
 EXTRAS = {"coremltools": "coreml", "coreai": "coreai", "matplotlib": "bench", "lm_eval": "eval"}
@@ -42,10 +44,11 @@ EXTRAS = {"coremltools": "coreml", "coreai": "coreai", "matplotlib": "bench", "l
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default after its help, unless the help already says it or there is
-    none to show (no value, a flag)."""
+    none to show (no value, an empty list, a flag)."""
 
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, argparse.SUPPRESS) or action.nargs == 0:
+        nothing = action.default in (None, argparse.SUPPRESS) or action.default == []
+        if "default" in (action.help or "") or nothing or action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
 
@@ -138,7 +141,18 @@ def build_parser(command=None):
             module.add_arguments(sub)
             sub.set_defaults(run=module.main)
             chosen = sub
+            for leaf in leaf_parsers(sub):
+                leaf.add_argument(
+                    "-q", "--quiet", action="store_true", help="print no notices, only warnings and errors"
+                )
     return parser, chosen
+
+
+def leaf_parsers(parser):
+    """The parsers that take a command's options: the parser itself, or each of its own
+    subcommands' (`eval ppl`, `eval tasks`), where an option given after the subcommand lands."""
+    nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [leaf for a in nested for p in a.choices.values() for leaf in leaf_parsers(p)] if nested else [parser]
 
 
 def main(argv=None):
@@ -157,6 +171,7 @@ def main(argv=None):
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # said by the command's parser, not the top one: `openelm COMMAND: error: ...`
             chosen.error(f"unrecognized arguments: {' '.join(unknown)}")
+        show_notices(args.quiet)
         # coremltools warns on import that Core ML's runtime is missing, which on Linux is expected.
         logging.getLogger("coremltools").setLevel(logging.ERROR)
         code = args.run(args)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import List, Tuple
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.units import size_text
 
 VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")  # "1Sm3:4 And the LORD called ..."
 WHOLE_BIBLE = "Gen1:1-Rev22:21"
@@ -69,7 +70,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         for path in write_corpus(args.output, args.force):
-            print(f"{path}: {path.stat().st_size / 1e6:.2f} MB")
+            print(f"{path}: {size_text(path.stat().st_size)}")
     except OpenELMError as e:
         parser.exit(1, f"corpus: error: {e}\n")
 

@@ -10,7 +10,7 @@ the first is scored exactly once.
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +21,7 @@ import numpy as np
 from openelm_mlx.apps import eval_tasks
 from openelm_mlx.apps.train_data import encode_documents
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.files import read_text
+from openelm_mlx.files import json_text, read_text
 from openelm_mlx.loader import DEMO_MODEL, DTYPES, load
 from openelm_mlx.model import Model
 from openelm_mlx.options import EVAL_RULES, check_options
@@ -93,7 +93,13 @@ def perplexity(
 
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="metric", metavar="METRIC", required=True)
-    ppl = sub.add_parser("ppl", help="perplexity on a text file, one document a line", command_prog=parser.prog)
+    ppl = sub.add_parser(
+        "ppl",
+        help="perplexity on a text file, one document a line",
+        description="perplexity of a model on a text file (one document a line), beside the unigram baseline of "
+        "its own tokenizer on the same tokens, and tokens/s; every token but the first scored once",
+        command_prog=parser.prog,
+    )
     ppl.add_argument("--model", help="model folder or Hugging Face repo id (default: the demo model)")
     ppl.add_argument("--tokenizer", help="tokenizer.model file or folder (default: the model's)")
     ppl.add_argument("--text", type=Path, help="text file (default: the demo model's validation text)")
@@ -106,6 +112,7 @@ def add_arguments(parser):
     ppl.add_argument("--context", type=int, help="tokens per window (default: the model's context)")
     ppl.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens of the text (default: all)")
+    ppl.add_argument("--json", action="store_true", help="print the result as one JSON object instead")
     eval_tasks.add_arguments(sub, parser.prog)
 
 
@@ -118,6 +125,10 @@ def main(args):
     text = read_text(text_file)
     model, tokenizer = load(args.model, args.tokenizer, args.dtype)
     result = perplexity(model, tokenizer, text, args.context, args.batch_size, args.max_tokens, progress=True)
+    if args.json:
+        figures = {"perplexity": result.perplexity, "tokens_per_second": result.tokens_per_second}
+        print(json_text({"model": str(args.model or DEMO_MODEL), "text": str(text_file), **asdict(result), **figures}))
+        return
     print(f"model: {args.model or f'demo model ({DEMO_MODEL})'}")
     print(f"text: {text_file}, {result.tokens} tokens scored")
     print(f"perplexity: {result.perplexity:.3f} (loss {result.loss:.4f} nats/token)")

@@ -10,9 +10,9 @@ lm-eval with add_bos_token=True). lm-eval is imported only by eval_model.py: the
 
 import csv
 import io
-import json
 import logging
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.files import json_text
 from openelm_mlx.loader import DEMO_MODEL, DTYPES
 from openelm_mlx.options import EVAL_TASK_RULES, check_options
 from openelm_mlx.outputs import check_output, staged_output
@@ -59,7 +60,13 @@ class Row:
 
 
 def add_arguments(sub, prog: str):
-    p = sub.add_parser("tasks", help="accuracy on lm-evaluation-harness tasks", command_prog=prog)
+    p = sub.add_parser(
+        "tasks",
+        help="accuracy on lm-evaluation-harness tasks",
+        description="accuracy on lm-evaluation-harness tasks (lm-eval's names or task YAML files), for a model "
+        "folder or an exported package, as a table; the paper's figures beside a released model's",
+        command_prog=prog,
+    )
     p.add_argument("model", nargs="?", help="model folder, repo id or exported package (default: the demo model)")
     p.add_argument("--tasks", help="comma-separated lm-eval task names or task YAML files (demo model: its cloze)")
     p.add_argument(
@@ -78,6 +85,7 @@ def add_arguments(sub, prog: str):
     p.add_argument("--include-path", type=Path, help="a folder of task YAML files, as lm-eval's --include_path")
     p.add_argument("--seed", type=int, default=1234, help="seed of the draw of few-shot examples, as lm-eval's")
     p.add_argument("--out", type=Path, help="folder for results.json, results.csv and results.md")
+    p.add_argument("--json", action="store_true", help="print results.json's object on stdout instead of the table")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
 
 
@@ -110,7 +118,7 @@ def main(args):
         "seconds": round(seconds, 2),
         "lm_eval": version("lm_eval"),
     }
-    print(table(rows, meta))
+    print(json_text(results_json(rows, meta)) if args.json else table(rows, meta))
     if args.out is not None:
         write_results(args.out, args.force, rows, meta, reads=[args.model])
 
@@ -177,15 +185,19 @@ def table(rows: List[Row], meta: dict) -> str:
     return "\n".join([head, "accuracy in %, ± its standard error", *lines, f"time: {meta['seconds']:.1f} s{per_100}"])
 
 
+def results_json(rows: List[Row], meta: dict) -> dict:
+    """results.json's object, which --json prints."""
+    return {**meta, "results": [asdict(r) for r in rows]}
+
+
 def write_results(out: Path, force: bool, rows: List[Row], meta: dict, reads):
-    records = [asdict(r) for r in rows]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
     writer.writeheader()
-    writer.writerows(records)
+    writer.writerows(asdict(r) for r in rows)
     with staged_output(out, force, reads) as tmp:
         tmp.mkdir()
-        (tmp / "results.json").write_text(json.dumps({**meta, "results": records}, indent=2) + "\n")
+        (tmp / "results.json").write_text(json_text(results_json(rows, meta)) + "\n")
         (tmp / "results.csv").write_text(text.getvalue())
         (tmp / "results.md").write_text(table(rows, meta) + "\n")
-    print(f"wrote {out}/results.json, results.csv, results.md")
+    print(f"wrote {out}/results.json, results.csv, results.md", file=sys.stderr)  # stdout holds the results alone

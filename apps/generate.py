@@ -1,13 +1,22 @@
 """`openelm generate`: stream a completion to stdout, then one line of statistics to stderr."""
 
+import logging
 import sys
+from dataclasses import asdict
 
 from openelm_mlx.checkpoint import resolve_source
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.files import json_text
 from openelm_mlx.generate import DEFAULT_NUM_DRAFT, FALLBACK_PROMPT, GenerationOptions, stream_generate
 from openelm_mlx.loader import DEMO_MODEL, DTYPES, load, load_folder
 from openelm_mlx.options import check_speculation
 from openelm_mlx.tokenizer import chat_prompt, is_instruct_model
+
+log = logging.getLogger(__name__)
+DEMO_NOTICE = (
+    "no --model given, using the small demo model shipped with openelm-mlx (context 256 tokens, for trying the "
+    "toolkit offline; `openelm models` lists the real ones to pass with --model)"
+)
 
 
 def add_model_arguments(parser):
@@ -40,7 +49,7 @@ def add_sampling_arguments(parser):
         "--repetition-penalty", type=float, help="e.g. 1.2, as Apple's model cards recommend (default: off)"
     )
     parser.add_argument("--seed", type=int, help="random seed for sampling (default: MLX's own)")
-    parser.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    parser.add_argument("--stop", action="append", help="stop at this string (repeatable)")
     parser.add_argument(
         "--prompt-lookup",
         type=int,
@@ -67,7 +76,7 @@ def generation_options(args) -> GenerationOptions:
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
         seed=args.seed,
-        stop=args.stop,
+        stop=args.stop or (),
         truncate=vars(args).get("truncate", False),
         prompt_lookup=args.prompt_lookup,
         num_draft=args.num_draft,
@@ -77,7 +86,8 @@ def generation_options(args) -> GenerationOptions:
 def load_for_cli(args, options: GenerationOptions, chat: bool, check=None):
     """(model, tokenizer, draft model or None) for generate and chat, the options checked: which go
     together before any model is read, their ranges once the model is (GenerationOptions.check), and
-    check(model, tokenizer) if given (chat's room for a message), before any notice is printed."""
+    check(model, tokenizer) if given (chat's room for a message). Notices come after (generate:
+    tell_choices), so that a run that fails says only why."""
     check_speculation(options.prompt_lookup, args.draft_model, options.num_draft)
     if getattr(args, "backend", "mlx") != "mlx":
         if args.prompt_lookup is not None or args.draft_model:
@@ -87,12 +97,6 @@ def load_for_cli(args, options: GenerationOptions, chat: bool, check=None):
         model, tokenizer = load_package(args.model, args.backend, args.tokenizer)
         options.check(tokenizer.vocab_size, model.config.max_context_length)
         return model, tokenizer, None
-    if args.model is None:
-        print(
-            "openelm: no --model given, using the small demo model shipped with openelm-mlx "
-            "(a few million parameters, context 256 tokens, for trying the toolkit offline; pass --model for a real OpenELM)",
-            file=sys.stderr,
-        )
     folder = resolve_source(DEMO_MODEL if args.model is None else args.model)
     model, tokenizer = load_folder(folder, tokenizer=args.tokenizer, dtype=args.dtype)
     draft = None
@@ -110,9 +114,7 @@ def load_for_cli(args, options: GenerationOptions, chat: bool, check=None):
     if check is not None:
         check(model, tokenizer)
     if chat and not is_instruct_model(args.model or folder, folder):
-        print(
-            "openelm: warning: this does not look like an Instruct model; chat replies may not follow", file=sys.stderr
-        )
+        log.warning("this does not look like an Instruct model; chat replies may not follow")
     return model, tokenizer, draft
 
 
@@ -125,6 +127,12 @@ def add_arguments(parser):
     parser.add_argument("--system", help="system message for --chat")
     parser.add_argument(
         "--truncate", action="store_true", help="cut the prompt's start to fit the context instead of failing"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object on stdout once done instead of streaming: text, tokens (the ids generated, "
+        "EOS left out) and stats (the figures of the stderr line, memory in bytes)",
     )
     parser.add_argument(
         "--backend",
@@ -143,7 +151,7 @@ def utf8(data: bytes, where: str) -> str:
         raise OpenELMError(f"{where} is not valid UTF-8 (byte {e.start}): give the text in UTF-8") from None
 
 
-def read_prompt(args) -> str:
+def read_prompt(args):
     if args.prompt is not None and args.prompt_text is not None:
         raise OpenELMError("give the prompt once: as an argument or with --prompt, not both")
     prompt = args.prompt if args.prompt is not None else args.prompt_text
@@ -152,10 +160,17 @@ def read_prompt(args) -> str:
         prompt = utf8(prompt.encode("utf-8", "surrogateescape"), "the prompt")
     elif not sys.stdin.isatty():
         prompt = utf8(sys.stdin.buffer.read(), "the prompt on standard input")
-    if not prompt:
-        print(f"openelm: no prompt given, continuing {FALLBACK_PROMPT!r}", file=sys.stderr)
-        prompt = FALLBACK_PROMPT
-    return prompt
+    return prompt or None  # None: FALLBACK_PROMPT, said once the options are checked
+
+
+def tell_choices(args, fallback: bool, stats):
+    """The notices of a run that has passed every check: what it chose for the user."""
+    if fallback:
+        log.info(f"no prompt given, continuing {FALLBACK_PROMPT!r}")
+    if args.model is None:
+        log.info(DEMO_NOTICE)
+    if stats.prompt_dropped:
+        log.info(f"--truncate dropped the prompt's first {stats.prompt_dropped} tokens, kept {stats.prompt_tokens}")
 
 
 def main(args):
@@ -164,16 +179,23 @@ def main(args):
         raise OpenELMError("--system needs --chat")
     options = generation_options(args)
     model, tokenizer, draft = load_for_cli(args, options, chat=args.chat)
+    fallback, prompt = prompt is None, prompt or FALLBACK_PROMPT
     if args.chat:
         messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt = chat_prompt(messages + [{"role": "user", "content": prompt}])
-    stats = None
+    stats, text, tokens = None, [], []
     for chunk in stream_generate(model, tokenizer, prompt, options, draft_model=draft):
-        if stats is None and chunk.stats.prompt_dropped:
-            dropped, kept = chunk.stats.prompt_dropped, chunk.stats.prompt_tokens
-            print(f"openelm: --truncate dropped the prompt's first {dropped} tokens, kept {kept}", file=sys.stderr)
-        sys.stdout.write(chunk.text)
-        sys.stdout.flush()
+        if stats is None:  # the prompt fitted: every check has passed
+            tell_choices(args, fallback, chunk.stats)
+        if args.json:
+            text.append(chunk.text)
+            tokens += [] if chunk.token is None else [chunk.token]
+        else:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
         stats = chunk.stats
-    sys.stdout.write("\n")
+    if args.json:
+        print(json_text({"text": "".join(text), "tokens": tokens, "stats": asdict(stats)}))
+    else:
+        sys.stdout.write("\n")
     print(stats.summary(), file=sys.stderr)

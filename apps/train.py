@@ -11,7 +11,6 @@ Data: train_data.py; checkpoints and resuming: train_checkpoint.py; the plot: tr
 import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -37,6 +36,7 @@ from openelm_mlx.options import MAX_SEED, TRAIN_RULES, check_options
 from openelm_mlx.outputs import check_output, remove
 from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import Tokenizer
+from openelm_mlx.units import size_text
 
 # ffn widths in multiples of 64 (not corenet's 256) let small models keep their per-layer
 # scaling; every width stays divisible by 64, as 4/8-bit group quantization needs.
@@ -73,8 +73,8 @@ class TrainConfig:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if needed > memory:
             raise OpenELMError(
-                f"a model of --layers {self.layers} --model-dim {self.model_dim} needs about {needed / 1e9:.0f} GB "
-                f"to train, more than this machine's {memory / 1e9:.0f} GB: choose a smaller one"
+                f"a model of --layers {self.layers} --model-dim {self.model_dim} needs about {size_text(needed)} "
+                f"to train, more than this machine's {size_text(memory)}: choose a smaller one"
             )
 
     def model_config(self, tokenizer: Tokenizer) -> OpenELMConfig:
@@ -192,9 +192,7 @@ def _train(cfg: TrainConfig, output: Path, paths, texts, resume, checkpoint_ever
 
     weights = dict(tree_flatten(model.parameters()))
     folder = output / "model"
-    notice = write_model_folder(folder, config, weights, mx.float32, output, tokenizer, force=True, reads=paths)
-    if notice:
-        print(notice, file=sys.stderr)
+    write_model_folder(folder, config, weights, mx.float32, output, tokenizer, force=True, reads=paths)
     plot_losses(state, output / "loss_curve.png")
     print(f"trained {state['step']} steps in {state['seconds'] / 60:.1f} min; model in {folder}")
     return folder

@@ -19,7 +19,7 @@ from .machine import machine_info
 from .plan import MLX_LM, OURS, WARMUP_DECODE_TOKENS, run_plan
 from .report import FILES, RESULTS_BYTES, markdown, write_results
 from .speculation import run_speculation, speculation_settings
-from .subjects import PRECISIONS, activation_dtype, build_subject, load_source, mlx_lm_twin
+from .subjects import PRECISIONS, activation_dtype, build_subject, check_spec, load_source, mlx_lm_twin
 
 SCHEMA = "openelm-bench/1"
 MLX_LM_DEFAULT = "fp16"  # mlx_lm.convert's default: float16 weights and activations
@@ -217,6 +217,9 @@ def check_settings(models, precisions, compare, backend):
     for ok, message in checks:
         if not ok:
             raise OpenELMError(message)
+    if backend == "mlx":
+        for spec in models:
+            check_spec(spec)
 
 
 def add_arguments(parser):

@@ -4,7 +4,6 @@ and `decode` functions), run by Core ML (macOS 15+) or by Apple's Core AI
 runtime (macOS 27; on Linux the reference runtime bundled with coreai-core, whose figures say
 nothing about device speed)."""
 
-import resource
 import sys
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 
 from openelm_mlx.convert.runner import open_runner
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.units import peak_rss_bytes
 
 from . import timing
 from .plan import WARMUP_DECODE_TOKENS, run_plan
@@ -33,11 +33,6 @@ def package_weight_bytes(package: Path) -> int:
         package.glob("Data/com.apple.CoreML/weights/*") if package.suffix == ".mlpackage" else [package / "main.mlirb"]
     )
     return sum(f.stat().st_size for f in files if f.is_file())
-
-
-def peak_rss_bytes() -> int:
-    # ru_maxrss is in bytes on macOS (kilobytes on Linux); the runtimes allocate outside MLX's counters.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def time_package(runner, prompt: list, generation_tokens: int) -> dict:

@@ -3,14 +3,16 @@
 import csv
 import io
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import List
 
 from openelm_mlx import outputs
+from openelm_mlx.units import size_text
 
 from .spec_report import SPECULATION_CSV_FIELDS, settings_line, speculation_lines, speculation_rows
 
+log = logging.getLogger(__name__)
 FILES = ("results.json", "results.csv", "results.md", "chart.png")
 RESULTS_BYTES = 65536  # about what results take: bench writes and removes this much before the run
 NAMES = {"openelm_mlx": "openelm-mlx", "mlx_lm": "mlx-lm", "coreml": "Core ML", "coreai": "Core AI"}
@@ -94,10 +96,6 @@ def _loads(values) -> str:
     return " / ".join(f"{x:.1f}" for x in values) if values else "?"
 
 
-def _gb(n) -> str:
-    return f"{n / 1e9:.1f} GB" if n else "?"
-
-
 def markdown(results: dict) -> str:
     s, env = results["settings"], results["environment"]
     speculation = s.get("speculation")
@@ -113,7 +111,7 @@ def markdown(results: dict) -> str:
         f"## openelm bench: {env.get('gpu') or env['chip']}, {env['device']}",
         "",
         setting,
-        f"- Machine: {env['cpu_count']} CPU cores, {_gb(env['memory_bytes'])} memory, {env['os']}; "
+        f"- Machine: {env['cpu_count']} CPU cores, {size_text(env['memory_bytes']) if env['memory_bytes'] else '?'} memory, {env['os']}; "
         f"MLX {env['mlx']} on {env['device']}, mlx-lm {env['mlx_lm']}; BLAS: {env['blas']['name']}; "
         f"memory bandwidth {env['memory_bandwidth_gbs']} GB/s ({env['memory_bandwidth_source']}); "
         f"load average (1, 5, 15 min) {_loads(env.get('load_average'))} at start, "
@@ -211,7 +209,7 @@ def chart(results: dict, path) -> bool:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("chart.png skipped: matplotlib is missing (pip install 'openelm-mlx[bench]')", file=sys.stderr)
+        log.warning("chart.png skipped: matplotlib is missing (pip install 'openelm-mlx[bench]')")
         return False
     data = [r for r in rows(results) if r["implementation"]]
     if not data:

@@ -1,5 +1,7 @@
 """What a benchmark runs: a model size or checkpoint, at a precision, as our Model or mlx-lm's."""
 
+import os
+import re
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
@@ -19,6 +21,7 @@ from .synthetic import random_weights
 FLOATS = {"fp32": mx.float32, "fp16": mx.float16, "bf16": mx.bfloat16}
 QUANTIZED = {"q8": 8, "q4": 4}
 PRECISIONS = (*FLOATS, *QUANTIZED)
+SIZE_LIKE = re.compile(r"\d+([._]\d+)?[MB]", re.IGNORECASE)  # 7B, 1_1B, 270m: meant as a size, not a path
 RANDOM_NOTE = (
     "random weights of the real shapes (uniform, variance 1/fan_in): speed does not "
     "depend on the weight values, so this runs offline"
@@ -30,6 +33,15 @@ def describe(spec: str) -> Tuple[str, str]:
     if spec in PRESETS:
         return spec, RANDOM_NOTE
     return Path(spec).name or spec, str(spec)
+
+
+def check_spec(spec: str):
+    """Refuse a --models entry that reads as a size but is none of the released ones (nor a path)."""
+    if spec not in PRESETS and SIZE_LIKE.fullmatch(spec) and not os.path.lexists(spec):
+        raise OpenELMError(
+            f"--models {spec}: not a size bench knows: choose from {', '.join(PRESETS)} (OpenELM's released "
+            "sizes, random weights of their shapes), or give a checkpoint folder or Hub repo id"
+        )
 
 
 def load_source(spec: str, seed: int = 0) -> Tuple[OpenELMConfig, Callable[[], Dict[str, mx.array]]]:

@@ -2,7 +2,6 @@
 optionally 4/8-bit, with Apple's chat template for Instruct models. Tensor by tensor, written as
 it goes (openelm_mlx.model_folder), so memory stays near one tensor."""
 
-import sys
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -16,6 +15,7 @@ from openelm_mlx.model_folder import source_name, write_model_folder
 from openelm_mlx.options import CONVERT_RULES, DEFAULT_GROUP_SIZE, QUANT_BITS, check_options
 from openelm_mlx.outputs import check_output
 from openelm_mlx.tokenizer import check_tokenizer_fits, find_tokenizer, is_instruct_model
+from openelm_mlx.units import size_text
 
 CHAT_TEMPLATES = ("auto", "instruct", "none")
 
@@ -68,7 +68,7 @@ def convert(
     if tok is not None:
         check_tokenizer_fits(tok, config)
 
-    notice = write_model_folder(
+    write_model_folder(
         output,
         config,
         weights,
@@ -86,10 +86,8 @@ def convert(
     notes = [] if tok else ["no tokenizer.model found: pass --tokenizer to include one"]
     if instruct and tok:
         notes.append("Instruct: chat template in tokenizer_config.json")
-    if notice:
-        print(notice, file=sys.stderr)
     print(
-        f"wrote {output}: {size / 1e9:.3f} GB, {8 * size / config.num_parameters():.2f} bits per weight"
+        f"wrote {output}: {size_text(size)}, {8 * size / config.num_parameters():.2f} bits per weight"
         + "".join(f" ({note})" for note in notes)
     )
     return output

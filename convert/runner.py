@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import mlx.core as mx
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.units import peak_rss_bytes
 
 from .coreai.bundle import Bundle, engine_kind, read_bundle
 from .coreai.runtime import read_model
@@ -65,6 +66,10 @@ class PackageModel:
 
     def make_cache(self):
         return []
+
+    def peak_memory(self):
+        """The runtime allocates outside MLX's counters: the process's peak RSS is what is known."""
+        return peak_rss_bytes(), "process"
 
     def __call__(self, tokens, cache=None):
         ids = tokens[0].tolist()

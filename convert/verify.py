@@ -9,7 +9,7 @@ written to disk:
    tolerance explains."""
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -18,6 +18,7 @@ import numpy as np
 
 from openelm_mlx.cache import make_cache
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.files import json_text
 from openelm_mlx.loader import load_model
 from openelm_mlx.model import Model
 from openelm_mlx.options import VERIFY_RULES, check_options
@@ -61,6 +62,7 @@ class Step:
     reference_token: int
     package_token: int
     margin: float  # reference top-1 minus top-2 logit
+    mlx_logits: Tuple[float, float]  # MLX's logits of (MLX's token, the package's token)
 
 
 @dataclass
@@ -163,7 +165,8 @@ def compare(runner, reference, tokens: List[int], steps: int, backend: str, rtol
         name = f"prefill[{len(feed)}]" if k == 0 else f"decode {k}"
         with np.errstate(invalid="ignore"):
             diff = float(np.abs(got - ref).max())
-        step = Step(name, diff, int(ref.argmax()), int(got.argmax()), float(top2[1] - top2[0]))
+        theirs, ours = int(ref.argmax()), int(got.argmax())
+        step = Step(name, diff, theirs, ours, float(top2[1] - top2[0]), (float(ref[theirs]), float(ref[ours])))
         report.steps.append(step)
         if not np.all(np.isfinite(got)):
             report.problem = f"{name}: non-finite logits (float16 overflow in the package?)"
@@ -228,8 +231,22 @@ def verify_package(
     return VerifyReport(str(package), info.compression, info.compute_precision, problems, worst, reports, skipped)
 
 
-def print_report(report: VerifyReport) -> int:
-    """The report as the verify commands print it; returns the exit code."""
+def near_tie(step: Step) -> str:
+    """Why a differing greedy token passed: MLX's own logits of the two tokens are closer than the
+    package's logits may differ from MLX's (compare: max|Δ| within the tolerance), so either
+    token may come out on top."""
+    theirs, ours = step.mlx_logits
+    return (
+        f"{step.name}: {step.reference_token} (MLX) vs {step.package_token} (package), a near tie: MLX's logits "
+        f"{theirs:.4g} vs {ours:.4g}, margin {theirs - ours:.3g} ≤ 2 × max|Δ| {2 * step.max_abs_diff:.3g}"
+    )
+
+
+def print_report(report: VerifyReport, as_json: bool = False) -> int:
+    """The report as the verify commands print it (as_json: one JSON object); returns the exit code."""
+    if as_json:
+        print(json_text(report_json(report)))
+        return 0 if report.ok else 1
     print(
         f"{report.package} ({report.compression}, {report.compute_precision} compute): "
         f"weights max relative error {report.weight_max_rel_error:.3g}"
@@ -243,6 +260,8 @@ def print_report(report: VerifyReport) -> int:
             print(
                 f"  {s.name:>12}  max|Δ| {s.max_abs_diff:.4g}  token {s.package_token} (MLX {s.reference_token}){mark}"
             )
+            if mark and not (b.problem and s is b.steps[-1]):  # a failed step's problem says why
+                print(f"  {'':>12}  {near_tie(s)} (tolerance {b.tolerance:.4g})")
         print(
             f"  greedy agreement {b.agreement:.0%} over {len(b.steps)} steps"
             + (f"; FAILED: {b.problem}" if b.problem else "")
@@ -253,6 +272,14 @@ def print_report(report: VerifyReport) -> int:
     return 0 if report.ok else 1
 
 
+def report_json(report: VerifyReport) -> dict:
+    """The report's fields and verdicts, as --json prints them."""
+    out = {**asdict(report), "ok": report.ok}
+    for backend, fields in zip(report.backends, out["backends"]):
+        fields.update(ok=backend.ok, agreement=backend.agreement)
+    return out
+
+
 def add_verify_arguments(parser, suffix: str, exporter: str):
     parser.add_argument("package", help=f"the {suffix} written by `openelm {exporter}`")
     parser.add_argument("--model", required=True, help="the model it was exported from (folder or repo id)")
@@ -261,6 +288,9 @@ def add_verify_arguments(parser, suffix: str, exporter: str):
         "--prompt", default=None, help="prompt text for the prefill (default: a sentence, clipped to the context)"
     )
     parser.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one beside the package)")
+    parser.add_argument(
+        "--json", action="store_true", help="print the report as one JSON object (the exit status is the same)"
+    )
 
 
 def check_verify_options(steps: int):

@@ -44,15 +44,47 @@ def resolve_source(source) -> Path:
     `owner/name` is a repo id; anything else that does not exist ('./typo', '~/x', 'a/b/c')
     is a missing folder."""
     path = Path(str(source)).expanduser()
+    other = what_else(path)  # a package, a run folder, a single file: say what to pass instead
+    if other:
+        raise OpenELMError(f"{source} is {other}")
     if path.is_dir():
         return path
     if os.path.lexists(path):
         raise OpenELMError(f"{source} is not a folder: pass the folder that holds config.json and the weights")
     if not is_repo_id(str(source)):
         raise OpenELMError(
-            f"no model folder at '{source}': give the path of a checkpoint folder, or a Hugging Face repo id like apple/OpenELM-270M"
+            f"no model folder at '{source}': give the path of a checkpoint folder, or a Hugging Face repo id like "
+            "apple/OpenELM-270M (`openelm models` lists the released ones)"
         )
     return _download(str(source))
+
+
+def what_else(path: Path) -> Optional[str]:
+    """What `path` is when it is something other than a checkpoint folder that the toolkit makes or
+    reads, with what to pass instead; None for anything else (a checkpoint folder, a missing path)."""
+    parent = path.parent if str(path.parent) != "." else "the folder that holds it"
+    suffix, folder_only = path.suffix.lower(), path.is_dir() and not os.path.lexists(path / "config.json")
+    if suffix in (".aimodel", ".aimodelc") or (folder_only and (path / "metadata.json").is_file()):
+        return (
+            "a Core AI model (export-coreai), not a model folder: run its bundle folder with --backend coreai, "
+            "or pass the model folder it was exported from"
+        )
+    if suffix in (".mlpackage", ".mlmodel", ".mlmodelc"):
+        return (
+            "a Core ML model (export-coreml), not a model folder: run an .mlpackage with --backend coreml "
+            "(macOS) or --backend mil-reference, or pass the model folder it was exported from"
+        )
+    if folder_only and (path / "model" / "config.json").is_file():
+        return f"a training run folder (openelm train): its model is {path / 'model'}, pass that"
+    if not path.is_file():
+        return None
+    if suffix == ".gguf":
+        return "a GGUF file (llama.cpp's format): openelm-mlx reads safetensors checkpoint folders, such as apple/OpenELM-270M"
+    if suffix in (".safetensors", ".json"):
+        return f"not a folder: pass {parent}, the folder that holds config.json and the weights"
+    if path.name == "tokenizer.model" or suffix == ".model":
+        return "a tokenizer, not a model: pass the model folder instead (and this file with --tokenizer)"
+    return None
 
 
 def _download(repo_id: str) -> Path:

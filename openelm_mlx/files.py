@@ -113,6 +113,23 @@ def parse_json(data: bytes, source, fix: str = "download or write it again") -> 
         fail(f"is not valid JSON ({e})")
 
 
+def json_text(value) -> str:
+    """`value` as strict JSON for the commands' --json output: an inf or NaN (a diverged loss, a
+    non-finite logit) is null, since Python's NaN and Infinity are not JSON that other readers parse.
+    Paths are strings."""
+
+    def strict(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): strict(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [strict(x) for x in v]
+        return str(v) if isinstance(v, Path) else v
+
+    return json.dumps(strict(value), indent=2, allow_nan=False)
+
+
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 

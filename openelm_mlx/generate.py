@@ -17,11 +17,16 @@ from .overflow import OTHER_DTYPE_OPTION, check_finite
 from .sample import Sampling
 from .speculative import MIN_RUN, DraftModel, DraftPolicy, PromptLookup, verify
 from .tokenizer import Tokenizer
+from .units import size_text
 
 FALLBACK_PROMPT = "Once upon a time"  # what `openelm generate` continues when given no prompt
 DEFAULT_MAX_TOKENS = 256  # when not given: this many, or what remains of the context if less
 DEFAULT_NUM_DRAFT = 4  # tokens a draft model proposes per step
 PREFILL_STEP = 2048  # prompt tokens per forward pass: bounds the activations' memory
+# What the peak memory of a run counts: MLX's allocator sees an MLX model's memory; a package
+# runner (Core ML, Core AI, the MIL executor) allocates outside it, so only the process's own
+# peak resident memory, everything in it included, says what that run held.
+MEMORY_LABELS = {"mlx": "peak memory", "process": "process peak RSS"}
 
 
 @dataclass
@@ -53,7 +58,8 @@ class GenerationStats:
     generation_tokens: int = 0
     generation_tps: float = 0.0  # tokens after the first / time since the first
     time_to_first_token: float = 0.0  # seconds
-    peak_memory_gb: float = 0.0
+    peak_memory_bytes: int = 0  # what memory_source says: MLX's peak allocation, or the process's peak RSS
+    memory_source: str = "mlx"  # "mlx" (mx.get_peak_memory), or "process" for a package runner (peak RSS)
     drafted: int = 0  # speculative decoding: tokens proposed, and how many the model accepted
     accepted: int = 0
     finish_reason: Optional[str] = None  # "eos", "stop", "length"
@@ -67,7 +73,7 @@ class GenerationStats:
             f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tok/s | "
             f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tok/s{speculation} | "
             f"time to first token: {self.time_to_first_token * 1000:.0f} ms | "
-            f"peak memory: {self.peak_memory_gb:.2f} GB"
+            f"{MEMORY_LABELS[self.memory_source]}: {size_text(self.peak_memory_bytes)}"
         )
 
 
@@ -258,7 +264,7 @@ def stream_generate(
         else:
             stats.generation_tps = n / (now - first)
         stats.generation_tokens = n + 1
-        stats.peak_memory_gb = mx.get_peak_memory() / 1e9
+        stats.peak_memory_bytes, stats.memory_source = peak_memory(model)
         if token == tokenizer.eos_id:
             stats.finish_reason = "eos"
             break
@@ -270,6 +276,13 @@ def stream_generate(
         yield GenerationChunk(text, token, stats)
     text, _ = stopper.feed(detokenizer.flush())
     yield GenerationChunk(text + stopper.pending, None, stats)
+
+
+def peak_memory(model) -> Tuple[int, str]:
+    """(bytes, memory_source) of the run so far: the model's own measure if it has one (a package
+    runner's, convert/runner.py's PackageModel), else MLX's peak allocation."""
+    measure = getattr(model, "peak_memory", None)
+    return measure() if measure else (mx.get_peak_memory(), "mlx")
 
 
 def make_drafter(model, options: GenerationOptions, draft_model):

@@ -63,6 +63,6 @@ def mlx_swift_lm_notice(config: OpenELMConfig) -> Optional[str]:
     if not differences:
         return None
     return (
-        "openelm: note: mlx-swift-lm rebuilds OpenELM's widths from the released recipe and will not run "
+        "note: mlx-swift-lm rebuilds OpenELM's widths from the released recipe and will not run "
         f"this folder as it is: {'; '.join(differences)}"
     )

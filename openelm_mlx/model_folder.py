@@ -6,6 +6,7 @@ same model and the same tokenizer from it. Tensors are streamed, one at a time."
 
 import dataclasses
 import json
+import logging
 import struct
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -22,6 +23,8 @@ from .options import DEFAULT_GROUP_SIZE
 from .outputs import staged_output
 from .progress import progress_bar
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 MAX_SHARD_BYTES = 5 * 1024**3
 SAFETENSORS_DTYPES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32"}
@@ -90,7 +93,10 @@ def write_model_folder(
             (tmp / "tokenizer.model").write_bytes(tokenizer.data)  # what our own loader reads
         for name, data in hf_files.items():
             (tmp / name).write_bytes(data)
-    return mlx_swift_lm_notice(config)  # the folder is written; where it will not run as it is
+    notice = mlx_swift_lm_notice(config)  # the folder is written; say where it will not run as it is
+    if notice:
+        log.info(notice)
+    return output
 
 
 def write_json(path: Path, value: dict):

@@ -31,6 +31,7 @@ from bad_input import (
     quantization,
     remove,
     retensor,
+    root_file,
     shift_tensor,
     special,
     tensor_field,
@@ -70,6 +71,60 @@ PATHS = category(
     Row("bench-typo", ("bench", "--models", "./typo", "--out", "{out}"), nothing, "no model folder at './typo'"),
     Row("file-not-folder", ("generate", "--model", "{model}/config.json", "-p", "hi"), nothing, "is not a folder"),
     Row("tokenizer-typo", (*GENERATE, "--tokenizer", "./typo.model"), nothing, "no tokenizer.model at ./typo.model"),
+)
+
+# Something else the toolkit makes, or a file mistaken for a model: what it is and what to pass
+# instead (checkpoint.what_else). Runs from the work folder, so the paths are relative.
+CORE_AI = (
+    "is a Core AI model (export-coreai), not a model folder: run its bundle folder with --backend coreai, "
+    "or pass the model folder it was exported from"
+)
+CORE_ML = (
+    "is a Core ML model (export-coreml), not a model folder: run an .mlpackage with --backend coreml (macOS) "
+    "or --backend mil-reference, or pass the model folder it was exported from"
+)
+SIZES = (
+    "not a size bench knows: choose from 270M, 450M, 1.1B, 3B (OpenELM's released sizes, random weights of "
+    "their shapes), or give a checkpoint folder or Hub repo id"
+)
+NOT_A_MODEL = category(
+    "not-a-model",
+    Row(
+        "bundle-folder", ("generate", "--model", "model/b", "-p", "hi"), nothing, f"model/b {CORE_AI}", base="packages"
+    ),
+    Row("aimodel-file", ("eval", "ppl", "--model", "m.aimodel"), root_file("m.aimodel"), f"m.aimodel {CORE_AI}"),
+    Row(
+        "mlpackage", ("chat", "--model", "model/p.mlpackage"), nothing, f"model/p.mlpackage {CORE_ML}", base="packages"
+    ),
+    Row(
+        "gguf",
+        ("convert", "m.gguf", "-o", "{out}"),
+        root_file("m.gguf"),
+        "m.gguf is a GGUF file (llama.cpp's format): openelm-mlx reads safetensors checkpoint folders, "
+        "such as apple/OpenELM-270M",
+    ),
+    Row(
+        "safetensors-file",
+        ("generate", "--model", "model/model.safetensors", "-p", "hi"),
+        nothing,
+        "model/model.safetensors is not a folder: pass model, the folder that holds config.json and the weights",
+    ),
+    Row(
+        "tokenizer-file",
+        ("generate", "--model", "model/tokenizer.model", "-p", "hi"),
+        nothing,
+        "model/tokenizer.model is a tokenizer, not a model: pass the model folder instead (and this file with "
+        "--tokenizer)",
+    ),
+    Row(
+        "train-run-folder",
+        ("generate", "--model", "model", "-p", "hi"),
+        nothing,
+        "model is a training run folder (openelm train): its model is model/model, pass that",
+        base="run",
+    ),
+    Row("bench-size-7B", ("bench", "--models", "7B", "--out", "{out}"), nothing, f"--models 7B: {SIZES}"),
+    Row("bench-size-1_1B", ("bench", "--models", "270M,1_1B", "--out", "{out}"), nothing, f"--models 1_1B: {SIZES}"),
 )
 
 SPECIAL_FILES = category(
@@ -389,4 +444,4 @@ TOKENIZER = category(
     ),
 )
 
-CHECKPOINT_ROWS = PATHS + SPECIAL_FILES + CONFIG_JSON + INDEX + SAFETENSORS + QUANTIZATION + TOKENIZER
+CHECKPOINT_ROWS = PATHS + NOT_A_MODEL + SPECIAL_FILES + CONFIG_JSON + INDEX + SAFETENSORS + QUANTIZATION + TOKENIZER

@@ -117,6 +117,14 @@ VALUES = category(
         nothing,
         "--generation-tokens must be an integer from 2 to 1,048,576 with speculation",
     ),
+    # no --model (the demo model): the option's error alone, no notice before it
+    Row(
+        "generate-demo-temp",
+        ("generate", "-p", "hi", "--temp", "-1"),
+        nothing,
+        "--temp must be >= 0 (0 is greedy), got -1.0",
+    ),
+    Row("chat-demo-top-p", ("chat", "--top-p", "2"), nothing, "--top-p must be in [0, 1], got 2.0"),
     # generate (today's checks)
     Row("generate-top-k-negative", (*GENERATE, "--top-k", "-1"), nothing, "--top-k must be >= 0"),
     Row("generate-min-p-negative", (*GENERATE, "--min-p", "-0.1"), nothing, "--min-p must be in [0, 1]"),

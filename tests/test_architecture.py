@@ -37,6 +37,8 @@ LAZY_IMPORTS = {
     ("openelm_mlx.checkpoint", "huggingface_hub.errors"): "keeps start-up fast",
     ("openelm_mlx.tokenizer", "huggingface_hub"): "keeps start-up fast",
     ("openelm_mlx.tokenizer", "huggingface_hub.errors"): "keeps start-up fast",
+    ("openelm_mlx.apps.models", "huggingface_hub"): "keeps start-up fast",
+    ("openelm_mlx.apps.models", "huggingface_hub.errors"): "keeps start-up fast",
     # Only mlx-lm makes a quantized KV cache, so mlx-lm is imported already when it is attended.
     ("openelm_mlx.model", "mlx_lm.models.base"): "never loads mlx-lm on our own paths",
     # Only a preset's layer-wise multipliers need numpy (0.35-0.7 s to import under load).

@@ -44,6 +44,9 @@ OPTIONS = category(
         nothing,
         "exceeds the model's context of 256",
     ),
+    # the demo model (no --model), no prompt: the error alone, without the notices a good run prints
+    Row("demo-prompt-too-long", ("generate", "-p", LONG_PROMPT), nothing, "exceeds the model's context of 256"),
+    Row("demo-no-prompt-temp", ("generate", "--temp", "nan"), nothing, "--temp must be finite, got nan", stdin=""),
 )
 
 ROWS = CHECKPOINT_ROWS + OPTIONS + OPTION_ROWS + GENERATION + TRAINING_ROWS + EVAL_TASK_ROWS + PACKAGE_ROWS

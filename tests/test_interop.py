@@ -75,6 +75,22 @@ def instruct(tmp_path_factory) -> Path:
     return convert(DEMO_MODEL, out, dtype="float32", chat_template="instruct")
 
 
+# transformers 5 builds a config from config.json before any tokenizer (AutoTokenizer.from_pretrained,
+# which mlx_lm.load calls), and "openelm" is no transformers architecture (Apple's repos name remote
+# code for it, which this toolkit never writes): its generic fallback, PreTrainedConfig, logs this
+# warning. Without model_type, or with one transformers knows, it is silent; mlx-lm needs "openelm" to
+# pick mlx_lm.models.openelm, so the line is transformers' to drop, not the folder's.
+TRANSFORMERS_MODEL_TYPE = "You are using a model of type `openelm` to instantiate a model of type ``."
+
+
+def test_mlx_lm_load_prints_nothing_about_the_folder_but_transformers_model_type_line(instruct):
+    load_it = f"import mlx_lm; mlx_lm.load({str(instruct)!r})"
+    result = subprocess.run([sys.executable, "-c", load_it], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if line.strip()]
+    assert [line for line in said if TRANSFORMERS_MODEL_TYPE not in line] == [], result.stderr
+
+
 @pytest.fixture(scope="module")
 def reference(instruct):
     """openelm_mlx's greedy answer to MESSAGES: (prompt token count, text)."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.units import size_text
 
 from ..compression import IOS_PRESET
 from ..export import Format, export_package, write_files
@@ -133,9 +134,9 @@ def save(program, desc: PackageDescription, tok, path: Path):
 
 def summary_line(s: dict) -> str:
     return (
-        f"wrote {s['output']}/ ({s['target']}: {s['bytes'] / 2**20:.1f} MiB, {s['bytes_per_parameter']:.3f} "
+        f"wrote {s['output']}/ ({s['target']}: {size_text(s['bytes'])}, {s['bytes_per_parameter']:.3f} "
         f"bytes/parameter, {s['compression']}, {s['compute_precision']} compute; KV cache at {s['context']} tokens "
-        f"{s['kv_bytes'] / 2**20:.1f} MiB, {s['kv_bytes_unpadded'] / 2**20:.1f} MiB unpadded) in {s['seconds']:.1f} s"
+        f"{size_text(s['kv_bytes'])}, {size_text(s['kv_bytes_unpadded'])} unpadded) in {s['seconds']:.1f} s"
     )
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from openelm_mlx import __version__
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.tokenizer import Tokenizer
+from openelm_mlx.units import size_text
 
 from ..export import Format, export_package, write_files
 from ..export_cli import add_export_arguments, export_from_args
@@ -139,7 +140,7 @@ def add_arguments(parser):
 
 def summary_line(s: dict) -> str:
     return (
-        f"wrote {s['output']} ({s['bytes'] / 2**20:.1f} MiB, {s['bytes_per_parameter']:.3f} bytes/parameter, "
+        f"wrote {s['output']} ({size_text(s['bytes'])}, {s['bytes_per_parameter']:.3f} bytes/parameter, "
         f"{s['compression']}, {s['compute_precision']} compute) and {s['tokenizer']} in {s['seconds']:.1f} s"
     )
 

@@ -38,4 +38,4 @@ def add_arguments(parser):
 
 
 def main(args) -> int:
-    return print_report(verify_coreml(args.package, args.model, args.steps, args.prompt, args.tokenizer))
+    return print_report(verify_coreml(args.package, args.model, args.steps, args.prompt, args.tokenizer), args.json)
