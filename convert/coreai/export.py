@@ -14,7 +14,7 @@ import numpy as np
 
 from openelm_mlx import outputs
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.progress import progress_bar
+from openelm_mlx.progress import progress_bar, ticking
 from openelm_mlx.tokenizer import find_tokenizer, is_instruct_model
 
 from ..compression import IOS_PRESET
@@ -61,7 +61,7 @@ def export_coreai(
     start = time.perf_counter()
     output = check_bundle_output(output, force)
     bar = progress_bar(total=3, show=progress, desc="export-coreai", unit="step")
-    with bar:
+    with bar, ticking(bar):  # each step is one long call or several: the clock shows it is alive
         bar.set_postfix_str("load, calibrate, compress")
         desc, folder = describe(
             model_source, context, compress, block_size, compute_precision, COMPRESSIONS, tokenizer, target

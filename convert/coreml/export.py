@@ -15,7 +15,7 @@ import numpy as np
 
 from openelm_mlx import __version__, outputs
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.progress import progress_bar
+from openelm_mlx.progress import progress_bar, ticking
 from openelm_mlx.tokenizer import Tokenizer, find_tokenizer, is_instruct_model
 
 from ..package import (
@@ -70,7 +70,7 @@ def export_coreml(
         outputs.check_output(path, force)
     steps = ["describe", "build, convert", "write"]
     bar = progress_bar(total=len(steps), show=progress, desc="export-coreml", unit="step")
-    with bar:
+    with bar, ticking(bar):  # coremltools' conversion is one long call: the clock shows it is alive
         bar.set_postfix_str("load, calibrate, compress")
         desc, folder = describe(model_source, context, compress, block_size, "float16", COMPRESSIONS, tokenizer)
         tok = find_tokenizer(folder, tokenizer)
