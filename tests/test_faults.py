@@ -307,7 +307,7 @@ class StopRow:
 STOP_BENCH = ("bench", "--models", "{medium}", "-p", "512", "-g", "8", "--precisions", "fp32", "--out", "out")
 STOP_TRAIN = ("train", "run", "--text", "text.txt", "--steps", "5", "--layers", "4", "--model-dim", "256")
 STOP_TRAIN_SIZES = ("--head-dim", "32", "--vocab-size", "320", "--context", "128", "--batch-size", "8")
-STOP_EXPORT = ("export-coreai", "{medium}", "-o", "bundle", "--compute-precision", "float32")
+STOP_EXPORT = ("export-coreai", "{medium}", "-o", "bundle")  # float16: ~30 s of calibration, a layer at a time
 STOP_VERIFY = ("verify-coreai", "{bundle}", "--model", "{medium}", "--steps", "8")
 STOP_ROWS = [
     # bench writes what it gathered (here: that it was interrupted in its first trial)
