@@ -140,12 +140,14 @@ def describe(
     compressions,
     tokenizer=None,
     target: str = "macos",
+    on_step=lambda text: None,
 ):
     """Load `model_source` (anything openelm_mlx.load accepts), check the export settings (the
     exporter's `compressions`), and describe the package: (PackageDescription, the model's folder).
     One call may take the whole context (Core ML's inputIds range, Core AI's bundles), which the
     `openelm.prefill_length` metadata records. `tokenizer` (a path, else the model folder's) encodes the float16 guard's calibration
-    text. For `target` "ios" the context defaults to IOS_CONTEXT and the weights take ios_form."""
+    text. For `target` "ios" the context defaults to IOS_CONTEXT and the weights take ios_form.
+    on_step(text) is told where the calibration is (its progress)."""
     if compute_precision not in COMPUTE_DTYPES:
         raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
@@ -163,7 +165,8 @@ def describe(
     for name, w in weights.items():  # before the float16 bounds, whose searches never end on inf or NaN
         if not np.isfinite(w).all():
             raise OpenELMError(f"{name} holds inf or NaN values: the checkpoint is damaged; convert it again")
-    scale_exponents = ffn_scale_exponents(model, weights, compute_precision, find_tokenizer(folder, tokenizer))
+    tok = find_tokenizer(folder, tokenizer)
+    scale_exponents = ffn_scale_exponents(model, weights, compute_precision, tok, on_step)
     weights = fold_ffn_scales(weights, scale_exponents)
     del model
     store = ios_form if target == "ios" else compress

@@ -88,3 +88,10 @@ def test_verify_bar_moves_per_step(exported, tiny_checkpoint, tmp_path, precisio
     assert run.finish() == 0, run.text
     assert {int(n) for n in re.findall(r"verify coreai: .*?(\d)/5 \[", run.text)} >= {1, 2, 3, 4, 5}, run.text
     assert "computes in float16" not in run.text  # a float32 bundle runs at its speed: no note
+
+
+def test_export_bar_shows_the_float16_calibration_per_layer(tiny_checkpoint, tmp_path):
+    run = Terminal(("export-coreai", tiny_checkpoint, "-o", "bundle", "--context", "32"), tmp_path, EVERY_UPDATE)
+    assert run.finish() == 0, run.text
+    assert states(run, r"export-coreai: .*calibrate: window \d+/\d+, layer [1-4]/4"), run.text
+    assert re.search(r"3/3 \[", run.text), run.text  # the three stages

@@ -14,7 +14,7 @@ import numpy as np
 
 from openelm_mlx import outputs
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.progress import progress_bar, ticking
+from openelm_mlx.progress import progress_bar, ticking, within
 from openelm_mlx.tokenizer import find_tokenizer, is_instruct_model
 
 from ..compression import IOS_PRESET
@@ -64,7 +64,15 @@ def export_coreai(
     with bar, ticking(bar):  # each step is one long call or several: the clock shows it is alive
         bar.set_postfix_str("load, calibrate, compress")
         desc, folder = describe(
-            model_source, context, compress, block_size, compute_precision, COMPRESSIONS, tokenizer, target
+            model_source,
+            context,
+            compress,
+            block_size,
+            compute_precision,
+            COMPRESSIONS,
+            tokenizer,
+            target,
+            lambda text: within(bar, text),
         )
         tok = find_tokenizer(folder, tokenizer)
         files = tokenizer_files(tok, is_instruct_model(desc.source, folder), desc.context)  # may refuse: first

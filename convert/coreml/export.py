@@ -15,7 +15,7 @@ import numpy as np
 
 from openelm_mlx import __version__, outputs
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.progress import progress_bar, ticking
+from openelm_mlx.progress import progress_bar, ticking, within
 from openelm_mlx.tokenizer import Tokenizer, find_tokenizer, is_instruct_model
 
 from ..package import (
@@ -72,7 +72,16 @@ def export_coreml(
     bar = progress_bar(total=len(steps), show=progress, desc="export-coreml", unit="step")
     with bar, ticking(bar):  # coremltools' conversion is one long call: the clock shows it is alive
         bar.set_postfix_str("load, calibrate, compress")
-        desc, folder = describe(model_source, context, compress, block_size, "float16", COMPRESSIONS, tokenizer)
+        desc, folder = describe(
+            model_source,
+            context,
+            compress,
+            block_size,
+            "float16",
+            COMPRESSIONS,
+            tokenizer,
+            on_step=lambda text: within(bar, text),
+        )
         tok = find_tokenizer(folder, tokenizer)
         files = tokenizer_files(tok, is_instruct_model(desc.source, folder), desc.context)  # may refuse: first
         bar.update()
