@@ -1,6 +1,7 @@
 """The benchmark loop shared by `openelm bench`'s backends (bench.py for MLX models,
 package_bench.py for exported packages): one entry per configuration, failures recorded."""
 
+import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
@@ -36,7 +37,10 @@ def summarize(entry: dict, bandwidth_gbs: float):
 class Trials:
     """The plan's progress: a bar over every trial (warm-ups included; a trial is one
     implementation's prefill and decode), where the current trial is (`at`: a prefill layer, a
-    decode token), and after the first timed trial a line with the plan and how long it will take."""
+    decode token), and a line with the plan and how long it will take: after the first
+    configuration when there are several (its building, logits check and warm-up included: a
+    bare bench's estimate from its first trial alone said 2 min and took 5), else after the first
+    timed trial."""
 
     bar: tqdm
     plan: str
@@ -52,8 +56,11 @@ class Trials:
     def done(self, seconds: float, timed: bool):
         self.bar.update()
         if timed and not self.announced:  # a warm-up decodes only a few tokens: not the measure
-            self.announced = True
-            announce(self.bar, self.plan, seconds, self.bar.total, "trial")
+            self.announce(seconds, self.bar.total, "trial")
+
+    def announce(self, seconds: float, units: int, unit: str):
+        self.announced = True
+        announce(self.bar, self.plan, seconds, units, unit)
 
 
 def run_plan(
@@ -80,7 +87,8 @@ def run_plan(
     per_config = settings["warmup"] + settings["trials"]
     total = sum(len(config.get("implementations", [None])) * per_config for config in configs)
     bar = progress_bar(total=total, show=progress, desc="openelm bench", unit="trial")
-    trials = Trials(bar, f"bench: {len(configs)} configurations x {per_config} trials ({settings['warmup']} warm-up)")
+    plan = f"bench: {len(configs)} configurations x {per_config} trials ({settings['warmup']} warm-up)"
+    trials, start = Trials(bar, plan, announced=len(configs) > 1), time.perf_counter()
     try:
         for config in configs:
             label, origin = describe(config["spec"])
@@ -104,6 +112,8 @@ def run_plan(
             finally:
                 finish(entry)
             bar.update(counted - bar.n)  # the trials a failed configuration did not run
+            if len(results[key]) == 1 and len(configs) > 1:
+                trials.announce(time.perf_counter() - start, len(configs), "configuration")
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Terminated, a KeyboardInterrupt)
         results["interrupted"] = True
         results["interrupted_by"] = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
