@@ -188,11 +188,26 @@ def main(argv=None):
         sys.exit(141)
     except Terminated:
         print("\nterminated", file=sys.stderr)
-        sys.exit(143)
+        _exit_stopped(143)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+        _exit_stopped(130)
     except OSError as e:  # a full disk, a read-only folder, stdout on /dev/full: the system's reason
         where = f": {e.filename}" if e.filename else ""
         _fail(command, f"{e.strerror or e}{where}", 1)
+    if code in (130, 143):  # bench: stopped, what it gathered written
+        _exit_stopped(code)
     sys.exit(code or 0)
+
+
+def _exit_stopped(code: int):
+    """End a run that Ctrl-C or SIGTERM stopped, now: its cleanup has run (outputs, run folders:
+    the context managers unwound on the way here), but a native library may still be computing on
+    threads of its own, and the interpreter's exit would wait for it (Apple's runtime on Linux
+    finishes its current float16 kernel first: 4-5 s after a stop mid-prefill, measured)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

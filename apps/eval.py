@@ -26,7 +26,7 @@ from openelm_mlx.loader import DEMO_MODEL, DTYPES, load
 from openelm_mlx.model import Model
 from openelm_mlx.options import EVAL_RULES, check_options
 from openelm_mlx.overflow import OTHER_DTYPE_OPTION, check_finite
-from openelm_mlx.progress import progress_bar
+from openelm_mlx.progress import announce, forward, progress_bar, within
 from openelm_mlx.tokenizer import Tokenizer
 
 DEMO_TEXT = DEMO_MODEL / "validation.txt"
@@ -80,12 +80,19 @@ def perplexity(
     batches += [[s] for s in starts[len(full) :]]  # the shorter last window
 
     total, start = 0.0, time.perf_counter()
-    for batch in progress_bar(batches, show=progress, desc="eval ppl", unit="batch"):
-        windows = mx.array(np.stack([tokens[s : s + context + 1] for s in batch]))
-        logits = model(windows[:, :-1])
-        check_finite(logits, logits.dtype, OTHER_DTYPE_OPTION)
-        loss = nn.losses.cross_entropy(logits.astype(mx.float32), windows[:, 1:], reduction="sum")
-        total += loss.item()
+    bar = progress_bar(batches, show=progress, desc="eval ppl", unit="batch")
+    with bar:  # closed before the run's last word (interrupted, an error)
+        for b, batch in enumerate(bar):
+            windows = mx.array(np.stack([tokens[s : s + context + 1] for s in batch]))
+            # a layer at a time on a CPU (a batch of the demo model's windows is seconds): Ctrl-C acts there
+            h = forward(model, windows[:, :-1], on_layer=lambda i, n: within(bar, f"layer {i}/{n}"))
+            logits = model.transformer.token_embeddings.as_linear(h)  # tied output layer (Model.__call__)
+            check_finite(logits, logits.dtype, OTHER_DTYPE_OPTION)
+            loss = nn.losses.cross_entropy(logits.astype(mx.float32), windows[:, 1:], reduction="sum")
+            total += loss.item()
+            if b == 0:  # the first batch measures the rest
+                plan = f"eval ppl: {len(batches)} batches of up to {batch_size} windows x {context} tokens"
+                announce(bar, plan, time.perf_counter() - start, len(batches), "batch")
     seconds = time.perf_counter() - start
     n = len(tokens) - 1
     return Perplexity(tokens=n, loss=total / n, unigram=unigram_perplexity(tokens[1:]), seconds=seconds)

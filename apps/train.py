@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_map
 
 from openelm_mlx import cpu_layers
 from openelm_mlx.apps.train_checkpoint import CHECKPOINT, RESTART, load_checkpoint, save_checkpoint, start_run
@@ -34,7 +34,7 @@ from openelm_mlx.model import Model
 from openelm_mlx.model_folder import write_model_folder
 from openelm_mlx.options import MAX_SEED, TRAIN_RULES, check_options
 from openelm_mlx.outputs import check_output, remove
-from openelm_mlx.progress import progress_bar
+from openelm_mlx.progress import announce, progress_bar, within
 from openelm_mlx.tokenizer import Tokenizer
 from openelm_mlx.units import size_text
 
@@ -57,10 +57,14 @@ class TrainConfig:
     steps: int = 500
     learning_rate: float = 3e-3  # peak, after the linear warm-up
     min_lr_ratio: float = 0.1  # cosine decay ends at learning_rate * min_lr_ratio
-    warmup: int = 40  # warm-up steps
+    warmup: Optional[int] = None  # warm-up steps; None: default_warmup(steps)
     weight_decay: float = 0.1  # AdamW's
     grad_clip: float = 1.0  # maximum global gradient norm
     seed: int = 0  # initialization and batch order
+
+    def __post_init__(self):
+        if self.warmup is None:
+            self.warmup = default_warmup(self.steps)
 
     def check(self):
         """Every setting in its range (options.TRAIN_RULES), before a byte is written."""
@@ -100,6 +104,20 @@ class TrainConfig:
         return optim.AdamW(learning_rate=schedule, betas=[0.9, 0.95], weight_decay=self.weight_decay)
 
 
+def default_warmup(steps) -> int:
+    """The demo recipe's 40 warm-up steps of 500, and a tenth of a shorter run (`--steps 20`: 2),
+    so that the warm-up never takes the whole run."""
+    return min(40, steps // 10) if type(steps) is int else 40  # a bad --steps is named by check()
+
+
+# On a CPU, a step of the demo recipe (16 windows of 256 tokens) took 30-55 s as one evaluation with
+# the mlx[cpu] wheel's reference BLAS (2-core x86-64): Ctrl-C waited for it and the bar stood still.
+# There the gradient is summed window by window, each evaluated on its own (mlx-lm's trainer
+# accumulates the same way, tuner/trainer.py:247-260); a GPU evaluates the batch at once.
+def windows_per_evaluation(cfg: TrainConfig) -> int:
+    return 1 if mx.default_device() == mx.cpu else cfg.batch_size
+
+
 SETTING_HELP = {
     "layers": "transformer layers",
     "model_dim": "model width",
@@ -110,7 +128,7 @@ SETTING_HELP = {
     "steps": "optimizer steps",
     "learning_rate": "peak learning rate, after the warm-up",
     "min_lr_ratio": "the cosine decay ends at learning rate x this (0 to 1)",
-    "warmup": "linear warm-up steps (0: none), fewer than --steps",
+    "warmup": "linear warm-up steps (0: none), fewer than --steps (default: min(40, steps / 10))",
     "weight_decay": "AdamW's weight decay",
     "grad_clip": "largest global gradient norm",
     "seed": f"seed of the initialization and the batch order (0 to {MAX_SEED})",
@@ -203,40 +221,56 @@ def optimize(model, optimizer, cfg: TrainConfig, state, output, train_tokens, va
     validation every eval_every steps and a checkpoint every checkpoint_every, and at the end."""
     loss_and_grad = nn.value_and_grad(model, loss_fn)
     compiled_state = [model.state, optimizer.state]
+    part = windows_per_evaluation(cfg)
+    parts = cfg.batch_size // part  # batch_size is a multiple of part (1 or itself)
+
+    @partial(mx.compile, inputs=model.state, outputs=model.state)  # value_and_grad sets the model's parameters
+    def gradient(windows):
+        return loss_and_grad(model, windows)
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
-    def step(batch):
-        loss, grads = loss_and_grad(model, batch)
+    def update(grads):
         grads, _ = optim.clip_grad_norm(grads, cfg.grad_clip)
         optimizer.update(model, grads)
-        return loss
 
-    start, tokens_per_step = time.perf_counter() - state["seconds"], cfg.batch_size * cfg.context
-    bar = progress_bar(
-        range(state["step"], cfg.steps), initial=state["step"], total=cfg.steps, unit="step", dynamic_ncols=True
-    )
-    for i in bar:
-        loss = step(batch_at(train_tokens, i, cfg.seed, cfg.batch_size, cfg.context))
-        mx.eval(loss, compiled_state)
-        if not math.isfinite(loss.item()):  # diverged: every later step would be NaN too
-            raise OpenELMError(
-                f"the training loss is {loss.item()} at step {i + 1}: the run diverged: "
-                "start again with a lower --learning-rate (and --force)"
-            )
-        state["step"], state["seconds"] = i + 1, time.perf_counter() - start
-        state["train_loss"].append((i + 1, round(loss.item(), 4)))
-        bar.set_postfix(
-            loss=f"{loss.item():.3f}",
-            lr=f"{optimizer.learning_rate.item():.1e}",
-            tok_s=f"{tokens_per_step * (bar.format_dict['rate'] or 0):.0f}",
-        )
-        done = i + 1 == cfg.steps
-        if val_tokens is not None and ((i + 1) % eval_every == 0 or done):
-            state["val_loss"].append((i + 1, round(evaluate(model, val_tokens, cfg.context), 4)))
-            bar.write(f"step {i + 1}: train loss {loss.item():.3f}, validation loss {state['val_loss'][-1][1]:.3f}")
-        if (i + 1) % checkpoint_every == 0 or done:
-            save_checkpoint(output, model, optimizer, state)
-    bar.close()
+    first, tokens_per_step = state["step"], cfg.batch_size * cfg.context
+    start = time.perf_counter() - state["seconds"]
+    bar = progress_bar(range(first, cfg.steps), initial=first, total=cfg.steps, unit="step", dynamic_ncols=True)
+    stats = ""
+    with bar:  # closed before the run's last word (interrupted, an error)
+        for i in bar:
+            step_start, batch = time.perf_counter(), batch_at(train_tokens, i, cfg.seed, cfg.batch_size, cfg.context)
+            loss, grads = 0.0, None
+            for k in range(parts):  # the mean loss of the batch is the mean of its parts' means
+                part_loss, part_grads = gradient(batch[k * part : (k + 1) * part])
+                loss = loss + part_loss
+                grads = part_grads if grads is None else tree_map(mx.add, grads, part_grads)
+                if parts > 1:
+                    mx.eval(loss, grads)
+                    within(bar, f"{stats}window {(k + 1) * part}/{cfg.batch_size}")
+            if parts > 1:
+                loss, grads = loss / parts, tree_map(lambda g: g / parts, grads)
+            update(grads)
+            mx.eval(loss, compiled_state)
+            if not math.isfinite(loss.item()):  # diverged: every later step would be NaN too
+                raise OpenELMError(
+                    f"the training loss is {loss.item()} at step {i + 1}: the run diverged: "
+                    "start again with a lower --learning-rate (and --force)"
+                )
+            if i == first:  # the first step (its compilation included) measures the rest
+                what = f"train: {cfg.steps - first} steps of {cfg.batch_size} windows x {cfg.context} tokens"
+                announce(bar, what, time.perf_counter() - step_start, cfg.steps - first, "step")
+            state["step"], state["seconds"] = i + 1, time.perf_counter() - start
+            state["train_loss"].append((i + 1, round(loss.item(), 4)))
+            rate = tokens_per_step * (bar.format_dict["rate"] or 0)
+            stats = f"loss={loss.item():.3f}, lr={optimizer.learning_rate.item():.1e}, tok_s={rate:.0f}, "
+            bar.set_postfix_str(stats.rstrip(", "))
+            done = i + 1 == cfg.steps
+            if val_tokens is not None and ((i + 1) % eval_every == 0 or done):
+                state["val_loss"].append((i + 1, round(evaluate(model, val_tokens, cfg.context), 4)))
+                bar.write(f"step {i + 1}: train loss {loss.item():.3f}, validation loss {state['val_loss'][-1][1]:.3f}")
+            if (i + 1) % checkpoint_every == 0 or done:
+                save_checkpoint(output, model, optimizer, state)
 
 
 def add_arguments(parser):
@@ -249,7 +283,8 @@ def add_arguments(parser):
     parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validation losses")
     for name, value in asdict(d).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=SETTING_HELP[name])
+        default = None if name == "warmup" else value  # default_warmup(--steps)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=default, help=SETTING_HELP[name])
 
 
 def main(args):

@@ -13,10 +13,11 @@ from openelm_mlx import outputs
 from openelm_mlx.errors import OpenELMError
 from openelm_mlx.options import BENCH_RULES, DEFAULT_GROUP_SIZE, MAX_SEED, check_options
 from openelm_mlx.overflow import check_finite
+from openelm_mlx.progress import forward
 
 from . import timing
 from .machine import machine_info
-from .plan import MLX_LM, OURS, WARMUP_DECODE_TOKENS, run_plan
+from .plan import MLX_LM, OURS, WARMUP_DECODE_TOKENS, Trials, run_plan
 from .report import FILES, RESULTS_BYTES, markdown, write_results
 from .speculation import run_speculation, speculation_settings
 from .subjects import PRECISIONS, activation_dtype, build_subject, check_spec, load_source, mlx_lm_twin
@@ -24,6 +25,19 @@ from .subjects import PRECISIONS, activation_dtype, build_subject, check_spec, l
 SCHEMA = "openelm-bench/1"
 MLX_LM_DEFAULT = "fp16"  # mlx_lm.convert's default: float16 weights and activations
 PACKAGE_BACKENDS = ("coreml", "coreai")  # exported packages, timed by benchmarks/package_bench.py
+
+
+# -p, -g and --trials when not given. On a GPU llama-bench's pp512/tg128 (the figures peers post),
+# 5 trials. On a CPU with the mlx[cpu] wheel's reference BLAS the 270M shape prefills 3-9 tokens/s
+# (2-core x86-64): a bare bench had timed none of its 3 configurations after 9.5 min. A CPU runs
+# pp64/tg16, 3 trials, as this project's committed CPU results do (benchmarks/results/linux-cpu-*):
+# a few minutes (docs/progress-and-stopping.md).
+GPU_DEFAULTS = {"prompt_tokens": 512, "generation_tokens": 128, "trials": 5}
+CPU_DEFAULTS = {"prompt_tokens": 64, "generation_tokens": 16, "trials": 3}
+
+
+def device_defaults() -> Dict[str, int]:
+    return CPU_DEFAULTS if mx.default_device() == mx.cpu else GPU_DEFAULTS
 
 
 def default_precisions() -> List[str]:
@@ -52,7 +66,7 @@ def plan(models: Sequence[str], precisions: Sequence[str], compare: Optional[str
     return configs
 
 
-def run_configuration(entry: dict, names: List[str], source: tuple, settings: dict, bandwidth_gbs: float):
+def run_configuration(entry: dict, names: List[str], source: tuple, settings: dict, trials: Trials):
     """Time one configuration into `entry` (trials land there as they finish, so an interrupt
     keeps them). Implementations alternate who goes first, trial by trial."""
 
@@ -73,13 +87,22 @@ def run_configuration(entry: dict, names: List[str], source: tuple, settings: di
     # random tokens after BOS, as every real prompt starts (OpenELM's largest activations are at BOS)
     prompt = mx.random.randint(0, config.vocab_size, (1, p), key=mx.random.key(settings["seed"]))
     prompt[0, 0] = config.bos_token_id
-    check_finite(ours(prompt), dtype, "--precisions fp32 (or bf16)")
+    logits = forward(ours, prompt, on_layer=lambda i, n: trials.at(f"checking the logits: layer {i}/{n}"))
+    check_finite(ours.transformer.token_embeddings.as_linear(logits), dtype, "--precisions fp32 (or bf16)")
     for name in names:
         entry["implementations"][name] = {"trials": []}
     for i in range(settings["warmup"] + settings["trials"]):
         warmup = i < settings["warmup"]
         for name in names if i % 2 == 0 else names[::-1]:
-            trial = timing.time_generation(subjects[name], prompt, min(g, WARMUP_DECODE_TOKENS) if warmup else g)
+            what = "warm-up" if warmup else f"trial {i - settings['warmup'] + 1}/{settings['trials']}"
+            what += f" {name}" if len(names) > 1 else ""
+            trial = timing.time_generation(
+                subjects[name],
+                prompt,
+                min(g, WARMUP_DECODE_TOKENS) if warmup else g,
+                trials.inside(what),
+            )
+            trials.done(trial["ttft_s"] + trial["decode_s"], timed=not warmup)
             if not warmup:
                 entry["implementations"][name]["trials"].append(trial)
 
@@ -122,9 +145,9 @@ def best_vs_default(configurations: List[dict]) -> List[dict]:
 def run_benchmark(
     models: Sequence[str] = ("270M",),
     precisions: Optional[Sequence[str]] = None,
-    prompt_tokens: int = 512,
-    generation_tokens: int = 128,
-    trials: int = 5,
+    prompt_tokens: Optional[int] = None,
+    generation_tokens: Optional[int] = None,
+    trials: Optional[int] = None,
     warmup: int = 1,
     compare: Optional[str] = None,
     backend: str = "mlx",
@@ -135,7 +158,10 @@ def run_benchmark(
     num_draft: Optional[int] = None,
 ) -> dict:
     """Benchmark every (model, precision) and return the results (see results.json). A failing
-    configuration is recorded with its error; Ctrl-C stops and returns what was gathered."""
+    configuration is recorded with its error; Ctrl-C stops and returns what was gathered. -p, -g
+    and --trials not given (None): the device's (device_defaults)."""
+    given = dict(prompt_tokens=prompt_tokens, generation_tokens=generation_tokens, trials=trials)
+    prompt_tokens, generation_tokens, trials = (device_defaults()[k] if v is None else v for k, v in given.items())
     packages = backend in PACKAGE_BACKENDS
     if packages and precisions:
         raise OpenELMError(f"a {backend} package's precision was fixed when it was exported: drop --precisions")
@@ -188,16 +214,10 @@ def run_mlx(results: dict, progress: bool):
     settings = results["settings"]
     sources: Dict[str, tuple] = {}  # each checkpoint resolved (or downloaded) once
 
-    def run_one(entry, config):
+    def run_one(entry, config, trials):
         if config["spec"] not in sources:
             sources[config["spec"]] = load_source(config["spec"], settings["seed"])
-        run_configuration(
-            entry,
-            config["implementations"],
-            sources[config["spec"]],
-            settings,
-            results["environment"]["memory_bandwidth_gbs"],
-        )
+        run_configuration(entry, config["implementations"], sources[config["spec"]], settings, trials)
 
     run_plan(results, plan(settings["models"], settings["precisions"], settings["compare"]), run_one, progress)
 
@@ -235,9 +255,13 @@ def add_arguments(parser):
         default=None,
         help="comma-separated, from bf16,fp16,fp32,q8,q4 (default: fp32,q8,q4 on a CPU, fp16,q8,q4 on a GPU)",
     )
-    parser.add_argument("-p", "--prompt-tokens", type=int, default=512, help="prompt length")
-    parser.add_argument("-g", "--generation-tokens", type=int, default=128, help="tokens generated")
-    parser.add_argument("--trials", type=int, default=5, help="timed trials per configuration")
+    gpu, cpu = GPU_DEFAULTS, CPU_DEFAULTS
+    for flags, key, text in (
+        (("-p", "--prompt-tokens"), "prompt_tokens", "prompt length"),
+        (("-g", "--generation-tokens"), "generation_tokens", "tokens generated"),
+        (("--trials",), "trials", "timed trials per configuration"),
+    ):
+        parser.add_argument(*flags, type=int, help=f"{text} (default: {gpu[key]} on a GPU, {cpu[key]} on a CPU)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed trials first")
     parser.add_argument(
         "--compare",

@@ -12,6 +12,7 @@ import numpy as np
 
 from openelm_mlx.convert.runner import open_runner
 from openelm_mlx.errors import OpenELMError
+from openelm_mlx.progress import ticking
 from openelm_mlx.units import peak_rss_bytes
 
 from . import timing
@@ -35,18 +36,20 @@ def package_weight_bytes(package: Path) -> int:
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
-def time_package(runner, prompt: list, generation_tokens: int) -> dict:
-    """One trial with fresh (zeroed) cache states: prefill the prompt, then greedy decode."""
+def time_package(runner, prompt: list, generation_tokens: int, show=lambda text: None) -> dict:
+    """One trial with fresh (zeroed) cache states: prefill the prompt, then greedy decode.
+    `show(text)` is told where the trial is, outside the timed intervals of decode."""
     start = time.perf_counter()
     runner.reset()
+    show("prefill")
     token = int(np.argmax(runner.prefill(prompt)))
     first = time.perf_counter()
     inter_token, last = [], first
-    for _ in range(generation_tokens):
+    for k in range(generation_tokens):
         token = int(np.argmax(runner.decode(token)))
-        now = time.perf_counter()
-        inter_token.append(now - last)
-        last = now
+        inter_token.append(time.perf_counter() - last)
+        show(f"decode {k + 1}/{generation_tokens}")
+        last = time.perf_counter()  # drawing the bar is not the runtime's time
     # The package returns logits on the host, so prefill and the first token end together.
     return timing.trial_metrics(len(prompt), first - start, first - start, inter_token, peak_rss_bytes())
 
@@ -61,7 +64,7 @@ def run_packages(results: dict, progress: bool):
         )
     p, g = settings["prompt_tokens"], settings["generation_tokens"]
 
-    def run_one(entry, config):
+    def run_one(entry, config, trials):
         runner = open_runner(config["spec"], backend)
         info = runner.info
         if p + g > info.context:
@@ -83,7 +86,10 @@ def run_packages(results: dict, progress: bool):
         entry["implementations"][backend] = {"trials": []}
         for i in range(settings["warmup"] + settings["trials"]):
             warmup = i < settings["warmup"]
-            trial = time_package(runner, prompt, min(g, WARMUP_DECODE_TOKENS) if warmup else g)
+            what = "warm-up" if warmup else f"trial {i - settings['warmup'] + 1}/{settings['trials']}"
+            with ticking(trials.bar):  # one runtime call can take minutes (float16 on Linux)
+                trial = time_package(runner, prompt, min(g, WARMUP_DECODE_TOKENS) if warmup else g, trials.inside(what))
+            trials.done(trial["ttft_s"] + trial["decode_s"], timed=not warmup)
             if not warmup:
                 entry["implementations"][backend]["trials"].append(trial)
 

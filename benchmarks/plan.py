@@ -1,11 +1,15 @@
 """The benchmark loop shared by `openelm bench`'s backends (bench.py for MLX models,
 package_bench.py for exported packages): one entry per configuration, failures recorded."""
 
+import time
+from dataclasses import dataclass
 from typing import Callable, List, Optional
+
+from tqdm import tqdm
 
 from openelm_mlx.errors import OpenELMError, Terminated
 from openelm_mlx.outputs import SIGNALS
-from openelm_mlx.progress import progress_bar
+from openelm_mlx.progress import announce, progress_bar, within
 
 from . import timing
 from .subjects import describe
@@ -29,6 +33,36 @@ def summarize(entry: dict, bandwidth_gbs: float):
         entry["ratios"] = timing.paired_ratios(impls[OURS]["trials"], impls[MLX_LM]["trials"])
 
 
+@dataclass
+class Trials:
+    """The plan's progress: a bar over every trial (warm-ups included; a trial is one
+    implementation's prefill and decode), where the current trial is (`at`: a prefill layer, a
+    decode token), and a line with the plan and how long it will take: after the first
+    configuration when there are several (its building, logits check and warm-up included: a
+    bare bench's estimate from its first trial alone said 2 min and took 5), else after the first
+    timed trial."""
+
+    bar: tqdm
+    plan: str
+    announced: bool = False
+
+    def at(self, text: str):
+        within(self.bar, text)
+
+    def inside(self, trial: str) -> Callable[[str], None]:
+        """at() for the steps of one trial: 'trial 2/3: decode 7/32'."""
+        return lambda step: self.at(f"{trial}: {step}")
+
+    def done(self, seconds: float, timed: bool):
+        self.bar.update()
+        if timed and not self.announced:  # a warm-up decodes only a few tokens: not the measure
+            self.announce(seconds, self.bar.total, "trial")
+
+    def announce(self, seconds: float, units: int, unit: str):
+        self.announced = True
+        announce(self.bar, self.plan, seconds, units, unit)
+
+
 def run_plan(
     results: dict,
     configs: List[dict],
@@ -37,10 +71,12 @@ def run_plan(
     key: str = "configurations",
     finish: Optional[Callable] = None,
 ):
-    """run_one(entry, config) for each configuration, behind a progress bar; entries go to
-    results[key], and finish(entry) summarizes each (trials and all). A failure is recorded in its
-    entry and the next configuration runs; Ctrl-C stops and keeps what was gathered. A config's
-    "fields" replace the timing entries' role and implementations (speculation.py has others)."""
+    """run_one(entry, config, trials) for each configuration, `trials` the plan's Trials (each
+    counted with trials.done); entries go to results[key], and finish(entry) summarizes each
+    (trials and all). A failure is recorded in its entry and the next configuration runs; Ctrl-C
+    stops and keeps what was gathered. A config's "fields" replace the timing entries' role and
+    implementations (speculation.py has others)."""
+    settings = results["settings"]
     bandwidth = results["environment"]["memory_bandwidth_gbs"]
     if finish is None:
 
@@ -48,11 +84,15 @@ def run_plan(
             if "decode_bytes_per_token" in entry:
                 summarize(entry, bandwidth)
 
-    bar = progress_bar(configs, show=progress, desc="openelm bench", unit="config")
+    per_config = settings["warmup"] + settings["trials"]
+    total = sum(len(config.get("implementations", [None])) * per_config for config in configs)
+    bar = progress_bar(total=total, show=progress, desc="openelm bench", unit="trial")
+    plan = f"bench: {len(configs)} configurations x {per_config} trials ({settings['warmup']} warm-up)"
+    trials, start = Trials(bar, plan, announced=len(configs) > 1), time.perf_counter()
     try:
-        for config in bar:
+        for config in configs:
             label, origin = describe(config["spec"])
-            bar.set_postfix_str(f"{label} {config['precision']}")
+            bar.set_description_str(f"bench {label} {config['precision']}", refresh=False)
             entry = {
                 "model": label,
                 "source": origin,
@@ -61,8 +101,9 @@ def run_plan(
                 "error": None,
             }
             results[key].append(entry)
+            counted = bar.n + len(config.get("implementations", [None])) * per_config
             try:
-                run_one(entry, config)
+                run_one(entry, config, trials)
             except KeyboardInterrupt:
                 entry["error"] = "interrupted"
                 raise
@@ -70,6 +111,9 @@ def run_plan(
                 entry["error"] = str(e) if isinstance(e, OpenELMError) else f"{type(e).__name__}: {e}"
             finally:
                 finish(entry)
+            bar.update(counted - bar.n)  # the trials a failed configuration did not run
+            if len(results[key]) == 1 and len(configs) > 1:
+                trials.announce(time.perf_counter() - start, len(configs), "configuration")
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (errors.Terminated, a KeyboardInterrupt)
         results["interrupted"] = True
         results["interrupted_by"] = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"

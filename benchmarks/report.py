@@ -203,6 +203,9 @@ def to_csv(results: dict) -> str:
 def chart(results: dict, path) -> bool:
     """Prompt and generation tok/s by model and precision, one bar per implementation, as a PNG
     written to `path` (a file name or a binary file); False if there is nothing to draw."""
+    data = [r for r in rows(results) if r["implementation"]]
+    if not data:  # before importing matplotlib (~1 s): a run stopped in its first trial ends at once
+        return False
     try:
         import matplotlib
 
@@ -210,9 +213,6 @@ def chart(results: dict, path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         log.warning("chart.png skipped: matplotlib is missing (pip install 'openelm-mlx[bench]')")
-        return False
-    data = [r for r in rows(results) if r["implementation"]]
-    if not data:
         return False
 
     def label(r):

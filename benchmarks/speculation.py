@@ -124,13 +124,16 @@ def run_speculation(results: dict, progress: bool):
     settings = results["settings"]
     g, subjects = settings["generation_tokens"], Subjects(settings)
 
-    def run_one(entry, config):
+    def run_one(entry, config, trials):
         subject = subjects.get(config["spec"], config["precision"])
         entry.update(subject.describe(entry["task"]))
         entry["trials"] = []
         for i in range(settings["warmup"] + settings["trials"]):
             warmup = i < settings["warmup"]
+            trials.at(f"{entry['task']}: " + ("warm-up" if warmup else f"trial {i - settings['warmup'] + 1}"))
+            start = time.perf_counter()
             pair = run_pair(subject, entry["task"], min(g, WARMUP_TOKENS) if warmup else g, i % 2 == 1)
+            trials.done(time.perf_counter() - start, timed=not warmup)
             if not warmup:
                 output = pair.pop("output_tokens")
                 entry.setdefault("output_tokens", output)

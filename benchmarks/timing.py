@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 
 from openelm_mlx.cache import make_cache
 from openelm_mlx.model import Model
+from openelm_mlx.progress import forward
 
 METRICS = ("prefill_tps", "decode_tps", "ttft_s", "itl_median_s", "itl_p90_s", "peak_memory_bytes")
 
@@ -71,10 +72,11 @@ def trial_metrics(
     }
 
 
-def prefill_logits(model, tokens: mx.array, cache) -> mx.array:
+def prefill_logits(model, tokens: mx.array, cache, on_layer=None) -> mx.array:
     """Logits of the last prompt position only, as llama-bench's pp and mlx-lm's generate do:
-    the output layer over every prompt position would be work no generator does."""
-    h = model.transformer(tokens, cache)[:, -1:, :]
+    the output layer over every prompt position would be work no generator does. On a CPU the
+    prompt is evaluated a layer at a time (progress.forward), so Ctrl-C acts between layers."""
+    h = forward(model, tokens, cache, on_layer)[:, -1:, :]
     return model.transformer.token_embeddings.as_linear(h)
 
 
@@ -88,25 +90,28 @@ def new_cache(model) -> list:
     return make_prompt_cache(model)
 
 
-def time_generation(model, prompt: mx.array, generation_tokens: int) -> dict:
-    """One trial: a fresh cache, prefill of `prompt` [1, P], then greedy decode step by step."""
+def time_generation(model, prompt: mx.array, generation_tokens: int, show=lambda text: None) -> dict:
+    """One trial: a fresh cache, prefill of `prompt` [1, P], then greedy decode step by step.
+    `show(text)` is told where the trial is (a prefill layer, a decode token), outside the timed
+    intervals of decode."""
     mx.clear_cache()
     mx.reset_peak_memory()
     resident = mx.get_active_memory()
     start = time.perf_counter()
     cache = new_cache(model)
-    token = mx.argmax(prefill_logits(model, prompt, cache)[:, -1, :], axis=-1)
+    logits = prefill_logits(model, prompt, cache, lambda i, n: show(f"prefill layer {i}/{n}"))
+    token = mx.argmax(logits[:, -1, :], axis=-1)
     mx.eval(token)
     prefill_end = time.perf_counter()
     token.item()
     first = time.perf_counter()
     inter_token, last = [], first
-    for _ in range(generation_tokens):
+    for k in range(generation_tokens):
         token = mx.argmax(model(token[:, None], cache=cache)[:, -1, :], axis=-1)
         mx.eval(token)
-        now = time.perf_counter()
-        inter_token.append(now - last)
-        last = now
+        inter_token.append(time.perf_counter() - last)
+        show(f"decode {k + 1}/{generation_tokens}")
+        last = time.perf_counter()  # drawing the bar is not the model's time
     # The weights plus what the trial allocated on top (cache, activations): other arrays alive
     # in this process (a float source kept for the next precision) do not count.
     peak = weight_bytes(model) + mx.get_peak_memory() - resident

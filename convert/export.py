@@ -20,7 +20,7 @@ import numpy as np
 
 from openelm_mlx import outputs
 from openelm_mlx.hf_tokenizer import hf_tokenizer_files
-from openelm_mlx.progress import progress_bar
+from openelm_mlx.progress import progress_bar, ticking, within
 from openelm_mlx.tokenizer import Tokenizer, is_instruct_model
 
 from .package import PackageDescription, describe, require
@@ -58,10 +58,18 @@ def export_package(
     for place in places:
         outputs.check_output(place, force)
     bar = progress_bar(total=3, show=progress, desc=fmt.command, unit="step")
-    with bar:
+    with bar, ticking(bar):  # each step is one long call or several: the clock shows it is alive
         bar.set_postfix_str("load, calibrate, compress")
         desc, folder, tok = describe(
-            model_source, context, compress, block_size, compute_precision, fmt.compressions, tokenizer, target
+            model_source,
+            context,
+            compress,
+            block_size,
+            compute_precision,
+            fmt.compressions,
+            tokenizer,
+            target,
+            lambda text: within(bar, text),
         )
         files = tokenizer_files(tok, is_instruct_model(desc.source, folder), desc.context)  # may refuse: first
         bar.update()

@@ -121,6 +121,7 @@ def describe(
     compressions,
     tokenizer=None,
     target: str = "macos",
+    on_step=lambda text: None,
 ):
     """Load `model_source` (anything openelm_mlx.load accepts), check the export settings (the
     exporter's `compressions`), and describe the package: (PackageDescription, the model's folder,
@@ -128,7 +129,8 @@ def describe(
     One call may take the whole context (Core ML's inputIds range, Core AI's bundles), which the
     `openelm.prefill_length` metadata records. `tokenizer` (a path, else the model folder's) is
     the one the package ships; it encodes the float16 guard's calibration text. For `target`
-    "ios" the context defaults to IOS_CONTEXT and the weights take ios_form."""
+    "ios" the context defaults to IOS_CONTEXT and the weights take ios_form. on_step(text) is told where the
+    calibration is (its progress)."""
     if compute_precision not in COMPUTE_DTYPES:
         raise OpenELMError(f"unknown compute precision '{compute_precision}': choose {' or '.join(COMPUTE_DTYPES)}")
     if compression not in compressions:
@@ -147,7 +149,7 @@ def describe(
         if not np.isfinite(w).all():
             raise OpenELMError(f"{name} holds inf or NaN values: the checkpoint is damaged; convert it again")
     tok = find_tokenizer(folder, tokenizer)
-    scale_exponents = ffn_scale_exponents(model, weights, compute_precision, tok)
+    scale_exponents = ffn_scale_exponents(model, weights, compute_precision, tok, on_step)
     weights = fold_ffn_scales(weights, scale_exponents)
     del model
     store = ios_form if target == "ios" else compress

@@ -9,6 +9,7 @@ written to disk:
    tolerance explains."""
 
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -22,6 +23,7 @@ from openelm_mlx.files import json_text
 from openelm_mlx.loader import load_model
 from openelm_mlx.model import Model
 from openelm_mlx.options import VERIFY_RULES, check_options
+from openelm_mlx.progress import announce, progress_bar, ticking
 from openelm_mlx.tokenizer import find_tokenizer
 
 from .compression import BITS, IOS_PRESET
@@ -156,30 +158,46 @@ def compare(runner, reference, tokens: List[int], steps: int, backend: str, rtol
     cache = make_cache(reference)
     report = BackendReport(backend, tolerance=0.0)
     feed = tokens
-    for k in range(steps + 1):
-        ref = np.array(reference(mx.array([feed]), cache=cache)[0, -1].astype(mx.float32))
-        got = runner.prefill(feed) if k == 0 else runner.decode(feed[0])
-        tol = rtol * max(1.0, float(np.abs(ref).max()))
-        report.tolerance = max(report.tolerance, tol)
-        top2 = np.sort(ref)[-2:]
-        name = f"prefill[{len(feed)}]" if k == 0 else f"decode {k}"
-        with np.errstate(invalid="ignore"):
-            diff = float(np.abs(got - ref).max())
-        theirs, ours = int(ref.argmax()), int(got.argmax())
-        step = Step(name, diff, theirs, ours, float(top2[1] - top2[0]), (float(ref[theirs]), float(ref[ours])))
-        report.steps.append(step)
-        if not np.all(np.isfinite(got)):
-            report.problem = f"{name}: non-finite logits (float16 overflow in the package?)"
-        elif step.max_abs_diff > tol:
-            report.problem = f"{name}: max |logits difference| {step.max_abs_diff:.4g} exceeds the tolerance {tol:.4g}"
-        elif step.package_token != step.reference_token and step.margin > 2 * step.max_abs_diff:
-            report.problem = (
-                f"{name}: greedy token {step.package_token} != MLX's {step.reference_token} although "
-                f"MLX's top-2 margin {step.margin:.3g} exceeds twice the difference"
-            )
-        if report.problem:
-            break
-        feed = [step.reference_token]
+    with progress_bar(total=steps + 1, desc=f"verify {backend}", unit="step") as bar:
+        for k in range(steps + 1):
+            bar.set_postfix_str(f"prefill {len(feed)} tokens" if k == 0 else f"decode {k}/{steps}")
+            start = time.perf_counter()
+            ref = np.array(reference(mx.array([feed]), cache=cache)[0, -1].astype(mx.float32))
+            with ticking(bar):  # one runtime call: Apple's Linux runtime takes minutes in float16
+                got = runner.prefill(feed) if k == 0 else runner.decode(feed[0])
+            bar.update()
+            if k == 1:  # a decode step measures the rest (the prefill is one call of many tokens)
+                announce(
+                    bar,
+                    f"verify {backend}: a prefill and {steps} decode steps",
+                    time.perf_counter() - start,
+                    steps,
+                    "decode step",
+                )
+            tol = rtol * max(1.0, float(np.abs(ref).max()))
+            report.tolerance = max(report.tolerance, tol)
+            top2 = np.sort(ref)[-2:]
+            name = f"prefill[{len(feed)}]" if k == 0 else f"decode {k}"
+            with np.errstate(invalid="ignore"):
+                diff = float(np.abs(got - ref).max())
+            theirs, ours = int(ref.argmax()), int(got.argmax())
+            margin = float(top2[1] - top2[0])
+            step = Step(name, diff, theirs, ours, margin, (float(ref[theirs]), float(ref[ours])))
+            report.steps.append(step)
+            if not np.all(np.isfinite(got)):
+                report.problem = f"{name}: non-finite logits (float16 overflow in the package?)"
+            elif step.max_abs_diff > tol:
+                report.problem = (
+                    f"{name}: max |logits difference| {step.max_abs_diff:.4g} exceeds the tolerance {tol:.4g}"
+                )
+            elif step.package_token != step.reference_token and step.margin > 2 * step.max_abs_diff:
+                report.problem = (
+                    f"{name}: greedy token {step.package_token} != MLX's {step.reference_token} although "
+                    f"MLX's top-2 margin {step.margin:.3g} exceeds twice the difference"
+                )
+            if report.problem:
+                break
+            feed = [step.reference_token]
     return report
 
 

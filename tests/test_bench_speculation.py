@@ -28,7 +28,13 @@ def draft_checkpoint(tmp_path_factory, tokenizer_file):
 @pytest.fixture(scope="module")
 def lookup(tiny_checkpoint):
     return bench.run_benchmark(
-        [str(tiny_checkpoint)], ["fp32"], generation_tokens=G, trials=TRIALS, prompt_lookup=4, progress=False
+        [str(tiny_checkpoint)],
+        ["fp32"],
+        prompt_tokens=512,  # GPU's default; more than the context leaves
+        generation_tokens=G,
+        trials=TRIALS,
+        prompt_lookup=4,
+        progress=False,
     )
 
 

@@ -23,6 +23,7 @@ from openelm_mlx.convert.coreai import runtime  # noqa: E402
 from openelm_mlx.convert.coreai.bundle import check_static_functions, engine_kind, read_bundle  # noqa: E402
 from openelm_mlx.convert.coreai.export import AUTHOR, LICENSE, export_coreai  # noqa: E402
 from openelm_mlx.convert.coreai.graph import STATES, cache_shape  # noqa: E402
+from openelm_mlx.convert.coreai.runtime import SLOW_FLOAT16  # noqa: E402
 from openelm_mlx.convert.coreai.sequential_engine import GrowingState, SequentialEngine  # noqa: E402
 from openelm_mlx.convert.coreai.verify import verify_coreai  # noqa: E402
 from openelm_mlx.convert.coreai.weights import named_constants, resources  # noqa: E402
@@ -201,6 +202,12 @@ def test_demo_model_generates_the_same_text_as_mlx(bundles):
     assert len(package.stdout.split()) > 10
     assert package.stderr.splitlines()[-1].startswith("prompt: ") and "C++" not in package.stderr
     assert "ODIE" not in package.stderr  # the runtime's load messages are kept off the terminal
+    # float16 on Apple's Linux runtime: one line, before the first step, saying what to pass instead
+    notes = [line for line in package.stderr.splitlines() if "computes in float16" in line]
+    assert (
+        notes == ["openelm: warning: " + SLOW_FLOAT16.format(bundle=bundle)] if sys.platform == "linux" else notes == []
+    )
+    assert package.stderr.index("computes in float16") < package.stderr.index("prompt: ")
 
 
 def copy_bundle(bundle, to: Path) -> Path:

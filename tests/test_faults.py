@@ -11,6 +11,7 @@ the test's open() of the FIFO returns, the run is waiting there, its temporary o
 """
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -25,8 +26,10 @@ from typing import Callable, Tuple
 import pytest
 from bad_input import TRAIN, root_file, tree
 from conftest import assert_clean_error, run_cli
+from terminal import Terminal
 
-from openelm_mlx.benchmarks.synthetic import TEXT
+from openelm_mlx.benchmarks.synthetic import TEXT, write_checkpoint
+from openelm_mlx.config import OpenELMConfig
 from openelm_mlx.outputs import PARTIAL
 
 GATE_HOOK = """
@@ -262,6 +265,81 @@ def test_signal_while_placing_leaves_nothing_and_a_rerun_works(row, work):
     rerun = work.run(row.rerun)
     assert rerun.returncode == 0, rerun.stderr
     assert (work.root / row.product).is_file() and partials(work.root) == []
+
+
+# --- stopping in the middle of work: Ctrl-C or SIGTERM while a unit of work is under way (a
+#     prefill, a training step, an export's stage, a call into Apple's runtime) ends the run within
+#     STOP_S, with the exit status and the cleanup of any stop. The model is big enough that each
+#     unit takes seconds here (2-core x86-64, reference BLAS), as on a real model, and each row
+#     waits until the terminal shows the run inside one. ---
+
+STOP_S = 2.0
+# 8 layers of width 512: a 512-token prefill ~0.3-0.6 s per layer here, a training window ~0.5 s
+MEDIUM = dict(layers=8, model_dim=512, head_dim=64)
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory, tokenizer_file) -> Path:
+    config = OpenELMConfig.layerwise(**MEDIUM, vocab_size=384, ffn_dim_divisor=64, max_context_length=1024)
+    return write_checkpoint(tmp_path_factory.mktemp("medium") / "medium", config, tokenizer=tokenizer_file)
+
+
+def bench_left(root: Path) -> bool:  # what was gathered (nothing yet) is written, marked interrupted
+    results = json.loads((root / "out" / "results.json").read_text())
+    return results["interrupted"] and sorted(p.name for p in root.iterdir() if p.name != "text.txt") == ["out"]
+
+
+def nothing_left(root: Path) -> bool:
+    return sorted(p.name for p in root.iterdir() if p.name != "text.txt") == []
+
+
+@dataclass(frozen=True)
+class StopRow:
+    id: str
+    argv: Tuple[str, ...]  # {medium}: the checkpoint, {bundle}: its float16 Core AI export
+    inside: str  # drawn once the run is inside a unit of work
+    signal: int
+    exit: int
+    says: str  # at the end
+    left: Callable[[Path], bool]  # what the run folder holds afterwards
+
+
+STOP_BENCH = ("bench", "--models", "{medium}", "-p", "512", "-g", "8", "--precisions", "fp32", "--out", "out")
+STOP_TRAIN = ("train", "run", "--text", "text.txt", "--steps", "5", "--layers", "4", "--model-dim", "256")
+STOP_TRAIN_SIZES = ("--head-dim", "32", "--vocab-size", "320", "--context", "128", "--batch-size", "8")
+STOP_EXPORT = ("export-coreai", "{medium}", "-o", "bundle")  # float16: ~30 s of calibration, a layer at a time
+STOP_VERIFY = ("verify-coreai", "{bundle}", "--model", "{medium}", "--steps", "8")
+STOP_ROWS = [
+    # bench writes what it gathered (here: that it was interrupted in its first trial)
+    StopRow("bench-sigint", STOP_BENCH, "layer ", signal.SIGINT, 130, "wrote out/results.json", bench_left),
+    StopRow("bench-sigterm", STOP_BENCH, "layer ", signal.SIGTERM, 143, "wrote out/results.json", bench_left),
+    StopRow(
+        "train-sigint", (*STOP_TRAIN, *STOP_TRAIN_SIZES), "window ", signal.SIGINT, 130, "interrupted", nothing_left
+    ),
+    StopRow(
+        "train-sigterm", (*STOP_TRAIN, *STOP_TRAIN_SIZES), "window ", signal.SIGTERM, 143, "terminated", nothing_left
+    ),
+    StopRow("export-coreai-sigint", STOP_EXPORT, "calibrate", signal.SIGINT, 130, "interrupted", nothing_left),
+    StopRow("export-coreai-sigterm", STOP_EXPORT, "calibrate", signal.SIGTERM, 143, "terminated", nothing_left),
+    # a call into Apple's runtime: the float16 prefill of this model takes a minute or more here
+    StopRow("verify-coreai-sigint", STOP_VERIFY, "prefill", signal.SIGINT, 130, "interrupted", nothing_left),
+    StopRow("verify-coreai-sigterm", STOP_VERIFY, "prefill", signal.SIGTERM, 143, "terminated", nothing_left),
+]
+
+
+@pytest.mark.parametrize("row", STOP_ROWS, ids=lambda row: row.id)
+def test_a_stop_in_the_middle_of_work_ends_the_run_at_once(row, medium, exported, tmp_path):
+    (tmp_path / "text.txt").write_text(TEXT * 40)
+    bundle = exported("coreai", medium, precision="float16")["output"] if "{bundle}" in row.argv else None
+    argv = [arg.format(medium=medium, bundle=bundle) for arg in row.argv]
+    run = Terminal(argv, tmp_path)
+    run.wait_for(row.inside)
+    time.sleep(1)  # well inside it
+    seconds, status = run.stop(row.signal)
+    run.finish()
+    assert status == row.exit and row.says in run.text[-100:] and "Traceback" not in run.text, run.text
+    assert seconds < STOP_S, f"{seconds:.1f} s from the signal to the exit:\n{run.text}"
+    assert partials(tmp_path) == [] and row.left(tmp_path), sorted(p.name for p in tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("argv", [CONVERT], ids=["convert"])

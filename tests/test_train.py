@@ -7,12 +7,14 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from openelm_mlx import load
 from openelm_mlx.apps import train as train_app
 from openelm_mlx.apps.cli import main as cli
 from openelm_mlx.apps.corpus import VERSE, split
 from openelm_mlx.apps.eval import perplexity, unigram_perplexity
+from openelm_mlx.apps.train import TrainConfig
 from openelm_mlx.apps.train_data import encode_documents
 from openelm_mlx.benchmarks.synthetic import TEXT
 from openelm_mlx.errors import OpenELMError
@@ -62,6 +64,19 @@ def test_training_lowers_the_loss_and_exports_a_loadable_model(straight_run):
     c = model.config
     assert (c.vocab_size, c.bos_token_id, c.eos_token_id) == (tokenizer.vocab_size, 1, 2)
     assert len(set(c.ffn_dims)) == 2 and all(d % 64 == 0 for d in c.ffn_dims)
+
+
+def test_warmup_defaults_to_a_tenth_of_a_short_run(tmp_path, texts):
+    """`train --steps 20` used to fail on the default --warmup 40; the demo recipe keeps its 40 of 500."""
+    assert [TrainConfig(steps=n).warmup for n in (20, 500, 1000, 5)] == [2, 40, 40, 0]
+    assert TrainConfig(steps=20, warmup=0).warmup == 0
+    sizes = {k: v for k, v in TINY.items() if k not in ("steps", "warmup", "learning_rate")}
+    options = [f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()]
+    result = run_cli("train", tmp_path / "run", "--text", texts[0], "--steps", "20", *options)
+    assert result.returncode == 0, result.stderr
+    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    assert state["config"]["warmup"] == 2 and state["step"] == 20
+    assert "(default: min(40, steps / 10))" in " ".join(run_cli("train", "--help").stdout.split())
 
 
 def test_interrupted_run_resumes_exactly(tmp_path, texts, straight_run, monkeypatch):
