@@ -97,21 +97,26 @@ EXPORT_CONTEXT = 96  # of the shared exports
 
 @pytest.fixture(scope="session")
 def exported(tmp_path_factory):
-    """Core ML packages and Core AI (macOS) bundles, each made once per test run on first use and shared by the test
+    """Core ML packages and Core AI bundles, each made once per test run on first use and shared by the test
     modules and by pytest-xdist's workers (a folder of the run and a lock per export: a worker that
-    wants an export another is writing waits for it): exported(kind, source, compress, precision)
-    -> the exporter's summary. Core ML packages compute in float16 only."""
+    wants an export another is writing waits for it): exported(kind, source, compress, precision,
+    shapes) -> the exporter's summary. `shapes` (an ios_graph.StaticShapes ladder, its largest
+    context the bundle's) makes an iOS bundle, else macOS at EXPORT_CONTEXT. Core ML packages
+    compute in float16 only."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     base = tmp_path_factory.getbasetemp()
     folder = (base.parent if worker else base) / "shared-exports"
     folder.mkdir(exist_ok=True)
 
-    def get(kind, source, compress="none", precision="float16"):
+    def get(kind, source, compress="none", precision="float16", shapes=None):
         # by content: each worker writes its own tiny checkpoint, equal to the others' (fixed seeds)
         digest = hashlib.sha256(
             b"".join(f.read_bytes() for f in sorted(Path(source).iterdir()) if f.is_file())
         ).hexdigest()[:16]
-        name = f"{Path(source).name}-{digest}-{compress}-{precision}-{kind}"  # a tokenizer beside each
+        target = (
+            f"-ios{'-'.join(map(str, shapes.contexts))}q{'-'.join(map(str, shapes.query_lengths))}" if shapes else ""
+        )
+        name = f"{Path(source).name}-{digest}-{compress}-{precision}-{kind}{target}"  # a tokenizer beside each
         done = folder / f"{name}.json"
         with open(folder / f"{name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -120,7 +125,9 @@ def exported(tmp_path_factory):
                 if kind == "coreml":  # one call per prompt, as swift-transformers sends it: no prefill length
                     assert precision == "float16"
                     summary = export_coreml(source, folder / f"{name}.mlpackage", **settings)
-                else:  # a bundle folder
+                else:  # a bundle folder: iOS on the ladder `shapes`, else macOS
+                    if shapes:
+                        settings.update(target="ios", context=shapes.contexts[-1], static_shapes=shapes)
                     summary = export_coreai(source, folder / name, compute_precision=precision, **settings)
                 done.write_text(json.dumps(summary))
             return json.loads(done.read_text())
