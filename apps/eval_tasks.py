@@ -77,7 +77,7 @@ def add_arguments(sub, prog: str):
     p.add_argument("--no-bos", action="store_true", help="no BOS before contexts (lm-eval's default, not Apple's)")
     p.add_argument("--include-path", type=Path, help="a folder of task YAML files, as lm-eval's --include_path")
     p.add_argument("--seed", type=int, default=1234, help="seed of the draw of few-shot examples, as lm-eval's")
-    p.add_argument("--out", type=Path, help="folder for results.json, results.csv and results.md")
+    p.add_argument("--out", type=Path, help="folder for results.json/.csv/.md and samples.jsonl (per item)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
 
 
@@ -94,10 +94,11 @@ def main(args):
     scorer, tokenizer, source = eval_model.open_scorer(args.model, args.backend, args.tokenizer, args.dtype)
     lm = eval_model.OpenELMLM(scorer, tokenizer, add_bos=not args.no_bos)
     start = time.perf_counter()
-    rows = []
+    rows, items = [], []
     for specs, manager, shots in plan:
         results = eval_model.run_tasks(lm, specs, manager, shots, args.limit, args.seed)
         rows += rows_of(results)
+        items += item_records(lm, results)
     seconds = time.perf_counter() - start
     for row in rows:
         row.paper = paper_figure(source, row)
@@ -112,7 +113,7 @@ def main(args):
     }
     print(table(rows, meta))
     if args.out is not None:
-        write_results(args.out, args.force, rows, meta, reads=[args.model])
+        write_results(args.out, args.force, rows, items, meta, reads=[args.model])
 
 
 def task_plan(args) -> List[Tuple[list, Optional[int]]]:
@@ -148,6 +149,27 @@ def rows_of(results: dict) -> List[Row]:
     return rows
 
 
+def item_records(lm, results: dict) -> List[dict]:
+    """Per multiple-choice item: each choice's loglikelihood and continuation tokens, and its acc
+    (samples.jsonl in --out: what benchmarks/eval_packages.py bounds a package's change with)."""
+    records = []
+    for task, samples in results.get("samples", {}).items():
+        for sample in samples:
+            scores = [r[0] for r in sample["resps"]]
+            if "acc" not in sample or not all(isinstance(x, (tuple, list)) and len(x) == 2 for x in scores):
+                continue  # not a loglikelihood-scored choice among several
+            records.append(
+                {
+                    "task": task,
+                    "doc_id": sample["doc_id"],
+                    "acc": sample["acc"],
+                    "loglikelihoods": [float(logprob) for logprob, _ in scores],
+                    "tokens": [len(lm.encode_pair(*args)[1]) for args in sample["arguments"]],
+                }
+            )
+    return records
+
+
 def paper_figure(source: str, row: Row) -> Optional[float]:
     """The published zero-shot figure for a released base model's task and metric, else None."""
     match = RELEASED.search(source or "")
@@ -177,7 +199,7 @@ def table(rows: List[Row], meta: dict) -> str:
     return "\n".join([head, "accuracy in %, ± its standard error", *lines, f"time: {meta['seconds']:.1f} s{per_100}"])
 
 
-def write_results(out: Path, force: bool, rows: List[Row], meta: dict, reads):
+def write_results(out: Path, force: bool, rows: List[Row], items: List[dict], meta: dict, reads):
     records = [asdict(r) for r in rows]
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
@@ -188,4 +210,5 @@ def write_results(out: Path, force: bool, rows: List[Row], meta: dict, reads):
         (tmp / "results.json").write_text(json.dumps({**meta, "results": records}, indent=2) + "\n")
         (tmp / "results.csv").write_text(text.getvalue())
         (tmp / "results.md").write_text(table(rows, meta) + "\n")
-    print(f"wrote {out}/results.json, results.csv, results.md")
+        (tmp / "samples.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    print(f"wrote {out}/results.json, results.csv, results.md, samples.jsonl")
