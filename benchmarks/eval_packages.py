@@ -165,7 +165,10 @@ def main(argv=None):
     parser.add_argument("results", type=Path, help="a folder of `openelm eval tasks --out` folders")
     parser.add_argument("--reference", default="fp32", help="the fp32 MLX run's folder name")
     args = parser.parse_args(argv)
-    folders = sorted(p for p in args.results.iterdir() if (p / "samples.jsonl").is_file())
+    folders = sorted(
+        (p for p in args.results.iterdir() if (p / "samples.jsonl").is_file()),
+        key=lambda p: (p.name != args.reference, p.name),
+    )
     reference_items = _items(args.results / args.reference)
     reference_meta = read_json(args.results / args.reference / "results.json")
     reference_model, tokenizer = load(reference_meta["model"], dtype="float32")

@@ -254,3 +254,21 @@ def test_the_ios_preset_serves_macos_bundles_too(tiny_checkpoint, tmp_path):
     assert summary["bytes_per_parameter"] < 0.7
     report = verify_coreai(tmp_path / "mac", tiny_checkpoint, steps=16)
     assert report.ok and report.backends[0].agreement == 1.0 and report.weight_max_rel_error < 0.15
+
+
+def test_rewind_to_a_prefix_equals_running_it_again(tiny_checkpoint, bundles):
+    """rewind(n) (reset(to: n), Swift:583-600) after tokens past n: the next window starts at the
+    multiple of q below n and rewrites those columns; the logits equal a fresh run's, bit for bit."""
+    runner = open_bundle(bundles(tiny_checkpoint))
+    prefix = list(range(3, 23))  # 20 tokens: past one window of 16
+    runner.reset()
+    runner.prefill(prefix)
+    for t in (40, 41, 42, 43):  # stale columns past the prefix
+        runner.decode(t)
+    runner.rewind(len(prefix))
+    got = [runner.decode(t) for t in (50, 51)]
+    runner.reset()
+    runner.prefill(prefix)
+    np.testing.assert_array_equal(got, [runner.decode(t) for t in (50, 51)])
+    with pytest.raises(OpenELMError, match="cannot rewind to token 30: the cache holds 22"):
+        runner.rewind(30)
