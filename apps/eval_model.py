@@ -6,9 +6,10 @@ loglikelihood, loglikelihood_rolling and generate_until, with either scorer belo
   multiple-choice item) is scored once: its KV cache is filled once, each continuation runs on top
   of it, and the cache is trimmed back to the context (openelm_mlx/cache.py) for the next one.
 - `RunnerScorer`: an exported package through its PackageRunner (convert/package_runner.py), so a
-  package's accuracy is measured on what the app runs. A runner returns the logits of the last
-  position only and its cache cannot be trimmed, so each continuation is: reset, prefill the
-  context, then one decode per continuation token, reading the logits each call returns.
+  package's accuracy is measured on what the app runs. The context is prefilled once; each
+  continuation is one decode per token after the runner rewinds to the context (its cache slots
+  past the context are rewritten before they are read), reading the logits each call returns: a
+  runner returns the last position's only.
 
 Tokens as lm-eval's Hugging Face model makes them (lm_eval/models/huggingface.py, `_encode_pair`):
 the context's trailing spaces move to the continuation, the pair is encoded whole, and the
@@ -98,7 +99,8 @@ class ModelScorer:
 
 
 class RunnerScorer:
-    """An exported package: reset, prefill the context, decode the continuation token by token."""
+    """An exported package: the context prefilled once; each continuation decoded token by token
+    after a rewind to the context (PackageRunner.rewind, as Apple's engines reuse a prefix)."""
 
     def __init__(self, runner):
         self.runner = runner
@@ -106,11 +108,12 @@ class RunnerScorer:
         self.generator = PackageModel(runner)
 
     def score(self, context: List[int], continuations: Sequence[List[int]]) -> List[Score]:
+        self.runner.reset()
+        first = self.runner.prefill(context)  # for every continuation's first token
         scores = []
         for cont in continuations:
-            self.runner.reset()
-            logits = [self.runner.prefill(context)]
-            logits += [self.runner.decode(t) for t in cont[:-1]]
+            self.runner.rewind(len(context))  # back to the context, for this continuation
+            logits = [first] + [self.runner.decode(t) for t in cont[:-1]]
             logprobs = [_log_softmax(x) for x in logits]
             logprob = sum(float(lp[t]) for lp, t in zip(logprobs, cont))
             scores.append((logprob, all(int(np.argmax(lp)) == t for lp, t in zip(logprobs, cont))))

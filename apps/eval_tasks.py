@@ -10,6 +10,7 @@ lm-eval with add_bos_token=True). lm-eval is imported only by eval_model.py: the
 
 import csv
 import io
+import json
 import logging
 import re
 import sys
@@ -84,7 +85,7 @@ def add_arguments(sub, prog: str):
     p.add_argument("--no-bos", action="store_true", help="no BOS before contexts (lm-eval's default, not Apple's)")
     p.add_argument("--include-path", type=Path, help="a folder of task YAML files, as lm-eval's --include_path")
     p.add_argument("--seed", type=int, default=1234, help="seed of the draw of few-shot examples, as lm-eval's")
-    p.add_argument("--out", type=Path, help="folder for results.json, results.csv and results.md")
+    p.add_argument("--out", type=Path, help="folder for results.json/.csv/.md and samples.jsonl (per item)")
     p.add_argument("--json", action="store_true", help="print results.json's object on stdout instead of the table")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
 
@@ -102,10 +103,11 @@ def main(args):
     scorer, tokenizer, source = eval_model.open_scorer(args.model, args.backend, args.tokenizer, args.dtype)
     lm = eval_model.OpenELMLM(scorer, tokenizer, add_bos=not args.no_bos)
     start = time.perf_counter()
-    rows = []
+    rows, items = [], []
     for specs, manager, shots in plan:
         results = eval_model.run_tasks(lm, specs, manager, shots, args.limit, args.seed)
         rows += rows_of(results)
+        items += item_records(lm, results)
     seconds = time.perf_counter() - start
     for row in rows:
         row.paper = paper_figure(source, row)
@@ -120,7 +122,7 @@ def main(args):
     }
     print(json_text(results_json(rows, meta)) if args.json else table(rows, meta))
     if args.out is not None:
-        write_results(args.out, args.force, rows, meta, reads=[args.model])
+        write_results(args.out, args.force, rows, items, meta, reads=[args.model])
 
 
 def task_plan(args) -> List[Tuple[list, Optional[int]]]:
@@ -154,6 +156,27 @@ def rows_of(results: dict) -> List[Row]:
             stderr = 100 * stderr if isinstance(stderr, (int, float)) else None
             rows.append(Row(task, metric, 100 * value, stderr, items, shots))
     return rows
+
+
+def item_records(lm, results: dict) -> List[dict]:
+    """Per multiple-choice item: each choice's loglikelihood and continuation tokens, and its acc
+    (samples.jsonl in --out: what benchmarks/eval_packages.py bounds a package's change with)."""
+    records = []
+    for task, samples in results.get("samples", {}).items():
+        for sample in samples:
+            scores = [r[0] for r in sample["resps"]]
+            if "acc" not in sample or not all(isinstance(x, (tuple, list)) and len(x) == 2 for x in scores):
+                continue  # not a loglikelihood-scored choice among several
+            records.append(
+                {
+                    "task": task,
+                    "doc_id": sample["doc_id"],
+                    "acc": sample["acc"],
+                    "loglikelihoods": [float(logprob) for logprob, _ in scores],
+                    "tokens": [len(lm.encode_pair(*args)[1]) for args in sample["arguments"]],
+                }
+            )
+    return records
 
 
 def paper_figure(source: str, row: Row) -> Optional[float]:
@@ -190,7 +213,7 @@ def results_json(rows: List[Row], meta: dict) -> dict:
     return {**meta, "results": [asdict(r) for r in rows]}
 
 
-def write_results(out: Path, force: bool, rows: List[Row], meta: dict, reads):
+def write_results(out: Path, force: bool, rows: List[Row], items: List[dict], meta: dict, reads):
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS)
     writer.writeheader()
@@ -200,4 +223,7 @@ def write_results(out: Path, force: bool, rows: List[Row], meta: dict, reads):
         (tmp / "results.json").write_text(json_text(results_json(rows, meta)) + "\n")
         (tmp / "results.csv").write_text(text.getvalue())
         (tmp / "results.md").write_text(table(rows, meta) + "\n")
-    print(f"wrote {out}/results.json, results.csv, results.md", file=sys.stderr)  # stdout holds the results alone
+        (tmp / "samples.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    print(
+        f"wrote {out}/results.json, results.csv, results.md, samples.jsonl", file=sys.stderr
+    )  # stdout holds the results alone

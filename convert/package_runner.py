@@ -45,6 +45,16 @@ class PackageRunner:
         self._check_room(1)
         return self._call("decode", [int(token)])
 
+    def rewind(self, n: int):
+        """Keep the first n tokens of the cache: the next call writes from position n. The slots past
+        n keep stale keys and values, which no call reads before it writes them (every graph attends
+        only up to its own last position), so nothing is zeroed: Apple's engines rewind so for
+        their prefix cache (reset(to:): CoreAISequentialEngine.swift:415-445,
+        CoreAIStaticShapeEngine.swift:583-600)."""
+        if not 0 <= n <= self.position:
+            raise OpenELMError(f"cannot rewind to token {n}: the cache holds {self.position}")
+        self.position = n
+
     def _check_room(self, n: int):
         if self.position + n > self.info.context:
             raise OpenELMError(

@@ -57,6 +57,13 @@ FP16_SLACK = 4 * 2.0**-11
 PALETTE_RTOL = {"palettize4": 0.15, "palettize6": 0.04, IOS_PRESET: 0.15}  # ios-preset: 4 bits per 32 rows
 
 
+def logits_rtol(backend: str, compute_precision: str) -> float:
+    """The logits tolerance (relative, as above) a package run by `backend` is verified to."""
+    if backend == "coreai" and compute_precision == "float16":
+        return FLOAT16_SUM_RTOL
+    return LOGITS_RTOL[compute_precision]
+
+
 @dataclass
 class Step:
     name: str  # "prefill[n]" or "decode k"
@@ -239,14 +246,21 @@ def verify_package(
     tokens, steps = prompt_tokens(tok, prompt, info.context, steps)
     reports = []
     if not problems:
-        reference = Model(source.config)
-        weights = fold_ffn_scales(stored, info.ffn_scale_exponents, unfold=True)
-        reference.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+        reference = weights_model(source.config, stored, info)
         for backend, make_runner in runners:
             reports.append(
                 compare(make_runner(), reference, tokens, steps, backend, rtol or LOGITS_RTOL[info.compute_precision])
             )
     return VerifyReport(str(package), info.compression, info.compute_precision, problems, worst, reports, skipped)
+
+
+def weights_model(config, stored: Dict[str, np.ndarray], info: PackageInfo) -> Model:
+    """An MLX model (float32) of the package's own weights (`stored`, as the package_weights of
+    verify_package give them): the package's graph is compared with it, apart from compression."""
+    model = Model(config)
+    weights = fold_ffn_scales(stored, info.ffn_scale_exponents, unfold=True)
+    model.load_weights([(k, mx.array(v)) for k, v in weights.items()])
+    return model
 
 
 def near_tie(step: Step) -> str:

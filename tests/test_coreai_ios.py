@@ -252,3 +252,21 @@ def test_generate_through_the_twin_gives_mlx_text(bundles):
     assert result.returncode == 0, result.stderr
     assert result.stdout == generate(model, tokenizer, prompt, max_tokens=24, temp=0.0) + "\n"
     assert len(result.stdout.split()) > 10 and "ODIE" not in result.stderr
+
+
+def test_rewind_to_a_prefix_equals_running_it_again(tiny_checkpoint, bundles):
+    """rewind(n) (reset(to: n), Swift:583-600) after tokens past n: the next window starts at the
+    multiple of q below n and rewrites those columns; the logits equal a fresh run's, bit for bit."""
+    runner = open_bundle(bundles(tiny_checkpoint))
+    prefix = list(range(3, 23))  # 20 tokens: past one window of 16
+    runner.reset()
+    runner.prefill(prefix)
+    for t in (40, 41, 42, 43):  # stale columns past the prefix
+        runner.decode(t)
+    runner.rewind(len(prefix))
+    got = [runner.decode(t) for t in (50, 51)]
+    runner.reset()
+    runner.prefill(prefix)
+    np.testing.assert_array_equal(got, [runner.decode(t) for t in (50, 51)])
+    with pytest.raises(OpenELMError, match="cannot rewind to token 30: the cache holds 22"):
+        runner.rewind(30)

@@ -8,13 +8,16 @@ every context (mlx-lm through its tokenizer's add_bos_token, ours by default); b
 end without a space (lm-eval moves a trailing space to the continuation, mlx-lm does not).
 """
 
+import io
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import lm_eval
 import mlx.core as mx
+import numpy as np
 import pytest
 from conftest import assert_clean_error
 from lm_eval.tasks import TaskManager
@@ -22,8 +25,10 @@ from mlx_lm import generate as mlx_lm_generate
 from mlx_lm.evaluate import MLXLM
 
 from openelm_mlx import load
-from openelm_mlx.apps.eval_model import ModelScorer, OpenELMLM, RunnerScorer, task_spec
+from openelm_mlx.apps import eval_model, eval_tasks
+from openelm_mlx.apps.eval_model import ModelScorer, OpenELMLM, RunnerScorer, _log_softmax, task_spec
 from openelm_mlx.apps.eval_tasks import DEMO_TASK, Row, paper_figure
+from openelm_mlx.benchmarks.eval_packages import configuration_model, flippable
 from openelm_mlx.benchmarks.make_demo_task import YAML, build_items
 from openelm_mlx.convert.hf_to_mlx import convert
 from openelm_mlx.convert.runner import open_runner
@@ -167,6 +172,15 @@ def test_command_writes_table_and_files(cli_here, tmp_path):
     assert f"| demo_cloze | acc | {acc['value']:.2f} | ± {acc['stderr']:.2f} | 4 | 0 |  |" in result.stdout
     assert result.stdout.startswith((out / "results.md").read_text())  # the same table
     assert (out / "results.csv").read_text().splitlines()[0] == "task,metric,value,stderr,items,shots,paper"
+    items = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [i["doc_id"] for i in items] == [0, 1, 2, 3] and 25 * sum(i["acc"] for i in items) == acc["value"]
+    model, tokenizer = load(DEMO_MODEL)
+    lm = OpenELMLM(ModelScorer(model), tokenizer, progress=False)
+    task = [json.loads(line) for line in DEMO_TASK.with_suffix(".jsonl").read_text().splitlines()[:4]]
+    for item, record in zip(task, items):  # each choice's loglikelihood and continuation tokens
+        pairs = [lm.encode_pair(item["context"], " " + c) for c in item["choices"]]
+        assert record["tokens"] == [len(cont) for _, cont in pairs]
+        assert np.allclose(record["loglikelihoods"], [x for x, _ in lm.score_pairs(pairs)], atol=1e-4)
     assert_clean_error(cli_here("eval", "tasks", "--limit", "4", "--out", out), "already exists")
 
 
@@ -210,3 +224,151 @@ def test_shipped_task_is_what_its_script_builds():
     assert DEMO_TASK.read_text() == YAML
     assert len(items) == 300 and all(len(item["choices"]) == 4 for item in items)
     assert all(item["choices"].count(item["choices"][item["label"]]) == 1 for item in items)
+
+
+def runner_and_backend(kind, tiny_checkpoint, exported, compress="none", precision="float16"):
+    pytest.importorskip("coreai.runtime" if kind == "coreai" else "coremltools")
+    package = exported(kind, tiny_checkpoint, compress, precision)["output"]
+    backend = "coreai" if kind == "coreai" else "mil-reference"
+    return open_runner(package, backend), package, backend
+
+
+@pytest.mark.parametrize("kind", ["coreai", "coreml"])
+def test_runner_rewind_equals_scoring_each_continuation_from_scratch(tiny_checkpoint, exported, kind):
+    """The context prefilled once, each continuation after a rewind to it (the longest first, so
+    that the others run over its stale cache slots): the same numbers as a fresh sequence each."""
+    runner, _, _ = runner_and_backend(
+        kind, tiny_checkpoint, exported, precision="float32" if kind == "coreai" else "float16"
+    )
+    _, tokenizer = load(tiny_checkpoint)
+    lm = OpenELMLM(RunnerScorer(runner), tokenizer, progress=False)
+    conts = [" sea and the stars", " dog", " lazy fox"]
+    pairs = [lm.encode_pair("the quick brown fox jumps over the", c) for c in conts]
+    context = pairs[0][0]
+    reused = lm.scorer.score(context, [cont for _, cont in pairs])
+    for (_, cont), (logprob, greedy) in zip(pairs, reused):
+        runner.reset()
+        logprobs = [_log_softmax(x) for x in [runner.prefill(context)] + [runner.decode(t) for t in cont[:-1]]]
+        assert logprob == sum(float(lp[t]) for lp, t in zip(logprobs, cont))
+        assert greedy == all(int(np.argmax(lp)) == t for lp, t in zip(logprobs, cont))
+
+
+PACKAGE_ITEMS = 3  # of the local task, through a package runner (float16 on Apple's runtime is slow)
+
+
+@pytest.mark.parametrize(
+    "kind, compress, precision",
+    [("coreai", "none", "float32"), ("coreai", "int4", "float16"), ("coreml", "none", "float16")],
+)
+def test_package_loglikelihoods_within_its_tolerance(tiny_checkpoint, exported, local_task, kind, compress, precision):
+    """Every request of the local task through the package's runner against MLX (float32) on the
+    package's own weights (as verify compares, apart from compression): |Δ loglikelihood| at most
+    2 t k for a continuation of k tokens, t the logits tolerance verify holds the package to
+    (logits_rtol times the largest |logit| of the request), as eval_packages' bound assumes."""
+    runner, package, backend = runner_and_backend(kind, tiny_checkpoint, exported, compress, precision)
+    source, tokenizer = load(tiny_checkpoint)
+    reference, rtol = configuration_model({"model": str(package), "backend": backend}, source)
+    scorer = ModelScorer(reference)
+    scorer.context = runner.info.context  # contexts cut as the package's (EXPORT_CONTEXT)
+    mlx_lm_, package_lm = (
+        OpenELMLM(scorer, tokenizer, progress=False),
+        OpenELMLM(RunnerScorer(runner), tokenizer, progress=False),
+    )
+    items = [json.loads(line) for line in local_task.with_name("items.jsonl").read_text().splitlines()[:PACKAGE_ITEMS]]
+    worst = 0.0
+    for item in items:
+        pairs = [mlx_lm_.encode_pair(item["context"], " " + choice) for choice in item["choices"]]
+        context = mlx_lm_._fit(pairs[0][0], [cont for _, cont in pairs])
+        for (_, cont), (a, _), (b, _) in zip(pairs, mlx_lm_.score_pairs(pairs), package_lm.score_pairs(pairs)):
+            logits = reference(mx.array([context + cont[:-1]]))[0]
+            t = rtol * max(1.0, mx.abs(logits).max().item())
+            worst = max(worst, abs(a - b) / (2 * t * len(cont)))
+    assert worst <= 1.0
+    if precision == "float32":  # float32 is far inside its tolerance (summation order only)
+        assert worst <= 0.1
+
+
+def test_flippable_bounds_the_answers_a_logit_error_can_change():
+    """Random items of 4 choices of 1-4 tokens, scored from random logits, then from the same
+    logits moved by t per entry, each choice's tokens up or down: every item whose answer changes
+    is one flippable() names (so |Δacc| <= flippable / N), for several t (5 of 7 flippable items
+    change at t = 0.02, 22 of 106 at 0.3). Also the margin rule at its edge."""
+    rng = np.random.default_rng(0)
+    vocab, n = 50, 400
+
+    def logsoftmax(x):
+        return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+    for t in (0.02, 0.1, 0.3):
+        items, changed = [], []
+        for _ in range(n):
+            choices = []
+            for _ in range(4):
+                k = int(rng.integers(1, 5))
+                logits = rng.normal(0, 2, (k, vocab))
+                tokens = rng.integers(0, vocab, k)
+                # the worst case within t: the token's own logit one way, every other the other way
+                noise = np.full((k, vocab), -t) * rng.choice([-1, 1])
+                noise[np.arange(k), tokens] *= -1
+                choices.append(
+                    (
+                        k,
+                        logsoftmax(logits)[np.arange(k), tokens].sum(),
+                        logsoftmax(logits + noise)[np.arange(k), tokens].sum(),
+                    )
+                )
+            ll, moved = [c[1] for c in choices], [c[2] for c in choices]
+            items.append({"loglikelihoods": ll, "tokens": [c[0] for c in choices]})
+            changed.append(np.argmax(ll) != np.argmax(moved))  # the answer (so acc can change)
+        flags = flippable(items, t)
+        assert not any(c and not f for c, f in zip(changed, flags))
+        assert 0 < sum(changed) <= sum(flags) < n  # some answers change, all of them flippable
+    edge = [{"loglikelihoods": [-1.0, -2.0, -5.0], "tokens": [1, 1, 2]}]
+    assert flippable(edge, 0.2) == [False] and flippable(edge, 0.25) == [True]  # margin 1 = 2 t (1 + 1)
+
+
+def test_paper_preset_selects_its_tasks_and_shots_with_bos(monkeypatch):
+    """--paper offline (its data is on the Hub): the tasks and shot counts it hands lm-eval, with
+    BOS before every context."""
+    seen = []
+
+    def fake_run(lm, specs, manager, shots, limit, seed):
+        seen.append((lm.add_bos, specs, shots))
+        return {"results": {}, "n-samples": {}}
+
+    monkeypatch.setattr(eval_model, "load_tasks", lambda names, include_path: (names, None))
+    monkeypatch.setattr(eval_model, "run_tasks", fake_run)
+    monkeypatch.setattr(eval_model, "open_scorer", lambda *a: (None, None, "apple/OpenELM-270M"))
+    for preset, want in (
+        ("zero-shot", [(True, ["arc_challenge", "arc_easy", "boolq", "hellaswag", "piqa", "sciq", "winogrande"], 0)]),
+        (
+            "few-shot",
+            [
+                (True, ["mmlu", "winogrande"], 5),
+                (True, ["arc_challenge"], 25),
+                (True, ["hellaswag"], 10),
+                (True, ["truthfulqa_mc2"], 0),
+            ],
+        ),
+    ):
+        seen.clear()
+        args = dict(model=None, tasks=None, paper=preset, num_fewshot=None, limit=None, backend="mlx", tokenizer=None)
+        args.update(dtype="auto", no_bos=False, include_path=None, seed=1234, out=None, force=False)
+        eval_tasks.main(SimpleNamespace(**args))
+        assert seen == want
+
+
+def test_progress_bar_moves_on_a_terminal(monkeypatch):
+    """On a terminal (stderr a tty) a bar counts the contexts as they are scored; elsewhere none."""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    model, tokenizer = load(DEMO_MODEL)
+    pairs = [([1, 50 + i], [60 + i]) for i in range(3)]
+    for stream, drawn in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        OpenELMLM(ModelScorer(model), tokenizer).score_pairs(pairs)
+        text = stream.getvalue()
+        assert ("loglikelihood:   0%" in text and "3/3" in text) if drawn else text == ""

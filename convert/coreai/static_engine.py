@@ -6,7 +6,7 @@ does, behind our PackageRunner interface so that verify, generate and bench run 
 
 What differs, and why: sampling is the caller's (PackageModel, verify) on the float32 copy of
 the row the Swift engine hands its CPU sampler (Swift:438-461); prefix caching across calls
-(Swift:341-355) is the caller's too (our runners reset() for a new sequence)."""
+(Swift:341-355) is the caller's too (reset() for a new sequence, rewind() to a prefix)."""
 
 from typing import Sequence
 
@@ -91,6 +91,12 @@ class StaticShapeEngine(CoreAIEngine):
 
     def decode(self, token: int) -> np.ndarray:
         return self.prefill([token])
+
+    def rewind(self, n: int):
+        """reset(to: n) (Swift:583-600): the tokens past n are dropped; the next window starts at the
+        multiple of q at or below n and rewrites those columns with what they held (inference)."""
+        super().rewind(n)
+        self.tokens = self.tokens[:n]
 
     def forward_graph(self, remaining: int, position: int, prompt: bool) -> str:
         """Swift:268-298: q = the smallest query length >= remaining tokens (else the largest);

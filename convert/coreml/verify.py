@@ -17,20 +17,27 @@ def verify_coreml(package, model, steps: int = 16, prompt=None, tokenizer=None):
     require("coremltools", "coreml")
 
     reference = CoreMLRunner(package, "mil-reference")  # loads and checks the package first
-
-    def package_weights(names):
-        """Decompressed float32 weights, from the saved program."""
-        consts = reference.executor.constants("main")
-        wanted = {name.replace(".", "_"): name for name in names}  # graph.weight's op names
-        return {wanted[key]: value.astype(np.float32) for key, value in consts.items() if key in wanted}
-
     runners = [("mil-reference", lambda: reference)]
     skipped = []
     if sys.platform == "darwin":
         runners.append(("coreml", lambda: CoreMLRunner(package, "coreml")))
     else:
         skipped.append("coreml (Core ML runs on macOS 15+ only)")
-    return verify_package(package, model, reference.info, package_weights, runners, skipped, steps, prompt, tokenizer)
+    return verify_package(
+        package, model, reference.info, stored_weights(reference), runners, skipped, steps, prompt, tokenizer
+    )
+
+
+def stored_weights(runner: CoreMLRunner):
+    """The reader of the package's named weights, decompressed to float32, from the saved program
+    (a mil-reference runner's executor)."""
+
+    def read(names):
+        consts = runner.executor.constants("main")
+        wanted = {name.replace(".", "_"): name for name in names}  # graph.weight's op names
+        return {wanted[key]: value.astype(np.float32) for key, value in consts.items() if key in wanted}
+
+    return read
 
 
 def add_arguments(parser):
