@@ -46,7 +46,13 @@ OPTIONS = category(
     ),
     # the demo model (no --model), no prompt: the error alone, without the notices a good run prints
     Row("demo-prompt-too-long", ("generate", "-p", LONG_PROMPT), nothing, "exceeds the model's context of 256"),
-    Row("demo-no-prompt-temp", ("generate", "--temp", "nan"), nothing, "--temp must be finite, got nan", stdin=""),
+    Row(
+        "demo-no-prompt-temp",
+        ("generate", "--temp", "nan"),
+        nothing,
+        "--temp must be finite and >= 0 (0 is greedy), got nan",
+        stdin="",
+    ),
 )
 
 ROWS = CHECKPOINT_ROWS + OPTIONS + OPTION_ROWS + GENERATION + TRAINING_ROWS + EVAL_TASK_ROWS + PACKAGE_ROWS
