@@ -14,6 +14,7 @@ from .cache import make_cache
 from .errors import OpenELMError
 from .options import check_options, check_speculation, generation_rules
 from .overflow import OTHER_DTYPE_OPTION, check_finite
+from .progress import forward
 from .sample import Sampling
 from .speculative import MIN_RUN, DraftModel, DraftPolicy, PromptLookup, verify
 from .tokenizer import Tokenizer
@@ -131,9 +132,17 @@ class StopMatcher:
 
 
 def prefill(model, tokens: List[int], cache: list):
-    """Feed tokens into the cache, PREFILL_STEP at a time; their logits are never computed."""
+    """Feed tokens into the cache, PREFILL_STEP at a time; their logits are never computed. An MLX
+    model goes through progress.forward, which a CPU evaluates a layer at a time: a long prompt is
+    one uninterruptible call otherwise (minutes for 2048 tokens of a large model), and Ctrl-C would
+    wait for it."""
+    layered = hasattr(model, "transformer")  # not a package's PackageModel, which owns its states
     for start in range(0, len(tokens), PREFILL_STEP):
-        model(mx.array(tokens[start : start + PREFILL_STEP])[None], cache=cache)
+        chunk = mx.array(tokens[start : start + PREFILL_STEP])[None]
+        if layered:
+            forward(model, chunk, cache, on_layer=lambda done, layers: None)
+        else:
+            model(chunk, cache=cache)
         mx.eval([c.state for c in cache])
 
 

@@ -221,7 +221,7 @@ def test_eval_tasks_json_is_results_json(cli_here, tmp_path):
     printed = json.loads(result.stdout)  # the object alone: "wrote ..." goes to stderr
     assert printed == json.loads((out / "results.json").read_text())
     assert [r["items"] for r in printed["results"] if (r["task"], r["metric"]) == ("demo_cloze", "acc")] == [4]
-    assert result.stderr.splitlines()[-1] == f"wrote {out}/results.json, results.csv, results.md"
+    assert result.stderr.splitlines()[-1] == f"wrote {out}/results.json, results.csv, results.md, samples.jsonl"
 
 
 def test_verify_coreml_json_is_the_printed_report(tiny_checkpoint, exported):

@@ -353,7 +353,7 @@ def test_paper_preset_selects_its_tasks_and_shots_with_bos(monkeypatch):
     ):
         seen.clear()
         args = dict(model=None, tasks=None, paper=preset, num_fewshot=None, limit=None, backend="mlx", tokenizer=None)
-        args.update(dtype="auto", no_bos=False, include_path=None, seed=1234, out=None, force=False)
+        args.update(dtype="auto", no_bos=False, include_path=None, seed=1234, out=None, force=False, json=False)
         eval_tasks.main(SimpleNamespace(**args))
         assert seen == want
 
