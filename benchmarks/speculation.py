@@ -12,7 +12,7 @@ import mlx.core as mx
 
 from openelm_mlx.cache import make_cache
 from openelm_mlx.errors import OpenELMError
-from openelm_mlx.generate import DEFAULT_NUM_DRAFT, PREFILL_STEP, GenerationStats, generate_tokens, speculate
+from openelm_mlx.generate import DEFAULT_NUM_DRAFT, GenerationStats, generate_tokens, speculate
 from openelm_mlx.options import BENCH_SPECULATION_RULES, check_options, check_speculation
 from openelm_mlx.sample import Sampling
 
@@ -65,7 +65,7 @@ def decode(model, prompt: List[int], max_tokens: int, drafter=None):
     for token in steps:
         times.append(time.perf_counter())
         tokens.append(token)
-    calls = counted.calls - -(-(len(prompt) - 1) // PREFILL_STEP)  # the prefill's calls are not decoding
+    calls = counted.calls  # decoding's alone: an MLX model's prefill runs through progress.forward, not a call
     figures = {
         "tokens": len(tokens),
         "ttft_s": times[0] - start,

@@ -233,9 +233,14 @@ def verify_package(
                 f"{package} was exported from a different model: {key} is {info.config.get(key)} "
                 f"there and {getattr(source.config, key)} in {model}"
             )
-    expected = fold_ffn_scales(model_weights(source), info.ffn_scale_exponents)
-    stored = package_weights(list(expected))
-    problems, worst = compare_weights(stored, expected, info)
+    # Reading a large package's weights back (decompressed) takes tens of seconds: a bar whose
+    # clock moves says so on a terminal.
+    with progress_bar(total=1, desc="verify: weights", unit="read") as bar, ticking(bar):
+        bar.set_postfix_str("read back from the package, compared with the model's")
+        expected = fold_ffn_scales(model_weights(source), info.ffn_scale_exponents)
+        stored = package_weights(list(expected))
+        problems, worst = compare_weights(stored, expected, info)
+        bar.update()
 
     beside = Path(beside or tokenizer_path(package))
     if tokenizer or os.path.lexists(beside):

@@ -87,6 +87,7 @@ def test_verify_bar_moves_per_step(exported, tiny_checkpoint, tmp_path, precisio
     run = Terminal(("verify-coreai", bundle, "--model", tiny_checkpoint, "--steps", "4"), tmp_path, EVERY_UPDATE)
     assert run.finish() == 0, run.text
     assert {int(n) for n in re.findall(r"verify coreai: .*?(\d)/5 \[", run.text)} >= {1, 2, 3, 4, 5}, run.text
+    assert "verify: weights" in run.text.split("verify coreai")[0]  # the read-back first, on its own bar
     assert "computes in float16" not in run.text  # a float32 bundle runs at its speed: no note
 
 

@@ -3,6 +3,8 @@
 # niced (a shared machine): `run.sh mlx` and `run.sh coreai`. Planned as all 300 items everywhere;
 # at the measured pace (load 10) the later runs were cut to the first 150 items, and float16 to
 # the none bundle's first 20 (the `mlx2` and `coreai2` stages, started once q8 and int4 ended).
+# 2026-12-03, on an idle machine: int8, palettize4 and the Core ML package over all 300 items
+# (`full-coreml` and `full-coreai`, side by side), replacing their first-150 runs.
 # Then: python -m openelm_mlx.benchmarks.eval_packages benchmarks/results/eval-demo-linux-cpu-2026-12-02
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
@@ -46,5 +48,11 @@ case $1 in
     for c in int8 palettize4; do
       coreai $c float32 && run "coreai-$c-float32-first150" "$W/coreai-$c-f32" coreai --limit 150
     done
+    ;;
+  full-coreml)
+    run coreml-none "$W/demo.mlpackage" mil-reference
+    ;;
+  full-coreai)
+    for c in int8 palettize4; do run "coreai-$c-float32" "$W/coreai-$c-f32" coreai; done
     ;;
 esac
