@@ -45,11 +45,11 @@ def add_sampling_arguments(parser):
     parser.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0 or 1: off)")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top probability")
+    parser.add_argument("--seed", type=int, help="random seed for sampling (default: MLX's own)")
+    parser.add_argument("--stop", action="append", help="stop at this string (repeatable)")
     parser.add_argument(
         "--repetition-penalty", type=float, help="e.g. 1.2, as Apple's model cards recommend (default: off)"
     )
-    parser.add_argument("--seed", type=int, help="random seed for sampling (default: MLX's own)")
-    parser.add_argument("--stop", action="append", help="stop at this string (repeatable)")
     parser.add_argument(
         "--prompt-lookup",
         type=int,

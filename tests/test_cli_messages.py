@@ -70,7 +70,7 @@ def test_chat_help_and_slash_help_list_the_chat_commands(tiny_checkpoint):
 
 def test_stop_shows_no_empty_default():
     shown = " ".join(run_cli("generate", "--help").stdout.split())
-    assert "--stop STOP stop at this string (repeatable) --prompt-lookup" in shown
+    assert "--stop STOP stop at this string (repeatable) --repetition-penalty" in shown
 
 
 # --- units ------------------------------------------------------------------------------------
