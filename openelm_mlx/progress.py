@@ -18,10 +18,12 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import mlx.core as mx
-from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 # A job estimated to take longer than this says so first (shorter ones just run).
 LONG_S = 30.0
@@ -29,12 +31,15 @@ LONG_S = 30.0
 REDRAW_S = 0.5
 
 
-def progress_bar(iterable=None, show: bool = True, **kwargs) -> tqdm:
-    # disable=None is tqdm's "off unless stderr is a terminal"
+def progress_bar(iterable=None, show: bool = True, **kwargs) -> "tqdm":
+    # Imported here: generate imports this module for `forward`, and tqdm (~27 ms) is start-up time
+    # that `openelm generate` would pay for nothing. disable=None is tqdm's "off unless a terminal".
+    from tqdm import tqdm
+
     return tqdm(iterable, file=sys.stderr, disable=None if show else True, **kwargs)
 
 
-def within(bar: tqdm, text: str):
+def within(bar: "tqdm", text: str):
     """Show where the job is inside the bar's current unit, redrawn at most every REDRAW_S."""
     if bar.disable:
         return
@@ -46,7 +51,7 @@ def within(bar: tqdm, text: str):
 
 
 @contextmanager
-def ticking(bar: tqdm, every: float = 1.0) -> Iterator[None]:
+def ticking(bar: "tqdm", every: float = 1.0) -> Iterator[None]:
     """Redraw `bar` every `every` seconds from a thread while the block runs, so its elapsed time
     moves during one long call that reports nothing."""
     if bar.disable:
@@ -76,7 +81,7 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def announce(bar: tqdm, plan: str, first_s: float, units: int, unit: str):
+def announce(bar: "tqdm", plan: str, first_s: float, units: int, unit: str):
     """The first line of a long job, above its bar: `plan` (what will happen), then about how long
     `units` units take at the first one's measured `first_s` (nothing for a job under LONG_S).
         bench: 3 configurations x 4 trials; about 6 min on this machine (first trial 31 s)"""

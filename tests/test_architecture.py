@@ -44,6 +44,8 @@ LAZY_IMPORTS = {
     # Only a preset's layer-wise multipliers need numpy (0.35-0.7 s to import under load).
     ("openelm_mlx.config", "numpy"): "keeps start-up fast",
     ("openelm_mlx.speculative", "numpy"): "keeps start-up fast",
+    # generate imports progress for `forward` (a prompt a layer at a time); its bars are other commands'.
+    ("openelm_mlx.progress", "tqdm"): "keeps generate's start-up fast",
     # Only --compare mlx-lm builds an mlx-lm model, whose own cache it times with.
     ("openelm_mlx.benchmarks.timing", "mlx_lm.models.cache"): "keeps start-up fast",
     # readline is interactive line editing, absent on some platforms.
