@@ -128,6 +128,20 @@ VALUES = category(
     # generate (today's checks)
     Row("generate-top-k-negative", (*GENERATE, "--top-k", "-1"), nothing, "--top-k must be >= 0"),
     Row("generate-min-p-negative", (*GENERATE, "--min-p", "-0.1"), nothing, "--min-p must be in [0, 1]"),
+    # --json: an error stays the one line on stderr and the exit status
+    Row("generate-json-temp", (*GENERATE, "--json", "--temp", "-1"), nothing, "--temp must be"),
+    Row(
+        "verify-coreai-json-no-bundle",
+        ("verify-coreai", "{out}", "--model", "{model}", "--json"),
+        nothing,
+        "not a Core AI bundle",
+    ),
+    Row(
+        "eval-ppl-json-no-text",
+        ("eval", "ppl", "--model", "{model}", "--text", "{out}", "--json"),
+        nothing,
+        "no text file",
+    ),
 )
 
 USAGE = category(
@@ -170,6 +184,11 @@ USAGE = category(
     Row("verify-coreai-unknown-option", (*VERIFY_AI, "--fast"), nothing, "unrecognized arguments: --fast"),
     Row("generate-unknown-option", (*GENERATE, "--fast"), nothing, "unrecognized arguments: --fast"),
     Row("chat-max-tokens-word", ("chat", "--max-tokens", "many"), nothing, "argument --max-tokens: invalid int"),
+    # openelm models takes no arguments; --json leaves the usage errors as they are
+    Row("models-argument", ("models", "7B"), nothing, "unrecognized arguments: 7B"),
+    Row("models-unknown-option", ("models", "--all"), nothing, "unrecognized arguments: --all"),
+    Row("generate-json-unknown-option", (*GENERATE, "--json", "--fast"), nothing, "unrecognized arguments: --fast"),
+    Row("chat-json", ("chat", "--json"), nothing, "unrecognized arguments: --json"),
     exit=2,
 )
 
