@@ -224,6 +224,5 @@ def write_results(out: Path, force: bool, rows: List[Row], items: List[dict], me
         (tmp / "results.csv").write_text(text.getvalue())
         (tmp / "results.md").write_text(table(rows, meta) + "\n")
         (tmp / "samples.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
-    print(
-        f"wrote {out}/results.json, results.csv, results.md, samples.jsonl", file=sys.stderr
-    )  # stdout holds the results alone
+    # on stderr: stdout holds the results alone
+    print(f"wrote {out}/results.json, results.csv, results.md, samples.jsonl", file=sys.stderr)
