@@ -134,8 +134,8 @@ class StopMatcher:
 def prefill(model, tokens: List[int], cache: list):
     """Feed tokens into the cache, PREFILL_STEP at a time; their logits are never computed. An MLX
     model goes through progress.forward, which a CPU evaluates a layer at a time: a long prompt is
-    one uninterruptible call otherwise (minutes for 2048 tokens of a large model), and Ctrl-C would
-    wait for it."""
+    one uninterruptible call otherwise (a 512-token prompt of the 270M shape: 56-111 s on a 2-core
+    CPU with the reference BLAS), and Ctrl-C would wait for it."""
     layered = hasattr(model, "transformer")  # not a package's PackageModel, which owns its states
     for start in range(0, len(tokens), PREFILL_STEP):
         chunk = mx.array(tokens[start : start + PREFILL_STEP])[None]
