@@ -1,7 +1,8 @@
 """The export flow both exporters share, written once (`export-coreml`, `export-coreai`):
 
 1. the exporter checks its own arguments (options, target, the output's name): nothing is read yet;
-2. the optional extra it needs is imported, or its install hint is the error (package.require);
+2. the optional extra it needs is there, or its install hint is the error (package.installed;
+   imported at step 6, package.require: coremltools takes ~4 s, a mistake in the input is said first);
 3. every place it writes is checked before any work (outputs.check_output);
 4. the model is described: loaded, checked, calibrated, compressed (package.describe);
 5. the tokenizer files are built: an unusable tokenizer is refused before anything is written;
@@ -23,7 +24,7 @@ from openelm_mlx.hf_tokenizer import hf_tokenizer_files
 from openelm_mlx.progress import progress_bar, ticking, within
 from openelm_mlx.tokenizer import Tokenizer, is_instruct_model
 
-from .package import PackageDescription, describe, require
+from .package import PackageDescription, describe, installed, require
 
 
 @dataclass
@@ -53,7 +54,7 @@ def export_package(
 ) -> dict:
     """Export `model_source` into `places` (the package first, then anything written beside it)
     with `fmt`'s steps; returns the summary of the package (export_summary)."""
-    require(*fmt.extra)
+    installed(*fmt.extra)
     start = time.perf_counter()
     for place in places:
         outputs.check_output(place, force)
@@ -73,6 +74,7 @@ def export_package(
         )
         files = tokenizer_files(tok, is_instruct_model(desc.source, folder), desc.context)  # may refuse: first
         bar.update()
+        require(*fmt.extra)  # imported once the input has passed its checks
         with outputs.staged_outputs(places, force, reads=[folder, tok.path]) as staged:
             fmt.write(desc, tok, files, staged, bar)
     return export_summary(desc, places[0], time.perf_counter() - start)

@@ -10,6 +10,7 @@ export.py writes it (the flow both exporters share), export_cli.py holds their s
 package_input.py reads it back as input."""
 
 import importlib
+import importlib.util
 import json
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Union
@@ -196,6 +197,13 @@ def check_export_options(context: Optional[int], block_size: int):
     """The exporters' numeric options in their ranges (options.EXPORT_RULES), before anything is
     imported or read; describe() checks them against the model."""
     check_options({"context": context, "block_size": block_size}, EXPORT_RULES)
+
+
+def installed(module: str, extra: str):
+    """Say in one line how to install an optional extra's module that is missing, without
+    importing it: coremltools takes ~4 s to import, and a mistake in the input is said first."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        raise OpenELMError(f"{module} is not installed: pip install 'openelm-mlx[{extra}]'")
 
 
 def require(module: str, extra: str):

@@ -251,7 +251,14 @@ TEXTS = category(
 EXTRAS = category(
     "extra",
     Row("export-coreml", EXPORT_ML, missing_module("coremltools"), "pip install 'openelm-mlx[coreml]'", env=SHADOW),
-    Row("verify-coreml", VERIFY_ML, missing_module("coremltools"), "coremltools is not installed", env=SHADOW),
+    Row(  # a package whose files pass their checks: coremltools is imported only then
+        "verify-coreml",
+        ("verify-coreml", "{model}/p.mlpackage", "--model", "{model}/ckpt"),
+        missing_module("coremltools"),
+        "coremltools is not installed",
+        env=SHADOW,
+        base="packages",
+    ),
     Row("export-coreai", EXPORT_AI, missing_module("coreai"), "pip install 'openelm-mlx[coreai]'", env=SHADOW),
     Row("verify-coreai", VERIFY_AI, missing_module("coreai"), "coreai.runtime is not installed", env=SHADOW),
 )

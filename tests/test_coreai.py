@@ -389,6 +389,17 @@ def test_missing_extra_gives_the_install_hint(tiny_checkpoint, tmp_path, command
     assert_clean_error(result, f"pip install 'openelm-mlx[{extra}]'")
 
 
+def test_an_extra_that_is_not_there_is_said_before_anything_is_imported(monkeypatch):
+    """package.installed looks the module up without importing it (coremltools takes ~4 s)."""
+    from openelm_mlx.convert.package import installed
+
+    monkeypatch.setitem(sys.modules, "coremltools", None)  # an import of it would now fail
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None if name == "coremltools" else object())
+    with pytest.raises(OpenELMError, match=r"coremltools is not installed: pip install 'openelm-mlx\[coreml\]'"):
+        installed("coremltools", "coreml")
+    installed("coreai.runtime", "coreai")  # there: nothing said
+
+
 def test_bench_times_the_model_through_apples_runtime(tiny_checkpoint, bundles):
     """On the float32 bundle (the other tests' too): the bench's path, not float16's numerics."""
     from openelm_mlx.benchmarks.bench import run_benchmark

@@ -7,14 +7,14 @@ import sys
 
 import numpy as np
 
-from ..package import require
+from ..package import installed
 from ..verify import add_verify_arguments, check_verify_options, print_report, verify_package
 from .swift_transformers import CoreMLRunner
 
 
 def verify_coreml(package, model, steps: int = 16, prompt=None, tokenizer=None):
     check_verify_options(steps)
-    require("coremltools", "coreml")
+    installed("coremltools", "coreml")  # imported once the package's files pass their checks
 
     reference = CoreMLRunner(package, "mil-reference")  # loads and checks the package first
     runners = [("mil-reference", lambda: reference)]
