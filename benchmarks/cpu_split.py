@@ -1,6 +1,8 @@
 """CPU layers (openelm_mlx/cpu_layers.py): each matmul of the 270M shape and of the demo model run
 whole on one thread (as mlx-lm runs it) against split across the CPU's threads, per precision and
 number of rows, float32 weights column-major in both. This is the measurement behind SPLIT_MIN_WORK.
+Then the demo model's pass over a few rows (a prompt-lookup draft's verification) with its
+feed-forward blocks split by block (CPUFeedForward) against split per product.
 
     python -m openelm_mlx.benchmarks.cpu_split --out cpu_split.json
 
@@ -15,10 +17,13 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from openelm_mlx import blas, cpu_layers
+from openelm_mlx.cache import make_cache
+from openelm_mlx.checkpoint import build_model, read_weights
 from openelm_mlx.config import OpenELMConfig
-from openelm_mlx.loader import DEMO_MODEL
+from openelm_mlx.loader import DEMO_MODEL, load_model, resolve_dtype
 
 from .machine import machine_info
 
@@ -65,6 +70,51 @@ def measure(layers: tuple, x: mx.array, trials: int, repeats: int) -> dict:
     }
 
 
+def product_split():
+    """The demo model with every linear layer split per product (cpu_layers.cpu_layer on each, as
+    swap() built them before CPUFeedForward), feed-forward blocks as they are."""
+    config = OpenELMConfig.from_pretrained(DEMO_MODEL)
+    model = build_model(config, read_weights(DEMO_MODEL))
+    model.set_dtype(resolve_dtype("auto", config))  # as loader.ready does
+    threads, fast = cpu_layers.shared_threads(cpu_layers.core_count()), blas.fast_blas()
+    for path in [path for path, _ in model.named_modules() if path]:
+        layer = cpu_layers.module_at(model, path)
+        new = cpu_layers.cpu_layer(layer, threads, cpu_layers.SPLIT_MIN_WORK, fast)
+        if new is not layer:
+            model.update_modules(tree_unflatten([(path, new)]))
+    mx.eval(model.parameters())
+    return model
+
+
+def blocks(trials: int) -> list:
+    """The demo model's pass over 1, 5 and 9 rows after 100 cached tokens (decoding, verifying a
+    prompt-lookup draft), feed-forward blocks split by block (swap()) against split per product:
+    milliseconds per pass, interleaved, and the median of per-trial ratios."""
+    variants = {"block": load_model(DEMO_MODEL)[0], "product": product_split()}
+    caches = {}
+    for name, model in variants.items():
+        caches[name] = make_cache(model)
+        model(mx.arange(5, 105)[None], cache=caches[name])
+        mx.eval([c.state for c in caches[name]])
+    out = []
+    for rows in (1, 5, 9):
+        times = {name: [] for name in variants}
+        for _ in range(trials):
+            for name, model in variants.items():
+                start = time.perf_counter()
+                for _ in range(8):
+                    mx.eval(model(mx.arange(rows)[None] + 7, cache=caches[name]))
+                    for c in caches[name]:
+                        c.trim(rows)
+                times[name].append((time.perf_counter() - start) / 8)
+        ratios = [p / b for p, b in zip(times["product"], times["block"])]
+        out.append({"rows": rows, **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in times.items()},
+                    "speedup": statistics.median(ratios)})  # fmt: skip
+        print(f"demo pass over {rows} rows: {out[-1]['product_ms']:.2f} ms split per product, "
+              f"{out[-1]['block_ms']:.2f} ms per block, {out[-1]['speedup']:.2f}x", flush=True)  # fmt: skip
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=5)
@@ -86,7 +136,8 @@ def main(argv=None):
                                  "multiply_adds": rows * d_in * d_out, **result})  # fmt: skip
                 print(f"{model_name:4s} {name:9s} {precision} rows {rows:2d}: {result['whole_ms']:8.2f} ms whole, "
                       f"{result['split_ms']:8.2f} ms split, {result['speedup']:.2f}x", flush=True)  # fmt: skip
-    report = {"threads": cpu_layers.core_count(), "machine": machine_info(), "results": rows_out}
+    report = {"threads": cpu_layers.core_count(), "machine": machine_info(), "blocks": blocks(args.trials * 4),
+              "results": rows_out}  # fmt: skip
     args.out.write_text(json.dumps(report, indent=1) + "\n")
 
 

@@ -92,6 +92,7 @@ def threads(monkeypatch):
     def use(n):
         monkeypatch.setattr(cpu_layers, "core_count", lambda: n)
         monkeypatch.setattr(cpu_layers, "SPLIT_MIN_WORK", 0)
+        monkeypatch.setattr(cpu_layers, "BLOCK_SPLIT_MIN_WORK", 0)
 
     return use
 
@@ -129,8 +130,9 @@ def test_on_one_thread_without_a_fast_blas_the_graph_is_mlx_lms(set_blas, thread
 @pytest.mark.parametrize("precision", ["fp32", "q8", "q4"])
 @pytest.mark.parametrize("n_threads", [2, 3])
 def test_split_across_threads_gives_mlx_lms_logits_bit_for_bit(set_blas, threads, monkeypatch, precision, n_threads):
-    """Column-major weights, rows and output features split across CPU threads: the same
-    numbers as mlx-lm's OpenELM over the same values, to the last bit, prefill and decoding."""
+    """Column-major weights, rows and output features split across CPU threads (float
+    feed-forward blocks split whole by rows, their layers not again): the same numbers as mlx-lm's
+    OpenELM over the same values, to the last bit, prefill and decoding."""
     from mlx_lm.models.cache import make_prompt_cache
 
     from openelm_mlx.benchmarks.subjects import build_subject, mlx_lm_twin
@@ -145,6 +147,8 @@ def test_split_across_threads_gives_mlx_lms_logits_bit_for_bit(set_blas, threads
         ours = build_subject(config, lambda: random_weights(config, seed=2), precision)
         twin = mlx_lm_twin(ours)
         if precision == "fp32":  # laid out differently: ours column-major, mlx-lm's row-major
+            ffn = ours.transformer.layers[0].ffn
+            assert isinstance(ffn, cpu_layers.CPUFeedForward) and ffn.proj_1.split_min_work == cpu_layers.NEVER
             assert memoryview(ours.transformer.layers[0].ffn.proj_1.weight).f_contiguous
             assert memoryview(twin.transformer.layers[0].ffn.proj_1.weight).c_contiguous
         caches = [make_prompt_cache(m) for m in (ours, twin)]
