@@ -17,7 +17,7 @@ an independent draw from p equals it, which accepts less often than min(1, p/q) 
 and it would bring mlx-lm's 3 s import into start-up.
 """
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 
@@ -155,6 +155,7 @@ class DraftPolicy:
         # prompt lookup's first step drafts (a prompt may repeat itself); a draft model's first step is
         # a plain run, so that its probe is measured against plain decoding and sizes the next run
         self.run, self.probe, self.probing = MIN_RUN, free, False
+        self.pending: Dict[int, Tuple[List[int], int]] = {}  # check: position -> (draft, positions observed)
 
     def expected_tokens(self, k: int) -> float:
         total = chain = 1.0
@@ -194,12 +195,13 @@ class DraftPolicy:
             self.probe, best = False, 1
         return best
 
-    def observe(self, draft: List[int], text: List[int]):
+    def observe(self, draft: List[int], text: List[int], first: int = 0):
         """A draft against the tokens that followed where it was made: each position up to the first
-        that differs is one observation of its acceptance (the text's next token is the model's own)."""
+        that differs is one observation of its acceptance (the text's next token is the model's own);
+        positions before `first` were observed already (with less of the text known)."""
         k = min(len(draft), len(text))
         accepted = next((i for i in range(k) if draft[i] != text[i]), k)
-        for i in range(min(accepted + 1, k)):
+        for i in range(first, min(accepted + 1, k)):
             self.acceptance[i] = ewma(self.acceptance[i], float(i < accepted), ACCEPT_WEIGHT)
 
     def drafted(self, k: int, seconds: float):
@@ -220,13 +222,19 @@ class DraftPolicy:
         self.probe = chosen and not self.free
 
     def check(self, drafter, context: List[int], start: int) -> int:
-        """The drafts a free drafter would have made at each token from `start` on whose `size`
-        tokens of text are known, checked against that text; returns the first token not checked.
-        Every position of a draft is checked, also those past the k verified, so a loop's long
-        drafts are known to be right before they are first verified."""
+        """The drafts a free drafter would have made at each token from `start` on, checked against
+        the text known after it; returns the first token whose `size` tokens of text are not all
+        known yet. Every position of a draft is checked, also those past the k verified, so a
+        loop's long drafts are known to be right before they are first verified; and as soon as
+        the text after it is known (the rest of a draft later, `pending`), so that a loop is
+        drafted a token after it shows, not `size` tokens after."""
         stop = max(start, len(context) - self.size)
-        for j in range(start, stop):
-            self.observe(drafter.propose(context[:j], self.size)[0], context[j : j + self.size])
+        for j in range(start, len(context)):
+            draft, seen = self.pending.pop(j, None) or (drafter.propose(context[:j], self.size)[0], 0)
+            known = context[j : j + self.size]
+            self.observe(draft, known, first=seen)
+            if j >= stop:
+                self.pending[j] = (draft, len(known))
         return stop
 
 

@@ -345,6 +345,19 @@ def test_policy_finds_a_loop_that_starts_after_plain_decoding():
     assert min(policy.acceptance) > 0.9 and policy.draft_length(room=100) == 4
 
 
+def test_policy_sees_a_loop_a_token_after_it_shows_and_counts_each_position_once():
+    """A draft is checked as far as the text after it is known, the rest of it later: the first
+    token of a loop is evidence at once, and no draft position is observed twice."""
+    lookup = PromptLookup(4)
+    policy = policy_with(4, 0.01, 0.006, 0.5)
+    once, twice = 0.5 + 0.3 * 0.5, 0.5 + 0.3 * 0.5 + 0.3 * (1 - 0.65)  # ewma toward 1, ACCEPT_WEIGHT 0.3
+    text = list(range(3, 20)) + [50, 51, 52, 50, 51, 52]  # after the second "50 51": drafts 52 50 51 52
+    checked = policy.check(lookup, text, 2)
+    assert checked == len(text) - 4 and policy.acceptance == [once, 0.5, 0.5, 0.5]  # its first token known
+    policy.check(lookup, text + [50], checked)  # that draft's second token; the next draft's (50 51 52) first
+    assert policy.acceptance == pytest.approx([twice, once, 0.5, 0.5])
+
+
 def test_the_callers_time_between_tokens_is_not_counted_as_decoding(target, monkeypatch):
     """A slow consumer (a terminal, a detokenizer) must not make plain decoding look dear, or the
     policy would draft where drafting loses: T(0) is the model's time per token only."""
