@@ -186,10 +186,7 @@ def speculate(
     than plain decoding, plainly elsewhere; counts drafted/accepted into stats."""
     prefill(model, tokens[:-1], cache)
     context = list(tokens)  # the cache holds all of it but the last token
-    # a draft model's step priced, until timed, as its share of the model's parameters (a CPU's
-    # quantized kernels are no faster than float ones: size, not bytes)
-    share = 0.0 if drafter.free else drafter.model.config.num_parameters() / model.config.num_parameters()
-    policy = DraftPolicy(drafter.size, drafter.free, share)
+    policy = DraftPolicy(drafter.size, drafter.free, 0.0 if drafter.free else drafter.share(model))
     n, checked = 0, len(context)  # a free drafter's drafts are checked at every token of the text
     while n < max_tokens:
         start = time.perf_counter()

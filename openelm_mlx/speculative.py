@@ -20,6 +20,7 @@ and it would bring mlx-lm's 3 s import into start-up.
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .cache import make_cache
 from .sample import Sampling
@@ -93,12 +94,24 @@ class DraftModel:
         mx.eval(draft, dists)
         return draft.tolist(), dists
 
+    def share(self, model) -> float:
+        """This drafter's step as a share of `model`'s, until timed: by parameters on a CPU (its
+        quantized kernels are no faster than float ones), by weight bytes elsewhere (decoding reads
+        them)."""
+        if mx.default_device() == mx.cpu:
+            return self.model.config.num_parameters() / model.config.num_parameters()
+        return weight_bytes(self.model) / weight_bytes(model)
+
     def rollback(self, valid: int):
         """The first `valid` tokens of the context are right: forget any fed after them."""
         if self.fed > valid:
             for c in self.cache:
                 c.trim(self.fed - valid)
             self.fed = valid
+
+
+def weight_bytes(model) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 # Exponential weights of the newest observation: acceptance follows the text (a loop starts or ends
@@ -127,10 +140,11 @@ class DraftPolicy:
     the positions before it were. T(k): the measured seconds of a step that drafts k tokens (the
     drafting, a draft model's passes included, the pass over k + 1 rows, the verification), an
     exponentially weighted mean per k; between measured k interpolated, beyond the largest one
-    extrapolated (row_seconds); a draft model's step priced, until timed, at draft_share (its
-    parameters over the model's) of a plain step. T(0) is a step of plain decoding, timed per token over plain
+    extrapolated (row_seconds); a draft model's step priced, until timed, at draft_share
+    (DraftModel.share) of a plain step. T(0) is a step of plain decoding, timed per token over plain
     runs; prompt lookup's first step is a probe (k = 1) and its second a plain run, a draft model's
-    first a plain run and its second a probe, so T(0) is known from then on.
+    first a plain run and its second a probe (if it may pay at all: may_pay), so T(0) is known from
+    then on.
     Only the calls decoding makes anyway are timed (no calibration pass); the first step of each k
     is not (a new shape's first pass allocates) and no time counts past OUTLIER x its estimate: a k
     made to look dear by one slow step on a shared machine would not be tried again.
@@ -143,8 +157,8 @@ class DraftPolicy:
     (prompt lookup) has the drafts it would have made in the run checked against the text (check:
     no model call), and always drafts `size` tokens of which k are verified, so the position after
     them is checked against the model's own token and longer drafts are found worth it; a draft
-    model gets a probe of k = 1 after each run, the next run as long as makes the probe's extra
-    time PROBE_SHARE of the run's.
+    model that may pay gets a probe of k = 1 after each run, the next run as long as makes the
+    probe's extra time PROBE_SHARE of the run's.
     """
 
     def __init__(self, size: int, free: bool, draft_share: float = 0.0):
@@ -155,6 +169,8 @@ class DraftPolicy:
         # prompt lookup's first step drafts (a prompt may repeat itself); a draft model's first step is
         # a plain run, so that its probe is measured against plain decoding and sizes the next run
         self.run, self.probe, self.probing = MIN_RUN, free, False
+        if not free and not self.may_pay():  # plain decoding throughout, in runs as long as they come
+            self.run = MAX_RUN
         self.pending: Dict[int, Tuple[List[int], int]] = {}  # check: position -> (draft, positions observed)
 
     def expected_tokens(self, k: int) -> float:
@@ -219,7 +235,15 @@ class DraftPolicy:
     def plain(self, tokens: int, seconds: float, chosen: bool):
         """A plain run of `tokens`; chosen: the policy's k = 0 (not an empty draft)."""
         self.seconds[0] = ewma(self.seconds[0], seconds / tokens, TIME_WEIGHT)
-        self.probe = chosen and not self.free
+        self.probe = chosen and not self.free and self.may_pay()
+
+    def may_pay(self) -> bool:
+        """Whether a draft model can pay at all: a whole accepted draft of k tokens yields k + 1
+        tokens for a step of at least 1 + draft_share k plain steps (the pass, the draft model's k
+        steps), no gain from draft_share 1 on, whatever the BLAS (a 4-bit copy of the model
+        drafting for it on a CPU, where quantized kernels are no faster than float ones): such a
+        draft model is never probed."""
+        return self.draft_share < 1
 
     def check(self, drafter, context: List[int], start: int) -> int:
         """The drafts a free drafter would have made at each token from `start` on, checked against

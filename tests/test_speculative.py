@@ -72,17 +72,37 @@ def test_draft_model_greedy_equals_the_target_alone(target, draft_checkpoint):
         assert chunks[-1].stats.drafted > 0
 
 
-def test_a_quantized_copy_drafts_for_its_float_self(target, tiny_checkpoint, tmp_path):
+def test_a_quantized_copy_drafts_for_its_float_self_where_it_is_cheaper(target, tiny_checkpoint, tmp_path, monkeypatch):
     """The usual pairing when no smaller model exists: it agrees often, and the text is the target's.
-    (8-bit here: the random tiny model's near-flat logits make 4-bit flip its greedy picks.)"""
+    On a CPU it costs what its float self costs (share 1: never probed, plain decoding); where
+    decoding reads the weights it is priced by bytes and drafts. (8-bit here: the random tiny
+    model's near-flat logits make 4-bit flip its greedy picks.)"""
     from openelm_mlx.convert.hf_to_mlx import convert
+    from openelm_mlx.speculative import DraftModel
 
     model, tok = target
     draft, _ = load(convert(tiny_checkpoint, tmp_path / "q8", bits=8))
-    chunks = list(stream_generate(model, tok, PROMPTS[0], GenerationOptions(max_tokens=30), draft_model=draft))
-    assert "".join(c.text for c in chunks) == generate(model, tok, PROMPTS[0], max_tokens=30)
-    stats = chunks[-1].stats
-    assert stats.accepted > 0.8 * stats.drafted
+    alone = generate(model, tok, PROMPTS[0], max_tokens=30)
+    for bytes_priced in (False, True):
+        if bytes_priced:  # as on a GPU: an 8-bit copy of a float32 model, a quarter of its bytes and more
+            monkeypatch.setattr(DraftModel, "share", lambda self, model: 0.3)
+        options = GenerationOptions(max_tokens=30)
+        chunks = list(stream_generate(model, tok, PROMPTS[0], options, draft_model=draft))
+        assert "".join(c.text for c in chunks) == alone
+        stats = chunks[-1].stats
+        assert stats.drafted > 0 if bytes_priced else stats.drafted == 0
+        assert stats.accepted >= 0.8 * stats.drafted
+
+
+def test_a_draft_models_share_is_its_parameters_on_a_cpu(target, tiny_checkpoint, tmp_path):
+    from openelm_mlx.convert.hf_to_mlx import convert
+    from openelm_mlx.sample import Sampling
+    from openelm_mlx.speculative import DraftModel, weight_bytes
+
+    model, _ = target
+    draft, _ = load(convert(tiny_checkpoint, tmp_path / "q4", bits=4))
+    assert DraftModel(draft, Sampling(), 4).share(model) == 1.0  # the same parameters
+    assert weight_bytes(draft) < weight_bytes(model) / 3  # what a GPU's decoding reads instead
 
 
 def test_demo_model_prompt_lookup_cli_is_byte_identical():
@@ -263,8 +283,17 @@ def test_policy_prices_an_untimed_draft_model_step_at_its_share_of_the_parameter
     assert policy.draft_length(room=100) == k
 
 
-def test_policy_starts_a_draft_model_with_a_plain_run_then_probes():
+def test_policy_never_probes_a_draft_model_that_cannot_pay():
+    """A draft model as dear per step as the model (share 1) loses even with every draft accepted:
+    plain runs only, no probe."""
     policy = DraftPolicy(4, free=False, draft_share=1.0)
+    for _ in range(3):
+        assert policy.draft_length(room=100) == 0 and not policy.probing and policy.run == MAX_RUN
+        policy.plain(policy.run, policy.run * 0.01, chosen=True)
+
+
+def test_policy_starts_a_draft_model_with_a_plain_run_then_probes():
+    policy = DraftPolicy(4, free=False, draft_share=0.4)
     assert policy.draft_length(room=100) == 0 and policy.run == MIN_RUN
     policy.plain(MIN_RUN, MIN_RUN * 0.01, chosen=True)
     assert policy.draft_length(room=100) == 1 and policy.probing
