@@ -331,6 +331,8 @@ STOP_ROWS = [
 
 @pytest.mark.parametrize("row", STOP_ROWS, ids=lambda row: row.id)
 def test_a_stop_in_the_middle_of_work_ends_the_run_at_once(row, medium, exported, tmp_path):
+    if "{bundle}" in row.argv and sys.platform != "linux":
+        pytest.skip("Apple's runtime computes float16 natively here: the prefill ends before a signal can land in it")
     (tmp_path / "text.txt").write_text(TEXT * 40)
     bundle = exported("coreai", DEMO_MODEL, precision="float16")["output"] if "{bundle}" in row.argv else None
     argv = [arg.format(medium=medium, bundle=bundle) for arg in row.argv]
