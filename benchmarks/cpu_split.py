@@ -17,7 +17,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 
 from openelm_mlx import blas, cpu_layers
 from openelm_mlx.cache import make_cache
@@ -77,11 +76,9 @@ def product_split():
     model = build_model(config, read_weights(DEMO_MODEL))
     model.set_dtype(resolve_dtype("auto", config))  # as loader.ready does
     threads, fast = cpu_layers.shared_threads(cpu_layers.core_count()), blas.fast_blas()
-    for path in [path for path, _ in model.named_modules() if path]:
-        layer = cpu_layers.module_at(model, path)
-        new = cpu_layers.cpu_layer(layer, threads, cpu_layers.SPLIT_MIN_WORK, fast)
-        if new is not layer:
-            model.update_modules(tree_unflatten([(path, new)]))
+    cpu_layers.replace_layers(
+        model, lambda path, layer: cpu_layers.cpu_layer(layer, threads, cpu_layers.SPLIT_MIN_WORK, fast)
+    )
     mx.eval(model.parameters())
     return model
 

@@ -9,11 +9,11 @@ from typing import Dict, List, Sequence
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from openelm_mlx.cache import make_cache
 from openelm_mlx.model import Model
 from openelm_mlx.progress import forward
+from openelm_mlx.speculative import weight_bytes
 
 METRICS = ("prefill_tps", "decode_tps", "ttft_s", "itl_median_s", "itl_p90_s", "peak_memory_bytes")
 
@@ -33,11 +33,6 @@ def spread(values: Sequence[float]) -> Dict[str, float]:
         "max": max(values),
         "n": len(values),
     }
-
-
-def weight_bytes(model) -> int:
-    """Bytes of every parameter as stored (packed weights, scales and biases when quantized)."""
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
 def kv_bytes_per_position(config, activation_dtype) -> int:

@@ -214,16 +214,26 @@ def swap(model: nn.Module) -> nn.Module:
     if mx.default_device() != mx.cpu:
         return model
     threads, fast = shared_threads(core_count()), blas.fast_blas()
-    paths = [path for path, m in model.named_modules() if path]  # paths only: no module kept alive here
     blocks = []  # split as wholes: their layers are not split again (parents come before children)
+
+    def cpu_form(path: str, layer: nn.Module) -> nn.Module:
+        if type(layer) is FeedForward and type(layer.proj_1) is nn.Linear and not fast:
+            blocks.append(path + ".")
+            return CPUFeedForward(layer.proj_1, layer.proj_2, threads, BLOCK_SPLIT_MIN_WORK)
+        whole = any(path.startswith(block) for block in blocks)
+        return cpu_layer(layer, threads, NEVER if whole else SPLIT_MIN_WORK, fast)
+
+    return replace_layers(model, cpu_form)
+
+
+def replace_layers(model: nn.Module, new_form) -> nn.Module:
+    """Each submodule of `model` (parents before children) replaced in place by new_form(path,
+    module) where that differs, one at a time (a re-laid-out weight frees the old one before the
+    next is copied)."""
+    paths = [path for path, m in model.named_modules() if path]  # paths only: no module kept alive here
     for path in paths:
         layer = module_at(model, path)
-        if type(layer) is FeedForward and type(layer.proj_1) is nn.Linear and not fast:
-            new = CPUFeedForward(layer.proj_1, layer.proj_2, threads, BLOCK_SPLIT_MIN_WORK)
-            blocks.append(path + ".")
-        else:
-            whole = any(path.startswith(block) for block in blocks)
-            new = cpu_layer(layer, threads, NEVER if whole else SPLIT_MIN_WORK, fast)
+        new = new_form(path, layer)
         if new is not layer:
             model.update_modules(tree_unflatten([(path, new)]))
         del layer, new

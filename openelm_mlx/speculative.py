@@ -111,6 +111,7 @@ class DraftModel:
 
 
 def weight_bytes(model) -> int:
+    """Bytes of every parameter as stored (packed weights, scales and biases when quantized)."""
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
