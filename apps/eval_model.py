@@ -18,8 +18,10 @@ continuation is what follows the context's own tokens. BOS starts every context 
 """
 
 import contextlib
+import difflib
 import io
 import logging
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -47,6 +49,9 @@ from openelm_mlx.overflow import OTHER_DTYPE_OPTION, check_finite
 from openelm_mlx.progress import progress_bar
 from openelm_mlx.tokenizer import Tokenizer
 
+LM_EVAL_TASKS = Path(lm_eval.tasks.__file__).parent
+# A name lm-eval's index would read from a task file: `task: arc_easy`, `group: mmlu`, `tag: ai2_arc`.
+DECLARED = re.compile(rb"^(?:task|group|tag):\s*['\"]?([\w.\-]+)", re.MULTILINE)
 DEFAULT_GEN_TOKENS = 256  # lm-eval's own default for a task that names no max_gen_toks
 Score = Tuple[float, bool]  # (log-probability of the continuation, whether greedy decoding gives it)
 
@@ -222,15 +227,39 @@ def load_tasks(names: List[str], include_path: Optional[Path]):
     specs = [task_spec(name) for name in names]
     registered = [s for s in specs if isinstance(s, str)]
     manager = TaskManager(include_path=include_path, include_defaults=False)
-    if any(name not in manager.all_tasks for name in registered):  # lm-eval's ~15,000 task files: 12 s
-        manager = TaskManager(include_path=include_path)
+    missing = [name for name in registered if name not in manager.all_tasks]
+    if missing:
+        refuse_unmentioned(missing)
+        manager = TaskManager(include_path=include_path)  # lm-eval's ~14,000 task files parsed: 8-14 s
     for name in registered:
         if name not in manager.all_tasks:
-            raise OpenELMError(
-                f"unknown task '{name}': give an lm-eval task name (lm-eval ls tasks), a task YAML file, "
-                "or --include-path DIR for a folder of them"
-            )
+            raise unknown_task(name, manager.all_tasks)
     return specs, manager
+
+
+def refuse_unmentioned(names: List[str]):
+    """One line for a name that no file in lm-eval's task folder holds, before TaskManager parses
+    its ~14,000 task files: read as bytes they take about a second. Every task, group and tag lm-eval
+    knows is named in a task file or in a file one includes (`_arc_yaml`, no suffix), so such a
+    name is none of them; a name found anywhere is left to the index."""
+    left, declared = [name.encode() for name in names], set()
+    for path in sorted(LM_EVAL_TASKS.rglob("*")):
+        if "__pycache__" in path.parts or not path.is_file():
+            continue
+        data = path.read_bytes()
+        left = [name for name in left if name not in data]
+        declared.update(name.decode(errors="replace") for name in DECLARED.findall(data))
+    if left:
+        raise unknown_task(left[0].decode(), declared)
+
+
+def unknown_task(name: str, known: Iterable[str]) -> OpenELMError:
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    hint = f" (close: {', '.join(close)})" if close else ""
+    return OpenELMError(
+        f"unknown task '{name}'{hint}: give an lm-eval task name (lm-eval ls tasks), a task YAML file, "
+        "or --include-path DIR for a folder of them"
+    )
 
 
 def run_tasks(lm: LM, specs: list, manager, shots: Optional[int], limit: Optional[int], seed: int) -> dict:

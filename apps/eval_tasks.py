@@ -96,10 +96,11 @@ def main(args):
         raise OpenELMError("--paper sets the tasks and shots: leave out --tasks and --num-fewshot")
     if args.out is not None:
         check_output(args.out, args.force, reads=[args.model])
+    tasks = task_plan(args)  # before lm-eval's import (~1 s) and its index
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # lm-eval logs every step at WARNING
     from openelm_mlx.apps import eval_model  # needs lm_eval, the [eval] extra
 
-    plan = [(*eval_model.load_tasks(names, args.include_path), shots) for names, shots in task_plan(args)]
+    plan = [(*eval_model.load_tasks(names, args.include_path), shots) for names, shots in tasks]
     scorer, tokenizer, source = eval_model.open_scorer(args.model, args.backend, args.tokenizer, args.dtype)
     lm = eval_model.OpenELMLM(scorer, tokenizer, add_bos=not args.no_bos)
     start = time.perf_counter()

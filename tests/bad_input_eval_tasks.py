@@ -28,7 +28,9 @@ EVAL_TASK_ROWS = category(
     Row("backend-needs-package", (*TASKS, "--backend", "coreai"), task(ITEM), "is not a Core AI bundle"),
     Row("paper-and-tasks", (*TASKS, "--paper"), task(ITEM), "--paper sets the tasks and shots"),
     Row("no-task", ("eval", "tasks", "{model}"), nothing, "no task given: pass --tasks"),
-    Row("unknown-task", ("eval", "tasks", "{model}", "--tasks", "arc_easyy"), nothing, "unknown task 'arc_easyy'"),
+    Row(
+        "unknown-task", ("eval", "tasks", "{model}", "--tasks", "arc_easyy"), nothing, "'arc_easyy' (close: arc_easy, "
+    ),
     Row("task-file-missing", TASKS, nothing, "no task file at task.yaml"),
     Row("task-file-not-yaml", TASKS, task(ITEM, "task: [unclosed\n"), "task.yaml is not a valid task file"),
     Row("task-file-no-task", TASKS, task(ITEM, "dataset_path: json\n"), "it names no `task`"),

@@ -373,3 +373,19 @@ def test_progress_bar_moves_on_a_terminal(monkeypatch):
         OpenELMLM(ModelScorer(model), tokenizer).score_pairs(pairs)
         text = stream.getvalue()
         assert ("loglikelihood:   0%" in text and "3/3" in text) if drawn else text == ""
+
+
+def test_a_name_no_task_file_holds_is_refused_before_the_index(tmp_path, monkeypatch):
+    """eval_model.refuse_unmentioned reads lm-eval's task files as text: a name none holds is one
+    line with the close ones, at once; every name a file declares (task, group, a tag list's
+    items) and any name found inside another is left to TaskManager's index."""
+    (tmp_path / "arc").mkdir()
+    (tmp_path / "arc" / "arc_easy.yaml").write_text(
+        "tag:\n  - ai2_arc\ntask: arc_easy\ndataset_path: allenai/ai2_arc\n"
+    )
+    (tmp_path / "mmlu.yaml").write_text("group: mmlu\ntask:\n  - mmlu_stem\n")
+    monkeypatch.setattr(eval_model, "LM_EVAL_TASKS", tmp_path)
+    eval_model.refuse_unmentioned(["arc_easy", "ai2_arc", "mmlu", "mmlu_stem", "arc", "allenai"])
+    with pytest.raises(eval_model.OpenELMError) as e:
+        eval_model.refuse_unmentioned(["mmlu", "arc_easyy"])
+    assert str(e.value).startswith("unknown task 'arc_easyy' (close: arc_easy): give an lm-eval task name")
