@@ -29,7 +29,10 @@ EVAL_TASK_ROWS = category(
     Row("paper-and-tasks", (*TASKS, "--paper"), task(ITEM), "--paper sets the tasks and shots"),
     Row("no-task", ("eval", "tasks", "{model}"), nothing, "no task given: pass --tasks"),
     Row(
-        "unknown-task", ("eval", "tasks", "{model}", "--tasks", "arc_easyy"), nothing, "'arc_easyy' (close: arc_easy, "
+        "unknown-task",
+        ("eval", "tasks", "{model}", "--tasks", "arc_easyy"),
+        nothing,
+        "unknown task 'arc_easyy' (close: arc_easy",
     ),
     Row("task-file-missing", TASKS, nothing, "no task file at task.yaml"),
     Row("task-file-not-yaml", TASKS, task(ITEM, "task: [unclosed\n"), "task.yaml is not a valid task file"),
