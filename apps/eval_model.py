@@ -241,12 +241,15 @@ def refuse_unmentioned(names: List[str]):
     """One line for a name that no file in lm-eval's task folder holds, before TaskManager parses
     its ~14,000 task files: read as bytes they take about a second. Every task, group and tag lm-eval
     knows is named in a task file or in a file one includes (`_arc_yaml`, no suffix), so such a
-    name is none of them; a name found anywhere is left to the index."""
+    name is none of them; a name found anywhere, or a file that cannot be read, leaves it to the index."""
     left, declared = [name.encode() for name in names], set()
     for path in sorted(LM_EVAL_TASKS.rglob("*")):
         if "__pycache__" in path.parts or not path.is_file():
             continue
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return
         left = [name for name in left if name not in data]
         declared.update(name.decode(errors="replace") for name in DECLARED.findall(data))
     if left:

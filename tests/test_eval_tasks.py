@@ -378,7 +378,8 @@ def test_progress_bar_moves_on_a_terminal(monkeypatch):
 def test_a_name_no_task_file_holds_is_refused_before_the_index(tmp_path, monkeypatch):
     """eval_model.refuse_unmentioned reads lm-eval's task files as text: a name none holds is one
     line with the close ones, at once; every name a file declares (task, group, a tag list's
-    items) and any name found inside another is left to TaskManager's index."""
+    items), any name found inside another, and every name when a file cannot be read, is left to
+    TaskManager's index."""
     (tmp_path / "arc").mkdir()
     (tmp_path / "arc" / "arc_easy.yaml").write_text(
         "tag:\n  - ai2_arc\ntask: arc_easy\ndataset_path: allenai/ai2_arc\n"
@@ -389,3 +390,9 @@ def test_a_name_no_task_file_holds_is_refused_before_the_index(tmp_path, monkeyp
     with pytest.raises(eval_model.OpenELMError) as e:
         eval_model.refuse_unmentioned(["mmlu", "arc_easyy"])
     assert str(e.value).startswith("unknown task 'arc_easyy' (close: arc_easy): give an lm-eval task name")
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(eval_model.Path, "read_bytes", unreadable)  # root reads any file: a denial is faked
+    eval_model.refuse_unmentioned(["arc_easyy"])  # a file it cannot read may hold the name: left to the index
