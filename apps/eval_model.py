@@ -25,7 +25,7 @@ import re
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Collection, Iterable, List, Optional, Sequence, Tuple
 
 import datasets
 import lm_eval
@@ -243,7 +243,7 @@ def refuse_unmentioned(names: List[str]):
     knows is named in a task file or in a file one includes (`_arc_yaml`, no suffix), so such a
     name is none of them; a name found anywhere, or a file that cannot be read, leaves it to the index."""
     left, declared = [name.encode() for name in names], set()
-    for path in sorted(LM_EVAL_TASKS.rglob("*")):
+    for path in LM_EVAL_TASKS.rglob("*"):
         if "__pycache__" in path.parts or not path.is_file():
             continue
         try:
@@ -251,13 +251,14 @@ def refuse_unmentioned(names: List[str]):
         except OSError:
             return
         left = [name for name in left if name not in data]
+        if not left:  # every name found: the rest need not be read
+            return
         declared.update(name.decode(errors="replace") for name in DECLARED.findall(data))
-    if left:
-        raise unknown_task(left[0].decode(), declared)
+    raise unknown_task(left[0].decode(), declared)
 
 
-def unknown_task(name: str, known: Iterable[str]) -> OpenELMError:
-    close = difflib.get_close_matches(name, sorted(known), n=3)
+def unknown_task(name: str, known: Collection[str]) -> OpenELMError:
+    close = difflib.get_close_matches(name, known, n=3)  # by score: the order of `known` is not used
     hint = f" (close: {', '.join(close)})" if close else ""
     return OpenELMError(
         f"unknown task '{name}'{hint}: give an lm-eval task name (lm-eval ls tasks), a task YAML file, "
